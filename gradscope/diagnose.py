@@ -1,0 +1,257 @@
+"""Rules over a recorder frame that return verdicts in words, with the evidence behind them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradscope import frame as fr
+
+# Under SGD a layer's step scales with its gradient: 1e-3 means the first layer learns a
+# thousand times slower than the last.
+VANISHING_RATIO = 1e-3
+# The mirror image: the first layer gets steps a thousand times larger than the last.
+EXPLODING_RATIO = 1e3
+# Below this ratio the first layers are numerically frozen (float32 keeps ~7 digits).
+SEVERE_RATIO = 1e-6
+# A layer whose outputs are exact zeros this often has mostly dead (ReLU) units.
+DEAD_FRAC = 0.9
+# Bounded activations this often within 1% of their bounds pass almost no gradient.
+SATURATED_FRAC = 0.5
+# Karpathy's rule of thumb puts healthy update/weight ratios near 1e-3 per step.
+UPDATE_RATIO_LOW = 1e-5
+UPDATE_RATIO_HIGH = 1e-1
+
+SEVERITIES = ("ok", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One finding: what, how bad, where, the measured numbers and what to do."""
+
+    id: str
+    severity: str
+    message: str
+    suggestion: str
+    layers: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        text = f"[{self.severity}] {self.id}: {self.message}"
+        return f"{text}. {self.suggestion}" if self.suggestion else text
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def _flow_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
+    profile = fr.gradient_profile(frame, step)
+    if len(profile) < 2:
+        return []
+    norms = profile["norm"].to_numpy()
+    ratio, decay = fr.first_last_ratio(norms), fr.decay_slope(norms)
+    first, last = profile["layer"].iloc[0], profile["layer"].iloc[-1]
+    evidence = {
+        "step": step,
+        "first_last_ratio": ratio,
+        "decades_per_layer": decay,
+        "first_norm": float(norms[0]),
+        "last_norm": float(norms[-1]),
+        "matrices": len(norms),
+    }
+    if ratio < VANISHING_RATIO or (norms[0] == 0 and norms[-1] > 0):
+        return [
+            Verdict(
+                "vanishing_gradients",
+                "error" if not ratio >= SEVERE_RATIO else "warning",
+                f"the first layer's gradient is {_fmt(ratio)} of the last's at step {step} "
+                f"({_fmt(decay)} decades lost per layer): vanishing",
+                "add residual connections (Pre-LN or RMSNorm blocks), or use an init matched "
+                "to the activation (kaiming for ReLU)",
+                [first, last],
+                evidence,
+                VANISHING_RATIO,
+            )
+        ]
+    if ratio > EXPLODING_RATIO:
+        return [
+            Verdict(
+                "exploding_gradients",
+                "error",
+                f"the first layer's gradient is {_fmt(ratio)} times the last's at step {step} "
+                f"({_fmt(-decay)} decades gained per layer): exploding",
+                "normalize (Pre-LN), lower the init gain or the learning rate, clip gradients "
+                "at norm 1.0",
+                [first, last],
+                evidence,
+                EXPLODING_RATIO,
+            )
+        ]
+    return []
+
+
+def _activation_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
+    acts = frame[(frame["kind"] == "activation") & (frame["step"] == step)]
+    out = []
+    for stat, limit, vid, what, suggestion in (
+        (
+            "zero_frac",
+            DEAD_FRAC,
+            "dead_units",
+            "outputs are exactly zero",
+            "lower the learning rate, use kaiming init, or a leaky activation (GELU)",
+        ),
+        (
+            "saturated_frac",
+            SATURATED_FRAC,
+            "saturated_units",
+            "outputs sit at their bounds",
+            "normalize inputs to the activation (LayerNorm), use xavier init, or use ReLU/GELU",
+        ),
+    ):
+        rows = acts[(acts["stat"] == stat) & (acts["value"] > limit)]
+        if len(rows):
+            worst = rows.loc[rows["value"].idxmax()]
+            out.append(
+                Verdict(
+                    vid,
+                    "warning",
+                    f"{len(rows)} layer(s) where over {limit:.0%} of {what} at step {step} "
+                    f"(worst {worst['layer']}: {worst['value']:.1%})",
+                    suggestion,
+                    list(rows["layer"]),
+                    {"step": step, stat: dict(zip(rows["layer"], rows["value"], strict=True))},
+                    limit,
+                )
+            )
+    return out
+
+
+def _update_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
+    matrices = set(fr.weight_matrices(frame))
+    rows = frame[
+        (frame["kind"] == "update")
+        & (frame["stat"] == "ratio")
+        & (frame["step"] == step)
+        & frame["layer"].isin(matrices)
+    ]
+    values = rows["value"].to_numpy()
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return []
+    median = float(np.median(values))
+    evidence = {
+        "step": step,
+        "median_update_ratio": median,
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+    if median < UPDATE_RATIO_LOW:
+        return [
+            Verdict(
+                "update_too_small",
+                "warning",
+                f"the median update is {_fmt(median)} of the weight norm at step {step}",
+                "raise the learning rate (or check that gradients are not vanishing)",
+                list(rows["layer"]),
+                evidence,
+                UPDATE_RATIO_LOW,
+            )
+        ]
+    if median > UPDATE_RATIO_HIGH:
+        return [
+            Verdict(
+                "update_too_large",
+                "warning",
+                f"the median update is {_fmt(median)} of the weight norm at step {step}",
+                "lower the learning rate or clip gradients",
+                list(rows["layer"]),
+                evidence,
+                UPDATE_RATIO_HIGH,
+            )
+        ]
+    return []
+
+
+def _nonfinite_verdicts(frame: pd.DataFrame) -> list[Verdict]:
+    origins = frame[frame["kind"] == "nonfinite_origin"]
+    bad = frame[
+        (frame["kind"] == "param_grad") & (frame["stat"] == "nonfinite") & (frame["value"] > 0)
+    ]
+    if not len(origins) and not len(bad):
+        return []
+    steps = sorted(set(origins["step"]) | set(bad["step"]))
+    first = steps[0]
+    at = origins[origins["step"] == first]
+    where = {row.stat: row.layer for row in at.itertuples()}
+    parts = [f"{phase} in {where[phase]}" for phase in ("forward", "backward") if phase in where]
+    bad_first = bad[bad["step"] == first]
+    if not parts and len(bad_first):
+        parts = [f"in the gradient of {bad_first['layer'].iloc[0]}"]
+    return [
+        Verdict(
+            "nonfinite_values",
+            "error",
+            f"non-finite values from step {first} on: first {', '.join(parts)}",
+            "lower the learning rate, clip gradients at norm 1.0, or check the inputs and the loss",
+            list(where.values()) or list(bad_first["layer"]),
+            {
+                "first_step": first,
+                "steps": len(steps),
+                "origin": where,
+                "nonfinite_param_grads": int(len(bad)),
+            },
+            0.0,
+        )
+    ]
+
+
+def diagnose(frame: pd.DataFrame, step: int | None = None) -> list[Verdict]:
+    """Verdicts over a recorder frame at one step (default: the last recorded step).
+
+    Non-finite values are looked for over all steps. Returns a `healthy` verdict when no
+    rule fires.
+
+    Example:
+        >>> [v.id for v in diagnose(pd.DataFrame(columns=["step", "layer", "kind", "stat", "value"]))]
+        ['healthy']
+    """
+    if len(frame) == 0:
+        return [Verdict("healthy", "ok", "nothing was recorded, so nothing is wrong", "")]
+    if step is None:
+        step = int(frame["step"].max())
+    verdicts = (
+        _nonfinite_verdicts(frame)
+        + _flow_verdicts(frame, step)
+        + _activation_verdicts(frame, step)
+        + _update_verdicts(frame, step)
+    )
+    if not verdicts:
+        profile = fr.gradient_profile(frame, step)
+        norms = profile["norm"].to_numpy()
+        evidence = {
+            "step": step,
+            "first_last_ratio": fr.first_last_ratio(norms),
+            "decades_per_layer": fr.decay_slope(norms),
+        }
+        verdicts = [
+            Verdict(
+                "healthy",
+                "ok",
+                f"gradients flow (first/last ratio {_fmt(evidence['first_last_ratio'])}), "
+                f"no dead or saturated layers, no non-finite values at step {step}",
+                "",
+                [],
+                evidence,
+            )
+        ]
+    return sorted(verdicts, key=lambda v: -SEVERITIES.index(v.severity))

@@ -1,0 +1,86 @@
+"""Derived statistics over a recorder's long-form frame: gradient profiles, decay slopes, ratios.
+
+Pure functions: frames in, frames or numbers out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def weight_matrices(frame: pd.DataFrame) -> list[str]:
+    """Parameter fqns of weight matrices (ndim >= 2), in the model's parameter order."""
+    rows = frame[(frame["kind"] == "param") & (frame["stat"] == "ndim") & (frame["value"] >= 2)]
+    return list(dict.fromkeys(rows["layer"]))
+
+
+def gradient_profile(frame: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
+    """Gradient norm of each weight matrix at one step (default: the first recorded step).
+
+    Returns columns `layer, index, norm`, index 0 being the matrix nearest the input.
+    """
+    layers = weight_matrices(frame)
+    grads = frame[(frame["kind"] == "param_grad") & (frame["stat"] == "norm")]
+    if step is None:
+        step = int(grads["step"].min()) if len(grads) else 0
+    at = grads[grads["step"] == step].set_index("layer")["value"]
+    present = [name for name in layers if name in at.index]
+    return pd.DataFrame(
+        {"layer": present, "index": range(len(present)), "norm": [at[n] for n in present]}
+    )
+
+
+def decay_slope(norms: np.ndarray | list[float]) -> float:
+    """Decades of gradient norm lost per layer going back toward the input (least squares).
+
+    Positive means vanishing toward the input, negative exploding. Zero or non-finite norms
+    are left out of the fit; NaN when fewer than two remain.
+    """
+    values = np.asarray(norms, dtype=np.float64)
+    index = np.arange(len(values), dtype=np.float64)
+    keep = np.isfinite(values) & (values > 0)
+    if keep.sum() < 2:
+        return math.nan
+    slope = np.polyfit(index[keep], np.log10(values[keep]), 1)[0]
+    return float(slope)
+
+
+def first_last_ratio(norms: np.ndarray | list[float]) -> float:
+    """Gradient norm of the first weight matrix divided by that of the last."""
+    values = np.asarray(norms, dtype=np.float64)
+    if len(values) == 0 or not values[-1] > 0:
+        return math.nan
+    return float(values[0] / values[-1])
+
+
+def flow_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per recorded step: first/last gradient ratio and decay slope over the weight matrices."""
+    layers = weight_matrices(frame)
+    grads = frame[(frame["kind"] == "param_grad") & (frame["stat"] == "norm")]
+    wide = grads[grads["layer"].isin(layers)].pivot_table(
+        index="step", columns="layer", values="value", aggfunc="first"
+    )
+    wide = wide[[name for name in layers if name in wide.columns]]
+    rows = [
+        {
+            "step": int(step),
+            "grad_ratio": first_last_ratio(row.to_numpy()),
+            "grad_decay": decay_slope(row.to_numpy()),
+        }
+        for step, row in wide.iterrows()
+    ]
+    return pd.DataFrame(rows, columns=["step", "grad_ratio", "grad_decay"])
+
+
+def stat_series(frame: pd.DataFrame, kind: str, stat: str, layer: str = "*") -> pd.Series:
+    """One statistic of one layer over steps, indexed by step."""
+    rows = frame[(frame["kind"] == kind) & (frame["stat"] == stat) & (frame["layer"] == layer)]
+    return rows.set_index("step")["value"].sort_index()
+
+
+def layer_order(frame: pd.DataFrame, kind: str) -> list[str]:
+    """Layers of one kind in the order they were first recorded (forward order)."""
+    return list(dict.fromkeys(frame.loc[frame["kind"] == kind, "layer"]))
