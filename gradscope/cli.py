@@ -1,0 +1,297 @@
+"""The gradscope command line: train, depth-sweep, report, reproduce. The only typer module."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+app = typer.Typer(
+    help="gradscope: see where gradients vanish or explode, and why.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DataRoot = Annotated[
+    str | None,
+    typer.Option(
+        "--data-root",
+        envvar="GRADSCOPE_DATA",
+        help="Folder holding MNIST/raw/ (and FashionMNIST/raw/); default: $GRADSCOPE_DATA, "
+        "else ~/.cache/gradscope.",
+    ),
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Prints a one-line error and exits."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        fail(f"{what} must be comma-separated integers, got {text!r}")
+    if not values:
+        fail(f"{what} is empty")
+    return values
+
+
+@app.command()
+def train(
+    model: Annotated[
+        str, typer.Option(help="digit, digit-dropout, deep-digit or a zoo variant.")
+    ] = "deep-digit",
+    depth: Annotated[int, typer.Option(help="Blocks (zoo variants only).")] = 8,
+    width: Annotated[int, typer.Option(help="Hidden width (zoo variants only).")] = 128,
+    activation: Annotated[str, typer.Option(help="relu, tanh, sigmoid, gelu.")] = "relu",
+    init: Annotated[str, typer.Option(help="default, kaiming, xavier, orthogonal.")] = "default",
+    dropout: Annotated[float, typer.Option(help="Dropout (zoo variants only).")] = 0.0,
+    optimizer: Annotated[str, typer.Option(help="sgd (momentum 0.9), adam, adamw.")] = "adamw",
+    lr: Annotated[float | None, typer.Option(help="Default: sgd 0.05, adam/adamw 1e-3.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Default: 0.01 for adamw.")] = None,
+    l1: Annotated[float, typer.Option(help="L1 penalty on weight matrices.")] = 0.0,
+    schedule: Annotated[str, typer.Option(help="constant or cosine.")] = "cosine",
+    clip: Annotated[float | None, typer.Option(help="Clip the total gradient norm.")] = None,
+    epochs: Annotated[int, typer.Option()] = 5,
+    steps: Annotated[int | None, typer.Option(help="Overrides --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    train_size: Annotated[int | None, typer.Option(help="Train on this many examples.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, synthetic.")] = "mnist",
+    data_root: DataRoot = None,
+) -> None:
+    """Train one configuration and print its accuracy.
+
+    Example: gradscope train --model deep-digit --optimizer adamw --schedule cosine --epochs 5
+    """
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gradscope.data import DataError, load_dataset
+    from gradscope.models import build_named
+    from gradscope.train import TrainConfig, total_steps
+    from gradscope.train import train as run_training
+
+    config = TrainConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        l1=l1,
+        schedule=schedule,
+        clip=clip,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        train_size=train_size,
+        seed=seed,
+    )
+    try:
+        config.validate()
+        torch.manual_seed(seed)
+        net = build_named(model, depth, width, activation, init, dropout)
+        data = load_dataset(dataset, data_root)
+    except (ValueError, DataError) as e:
+        fail(str(e))
+    n = total_steps(config, min(len(data.y_train), train_size or len(data.y_train)))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(f"training {model}", total=n, loss=float("nan"))
+        result = run_training(
+            net, data, config, progress=lambda s, t, loss: bar.update(task, completed=s, loss=loss)
+        )
+    typer.echo(
+        f"{model} on {dataset}: test accuracy {result.test_acc:.2%}, train accuracy "
+        f"{result.train_acc:.2%}, {result.steps} steps in {result.seconds:.1f}s"
+        + (" (diverged: the loss became non-finite)" if result.diverged else "")
+    )
+
+
+@app.command("depth-sweep")
+def depth_sweep(
+    max_depth: Annotated[int, typer.Option("--max", help="Deepest depth.")] = 100,
+    min_depth: Annotated[int, typer.Option("--min", help="Shallowest depth.")] = 2,
+    depths: Annotated[str | None, typer.Option(help="Explicit depths, e.g. 2,8,32,100.")] = None,
+    variants: Annotated[
+        str,
+        typer.Option(help="Comma-separated: plain, residual, preln, postln, rmsnorm, batchnorm."),
+    ] = "plain,residual,preln,postln,rmsnorm",
+    width: Annotated[int, typer.Option()] = 128,
+    activation: Annotated[str, typer.Option(help="relu, tanh, sigmoid, gelu.")] = "relu",
+    init: Annotated[str, typer.Option(help="default, kaiming, xavier, orthogonal.")] = "default",
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            help="sgd (momentum 0.9) by default: Adam-like optimizers rescale small gradients and hide vanishing."
+        ),
+    ] = "sgd",
+    lr: Annotated[float | None, typer.Option(help="Default: sgd 0.05, adam/adamw 1e-3.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps per run (overrides --epochs).")
+    ] = 500,
+    epochs: Annotated[int, typer.Option(help="Epochs per run, used when --steps is 0.")] = 1,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, synthetic.")] = "mnist",
+    data_root: DataRoot = None,
+    every: Annotated[
+        int, typer.Option(help="Record every N steps (and step 0, and the last).")
+    ] = 10,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder; default reports/depth-sweep-<timestamp>/.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Go on with an interrupted sweep in this folder.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (runs go in parallel).")] = 2,
+) -> None:
+    """Train every variant across depths and show where gradients vanish or explode.
+
+    Writes frame.parquet, runs.csv, report.html and config.json, each run saved as it finishes.
+    """
+    from gradscope.data import DataError
+    from gradscope.sweep import SweepConfig, SweepError, default_depths
+
+    if depths is not None:
+        depth_list = sorted(set(_int_list(depths, "--depths")))
+    else:
+        if max_depth < 1 or min_depth < 1:
+            fail(f"--min and --max must be >= 1, got --min {min_depth} --max {max_depth}")
+        if min_depth > max_depth:
+            fail(f"--min ({min_depth}) is above --max ({max_depth})")
+        depth_list = default_depths(min_depth, max_depth)
+    if workers < 1:
+        fail(f"--workers must be >= 1, got {workers}")
+    config = SweepConfig(
+        depths=tuple(depth_list),
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        width=width,
+        activation=activation,
+        init=init,
+        optimizer=optimizer,
+        lr=lr,
+        steps=steps or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        seeds=tuple(_int_list(seeds, "--seeds")),
+        dataset=dataset,
+        every=every,
+    )
+    if resume is not None and out is not None and out != resume:
+        fail("give either --out or --resume, not both")
+    target = resume or out or Path("reports") / f"depth-sweep-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        config.validate()
+    except SweepError as e:
+        fail(str(e))
+    _run_sweep_cli(config, target, data_root, workers, resume is not None)
+    del DataError
+
+
+def _run_sweep_cli(config, target: Path, data_root: str | None, workers: int, resume: bool) -> None:  # type: ignore[no-untyped-def]
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from gradscope.data import DataError
+    from gradscope.sweep import SweepError, SweepProgress, run_sweep
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    interrupted = False
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("depth sweep", total=None)
+
+        def show(p: SweepProgress) -> None:
+            bar.update(
+                task,
+                total=p.total_work,
+                completed=p.done_work,
+                description=f"depth sweep: run {p.done_runs}/{p.total_runs} done",
+            )
+
+        try:
+            run_sweep(config, target, data_root, workers, resume, on_progress=show)
+        except (SweepError, DataError) as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            interrupted = True
+    _write_outputs(target)
+    if interrupted:
+        typer.echo(
+            f"interrupted: finished runs and their report are in {target}; "
+            f"go on with --resume {target}",
+            err=True,
+        )
+        raise typer.Exit(130)
+
+
+def _write_outputs(target: Path) -> None:
+    import pandas as pd
+
+    from gradscope.report import render_sweep_report
+    from gradscope.sweep import load_results
+
+    frame, runs, _ = load_results(target)
+    frame.to_parquet(target / "frame.parquet", index=False)
+    runs.to_csv(target / "runs.csv", index=False)
+    report = render_sweep_report(target)
+    if len(runs):
+        cols = [
+            "variant",
+            "depth",
+            "test_acc",
+            "grad_ratio_init",
+            "grad_decay_init",
+            "verdicts_init",
+        ]
+        with pd.option_context("display.width", 160, "display.max_rows", 200):
+            typer.echo(runs[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        typer.echo("\nverdicts at init, deepest run of each variant:")
+        deepest = runs.sort_values("depth").groupby("variant", sort=False).tail(1)
+        for r in deepest.itertuples():
+            row = json.loads(
+                (target / "runs" / f"{r.variant}-d{r.depth}-s{r.seed}.json").read_text()
+            )
+            for v in row["details"]["init"]:
+                typer.echo(f"  {r.variant} depth {r.depth}: [{v['severity']}] {v['message']}")
+    typer.echo(f"\nreport: {report}")
+
+
+@app.command()
+def report(folder: Annotated[Path, typer.Argument(help="A depth-sweep output folder.")]) -> None:
+    """Re-render the report (and tables) of a depth-sweep folder from its saved runs."""
+    if not (folder / "config.json").is_file() or not (folder / "runs").is_dir():
+        fail(f"{folder} is not a depth-sweep folder (no config.json and runs/)")
+    _write_outputs(folder)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="gradscope")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

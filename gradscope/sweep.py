@@ -1,0 +1,390 @@
+"""The depth sweep: (variant, depth, seed) runs, each recorded and saved as it finishes."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gradscope import frame as fr
+from gradscope.data import Dataset, load_dataset
+from gradscope.diagnose import diagnose
+from gradscope.models import Variant, build_model
+from gradscope.recorder import Recorder
+from gradscope.train import TrainConfig, train
+
+DEFAULT_VARIANTS = ("plain", "residual", "preln", "postln", "rmsnorm")
+DEFAULT_DEPTH_COUNT = 6
+RUN_COLUMNS = [
+    "variant",
+    "depth",
+    "seed",
+    "width",
+    "activation",
+    "init",
+    "optimizer",
+    "lr",
+    "steps",
+    "batch_size",
+    "train_acc",
+    "test_acc",
+    "train_loss",
+    "test_loss",
+    "final_loss",
+    "grad_ratio_init",
+    "grad_ratio_end",
+    "grad_decay_init",
+    "grad_decay_end",
+    "diverged",
+    "seconds",
+    "verdicts_init",
+    "verdicts",
+]
+
+
+class SweepError(ValueError):
+    """A sweep configuration or output folder that cannot be used; the message says why."""
+
+
+def default_depths(lo: int, hi: int, count: int = DEFAULT_DEPTH_COUNT) -> list[int]:
+    """Log-spaced integer depths from lo to hi, both ends included.
+
+    Example:
+        >>> default_depths(2, 100)
+        [2, 4, 10, 21, 46, 100]
+    """
+    if lo < 1 or hi < lo:
+        raise SweepError(f"need 1 <= min <= max, got min={lo}, max={hi}")
+    points = np.geomspace(lo, hi, num=min(count, hi - lo + 1))
+    return sorted({lo, hi, *(int(round(p)) for p in points)})
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that defines a sweep; saved as config.json so it can be rerun exactly."""
+
+    depths: tuple[int, ...]
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    width: int = 128
+    activation: str = "relu"
+    init: str = "default"
+    optimizer: str = "sgd"
+    lr: float | None = None
+    steps: int | None = 500
+    epochs: int = 1
+    batch_size: int = 128
+    seeds: tuple[int, ...] = (0,)
+    dataset: str = "mnist"
+    every: int = 10
+    eval_train_size: int = 2000
+
+    def validate(self) -> None:
+        if not self.depths or min(self.depths) < 1:
+            raise SweepError(f"depths must be integers >= 1, got {list(self.depths)}")
+        if not self.variants:
+            raise SweepError("no variants given")
+        for v in self.variants:
+            if v not in {x.value for x in Variant}:
+                choices = ", ".join(x.value for x in Variant)
+                raise SweepError(f"unknown variant {v!r}; choose from {choices}")
+        if self.every < 1:
+            raise SweepError(f"every must be >= 1, got {self.every}")
+        if not self.seeds:
+            raise SweepError("no seeds given")
+        if self.width < 1:
+            raise SweepError(f"width must be >= 1, got {self.width}")
+        try:
+            self.train_config(0).validate()
+            build_model(self.variants[0], 1, 1, self.activation, self.init)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            epochs=self.epochs,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seed=seed,
+            eval_train_size=self.eval_train_size,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SweepConfig:
+        data = dict(data)
+        for key in ("depths", "variants", "seeds"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    variant: str
+    depth: int
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.variant}-d{self.depth}-s{self.seed}"
+
+
+def plan_runs(config: SweepConfig) -> list[RunSpec]:
+    """All runs, deepest first so that the long ones start early and the workers end together."""
+    runs = [RunSpec(v, d, s) for v in config.variants for d in config.depths for s in config.seeds]
+    return sorted(runs, key=lambda r: (-r.depth, config.variants.index(r.variant), r.seed))
+
+
+def run_one(
+    spec: RunSpec,
+    config: SweepConfig,
+    data: Dataset,
+    progress: Callable[[int, int, float], None] | None = None,
+    record: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Trains and records one run; returns its long-form frame and its row of the run table."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.variant, spec.depth, config.width, config.activation, config.init)
+    tc = config.train_config(spec.seed)
+    n_steps = tc.steps or config.epochs * math.ceil(len(data.y_train) / tc.batch_size)
+
+    def every(step: int) -> bool:
+        return step % config.every == 0 or step == n_steps - 1
+
+    recorder = Recorder(every=every) if record else None
+    result = train(model, data, tc, recorder=recorder, progress=progress)
+    frame = recorder.to_frame() if recorder is not None else pd.DataFrame()
+    flow = fr.flow_summary(frame) if len(frame) else pd.DataFrame(columns=["step"])
+    first = flow.iloc[0] if len(flow) else None
+    last = flow.iloc[-1] if len(flow) else None
+    tail = [v for v in result.losses[-20:] if math.isfinite(v)]
+    init = diagnose(frame, step=int(frame["step"].min())) if len(frame) else []
+    end = diagnose(frame) if len(frame) else []
+    row: dict[str, Any] = {
+        "variant": spec.variant,
+        "depth": spec.depth,
+        "seed": spec.seed,
+        "width": config.width,
+        "activation": config.activation,
+        "init": config.init,
+        "optimizer": config.optimizer,
+        "lr": tc.resolved_lr,
+        "steps": result.steps,
+        "batch_size": tc.batch_size,
+        "train_acc": result.train_acc,
+        "test_acc": result.test_acc,
+        "train_loss": result.train_loss,
+        "test_loss": result.test_loss,
+        "final_loss": float(np.mean(tail)) if tail else math.nan,
+        "grad_ratio_init": first["grad_ratio"] if first is not None else math.nan,
+        "grad_ratio_end": last["grad_ratio"] if last is not None else math.nan,
+        "grad_decay_init": first["grad_decay"] if first is not None else math.nan,
+        "grad_decay_end": last["grad_decay"] if last is not None else math.nan,
+        "diverged": result.diverged,
+        "seconds": result.seconds,
+        "verdicts_init": ";".join(v.id for v in init),
+        "verdicts": ";".join(v.id for v in end),
+        "details": {"init": [v.to_dict() for v in init], "end": [v.to_dict() for v in end]},
+    }
+    if len(frame):
+        frame.insert(0, "seed", spec.seed)
+        frame.insert(0, "depth", spec.depth)
+        frame.insert(0, "variant", spec.variant)
+    loss = pd.DataFrame({"step": range(len(result.losses)), "loss": result.losses})
+    loss.insert(0, "seed", spec.seed)
+    loss.insert(0, "depth", spec.depth)
+    loss.insert(0, "variant", spec.variant)
+    return frame, {**row, "_losses": loss}
+
+
+# -- saving ------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_run(out: Path, spec: RunSpec, frame: pd.DataFrame, row: dict[str, Any]) -> None:
+    """Writes one finished run: its frame, losses, then its row (the row marks it finished)."""
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    losses = row.pop("_losses")
+    _atomic_write(runs / f"{spec.run_id}.parquet", lambda p: frame.to_parquet(p, index=False))
+    _atomic_write(runs / f"{spec.run_id}.loss.parquet", lambda p: losses.to_parquet(p, index=False))
+    _atomic_write(
+        runs / f"{spec.run_id}.json", lambda p: p.write_text(json.dumps(row, default=float))
+    )
+
+
+def finished_runs(out: Path) -> set[str]:
+    return {p.name[: -len(".json")] for p in (out / "runs").glob("*.json")}
+
+
+def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The merged frame, run table and losses of every finished run in a sweep folder."""
+    runs_dir = out / "runs"
+    ids = sorted(finished_runs(out))
+    rows = [json.loads((runs_dir / f"{i}.json").read_text()) for i in ids]
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    frames = [pd.read_parquet(runs_dir / f"{i}.parquet") for i in ids]
+    frames = [f for f in frames if len(f)]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    loss_files = [runs_dir / f"{i}.loss.parquet" for i in ids]
+    losses = [pd.read_parquet(p) for p in loss_files if p.exists()]
+    loss = pd.concat(losses, ignore_index=True) if losses else pd.DataFrame()
+    if len(runs):
+        order = {v: i for i, v in enumerate(Variant)}
+        runs = runs.sort_values(
+            ["variant", "depth", "seed"], key=lambda s: s.map(order) if s.name == "variant" else s
+        )
+        runs = runs.reset_index(drop=True)
+    return frame, runs, loss
+
+
+def prepare_out(out: Path, config: SweepConfig, resume: bool) -> None:
+    """Creates (or, resuming, checks) the output folder and its config.json."""
+    config_path = out / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise SweepError(f"{out} holds no config.json: not a sweep folder to resume")
+        saved = SweepConfig.from_json(json.loads(config_path.read_text()))
+        if saved != config:
+            diff = [k for k in config.to_json() if getattr(saved, k) != getattr(config, k)]
+            raise SweepError(
+                f"{out} was made by another configuration (differs in: {', '.join(diff)}); "
+                "rerun with the same options or a new --out"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SweepError(f"{out} exists and is not empty; use --resume {out} or a new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SweepError(f"cannot write to {out}: {e.strerror or e}") from None
+    config_path.write_text(json.dumps(config.to_json(), indent=2))
+
+
+# -- running -----------------------------------------------------------------------------
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(dataset: str, data_root: str | None, updates: Any, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _worker["data"] = load_dataset(dataset, data_root)
+    _worker["updates"] = updates
+
+
+def _work(spec: RunSpec, config: SweepConfig, out: str) -> str:
+    updates = _worker["updates"]
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % 10 == 0 or step == total:
+            updates.put((spec.run_id, step, total))
+
+    frame, row = run_one(spec, config, _worker["data"], progress)
+    save_run(Path(out), spec, frame, row)
+    return spec.run_id
+
+
+@dataclass
+class SweepProgress:
+    """What a progress display needs: runs done, work done, in cost units (steps x depth)."""
+
+    total_runs: int
+    total_work: float
+    done_runs: int = 0
+    done_work: float = 0.0
+    current: dict[str, int] = field(default_factory=dict)
+
+
+def run_sweep(
+    config: SweepConfig,
+    out: Path,
+    data_root: str | None = None,
+    workers: int = 2,
+    resume: bool = False,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> list[str]:
+    """Runs every unfinished run of the sweep in worker processes, saving each as it finishes.
+
+    Returns the ids of the runs finished by this call. KeyboardInterrupt stops the workers;
+    the runs finished so far stay on disk.
+    """
+    config.validate()
+    load_dataset(config.dataset, data_root)  # fail early and clearly on missing data
+    prepare_out(out, config, resume)
+    done = finished_runs(out)
+    todo = [r for r in plan_runs(config) if r.run_id not in done]
+    n_steps = config.steps or config.epochs * 469
+    cost = {r.run_id: float(n_steps * (r.depth + 2)) for r in todo}
+    state = SweepProgress(len(todo), sum(cost.values()))
+    if not todo:
+        return []
+    ctx = mp.get_context("spawn")
+    updates = ctx.Manager().Queue() if workers > 1 else queue.Queue()
+    finished: list[str] = []
+    workers = max(1, min(workers, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def drain() -> None:
+        while True:
+            try:
+                run_id, step, total = updates.get_nowait()
+            except queue.Empty:
+                break
+            state.current[run_id] = step
+        in_flight = sum(cost[r] * s / n_steps for r, s in state.current.items())
+        state.done_work = sum(cost[r] for r in finished) + in_flight
+        if on_progress is not None:
+            on_progress(state)
+
+    def mark(run_id: str) -> None:
+        finished.append(run_id)
+        state.current.pop(run_id, None)
+        state.done_runs += 1
+        drain()
+
+    if workers == 1:
+        _init_worker(config.dataset, data_root, updates, os.cpu_count() or 1)
+        for spec in todo:
+            mark(_work(spec, config, str(out)))
+        return finished
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(config.dataset, data_root, updates, threads),
+    ) as pool:
+        pending: set[Future[str]] = {pool.submit(_work, s, config, str(out)) for s in todo}
+        try:
+            while pending:
+                complete, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in complete:
+                    mark(fut.result())
+                drain()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return finished
