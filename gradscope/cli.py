@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from gradscope.sweep import SweepConfig
 
 app = typer.Typer(
     help="gradscope: see where gradients vanish or explode, and why.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain one-line usage errors
 )
 
 DataRoot = Annotated[
@@ -162,7 +165,6 @@ def depth_sweep(
 
     Writes frame.parquet, runs.csv, report.html and config.json, each run saved as it finishes.
     """
-    from gradscope.data import DataError
     from gradscope.sweep import SweepConfig, SweepError, default_depths
 
     if depths is not None:
@@ -198,10 +200,11 @@ def depth_sweep(
     except SweepError as e:
         fail(str(e))
     _run_sweep_cli(config, target, data_root, workers, resume is not None)
-    del DataError
 
 
-def _run_sweep_cli(config, target: Path, data_root: str | None, workers: int, resume: bool) -> None:  # type: ignore[no-untyped-def]
+def _run_sweep_cli(
+    config: SweepConfig, target: Path, data_root: str | None, workers: int, resume: bool
+) -> None:
     from rich.progress import (
         BarColumn,
         Progress,
@@ -289,9 +292,5 @@ def report(folder: Annotated[Path, typer.Argument(help="A depth-sweep output fol
     _write_outputs(folder)
 
 
-def main() -> None:  # pragma: no cover
-    app(prog_name="gradscope")
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    app(prog_name="gradscope")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ _ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     Activation.SIGMOID: nn.Sigmoid,
     Activation.GELU: nn.GELU,
 }
-_GAIN_NAME = {
+_GAIN_NAME: dict[Activation, Any] = {
     Activation.RELU: "relu",
     Activation.GELU: "relu",
     Activation.TANH: "tanh",

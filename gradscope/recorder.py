@@ -258,6 +258,8 @@ class Recorder:
 
     def _read_params(self, snapshot: bool) -> None:
         with_grad = [(n, p) for n, p in self._params if p.grad is not None]
+        if not with_grad:
+            return
         params = [p.detach() for _, p in with_grad]
         grads = [p.grad.detach() for _, p in with_grad if p.grad is not None]
         with torch.no_grad():
@@ -294,7 +296,7 @@ class Recorder:
             if pending["before"] is not None:
                 with torch.no_grad():
                     updates = torch._foreach_sub(pending["params"], pending["before"])
-                device_parts.append(stats.foreach_norms(updates))
+                device_parts.append(stats.foreach_norms(list(updates)))
         scalars = [v for _, v in self._scalars]
         if scalars:
             device_parts.append(

@@ -1,0 +1,101 @@
+import importlib
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import gradscope as gs
+from gradscope.frame import decay_slope, first_last_ratio, flow_summary, gradient_profile
+from gradscope.models import build_model
+
+dg = importlib.import_module("gradscope.diagnose")  # the package re-exports the function
+
+
+def _frame(norms, extra=()):
+    """A hand-built recorder frame: weight matrices with the given gradient norms at step 0."""
+    rows = []
+    for i, n in enumerate(norms):
+        name = f"blocks.{i}.fc.weight"
+        rows += [
+            (0, name, "param_grad", "norm", n),
+            (0, name, "param", "ndim", 2.0),
+            (0, name, "param", "norm", 1.0),
+        ]
+    rows += list(extra)
+    return pd.DataFrame(rows, columns=["step", "layer", "kind", "stat", "value"])
+
+
+def test_decay_slope_against_polyfit():
+    norms = 10.0 ** (0.39 * np.arange(12) - 40)
+    assert decay_slope(norms) == pytest.approx(0.39)
+    noisy = norms * np.exp(np.random.default_rng(0).normal(0, 0.3, 12))
+    assert decay_slope(noisy) == pytest.approx(np.polyfit(np.arange(12), np.log10(noisy), 1)[0])
+    assert math.isnan(decay_slope([0.0, 1.0]))
+    assert first_last_ratio([1e-9, 1.0]) == 1e-9
+
+
+def test_plain_relu_stack_loses_039_decades_per_layer():
+    # the domain note's reference: PyTorch's default init, about 0.39 decades per layer
+    torch.manual_seed(0)
+    model = build_model("plain", 40)
+    rec = gs.watch(model)
+    nn.functional.cross_entropy(
+        model(torch.randn(256, 784)), torch.randint(0, 10, (256,))
+    ).backward()
+    rec.step()
+    frame = rec.to_frame()
+    rec.detach()
+    profile = gradient_profile(frame, 0)
+    assert len(profile) == 41
+    assert decay_slope(profile["norm"].to_numpy()[1:-1]) == pytest.approx(0.39, abs=0.03)
+    assert flow_summary(frame).grad_ratio.iloc[0] < 1e-12
+
+
+def test_verdict_vanishing():
+    verdicts = dg.diagnose(_frame([1e-9, 1e-6, 1e-3, 1.0]))
+    assert verdicts[0].id == "vanishing_gradients" and verdicts[0].severity == "error"
+    assert verdicts[0].evidence["first_last_ratio"] == pytest.approx(1e-9)
+    assert verdicts[0].threshold == dg.VANISHING_RATIO
+    assert "vanishing" in str(verdicts[0]) and "residual" in verdicts[0].suggestion
+
+
+def test_verdict_exploding():
+    verdicts = dg.diagnose(_frame([1e5, 1e3, 10.0, 1.0]))
+    assert [v.id for v in verdicts] == ["exploding_gradients"]
+    assert verdicts[0].evidence["decades_per_layer"] == pytest.approx(
+        np.polyfit(range(4), [5, 3, 1, 0], 1)[0]
+    )
+
+
+def test_verdict_healthy():
+    verdicts = dg.diagnose(_frame([0.5, 0.8, 1.0, 1.2]))
+    assert [v.id for v in verdicts] == ["healthy"] and verdicts[0].severity == "ok"
+
+
+def test_verdicts_dead_saturated_update_nonfinite():
+    extra = [
+        (0, "blocks.0.act", "activation", "zero_frac", 0.97),
+        (0, "blocks.1.act", "activation", "saturated_frac", 0.8),
+        (0, "blocks.0.fc.weight", "update", "ratio", 1e-9),
+        (0, "blocks.1.fc.weight", "update", "ratio", 1e-9),
+        (0, "blocks.1.act", "nonfinite_origin", "forward", 1.0),
+    ]
+    ids = {v.id: v for v in dg.diagnose(_frame([1.0, 1.0], extra))}
+    assert set(ids) == {"dead_units", "saturated_units", "update_too_small", "nonfinite_values"}
+    assert "blocks.1.act" in ids["nonfinite_values"].message
+    assert ids["dead_units"].layers == ["blocks.0.act"]
+
+
+def test_recorder_diagnose_on_a_vanishing_model():
+    torch.manual_seed(0)
+    model = build_model("plain", 30)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gs.watch(model, optimizer=opt) as rec:
+        nn.functional.cross_entropy(
+            model(torch.randn(64, 784)), torch.randint(0, 10, (64,))
+        ).backward()
+        opt.step()
+    assert rec.diagnose()[0].id == "vanishing_gradients"

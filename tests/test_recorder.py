@@ -1,0 +1,347 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import gradscope as gs
+from gradscope.models import build_model
+
+
+def _value(frame, layer, kind, stat, step=0):
+    rows = frame[
+        (frame.layer == layer) & (frame.kind == kind) & (frame.stat == stat) & (frame.step == step)
+    ]
+    assert len(rows) == 1, (layer, kind, stat, len(rows))
+    return float(rows.value.iloc[0])
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_schema_columns_and_kinds():
+    torch.manual_seed(0)
+    model = build_model("plain", 2, width=16, activation="tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gs.watch(model, optimizer=opt) as rec:
+        _train_step(model, opt, torch.randn(8, 784), torch.randint(0, 10, (8,)))
+    frame = rec.to_frame()
+    assert list(frame.columns) == ["step", "layer", "kind", "stat", "value"]
+    stats = frame.groupby("kind")["stat"].unique().map(set).to_dict()
+    assert {"norm", "max_abs", "nonfinite"} <= stats["param_grad"]
+    assert {"norm", "ratio"} <= stats["update"]
+    assert {
+        "mean",
+        "std",
+        "rms",
+        "zero_frac",
+        "saturated_frac",
+        "min",
+        "max",
+        "nonfinite",
+    } <= stats["activation"]
+    assert {"norm", "sample_norm"} <= stats["activation_grad"]
+    assert "blocks.0.fc.weight" in set(frame.layer) and "blocks.0.act" in set(frame.layer)
+    assert len(frame[(frame.layer == "*") & (frame.kind == "param_grad")]) == 1
+
+
+def test_param_norms_match_float64_reference_at_subnormal_scale():
+    torch.manual_seed(0)
+    model = build_model("plain", 100)
+    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    rec = gs.watch(model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rec.step()
+    frame = rec.to_frame()
+    rec.detach()
+    first = grads["blocks.0.fc.weight"]
+    assert float(torch.linalg.vector_norm(first)) == 0.0  # float32 squares underflow here
+    for name, g in grads.items():
+        ref = float(torch.linalg.vector_norm(g.double()))
+        got = _value(frame, name, "param_grad", "norm")
+        assert got > 0 and got == pytest.approx(ref, rel=1e-6), name
+        assert _value(frame, name, "param_grad", "max_abs") == float(g.abs().max())
+    total = math.sqrt(sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in grads.values()))
+    assert _value(frame, "*", "param_grad", "norm") == pytest.approx(total, rel=1e-6)
+    assert _value(frame, "blocks.0.fc.weight", "param_grad", "norm") < 1e-30
+
+
+def test_activation_stats_match_direct_formulas():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5), nn.Sigmoid())
+    x = torch.randn(64, 10)
+    outs = {}
+    model[1].register_forward_hook(lambda m, a, o: outs.__setitem__("relu", o.detach().clone()))
+    model[3].register_forward_hook(lambda m, a, o: outs.__setitem__("sig", o.detach().clone()))
+    rec = gs.watch(model)
+    model(x).sum().backward()
+    rec.step()
+    frame = rec.to_frame()
+    relu, sig = outs["relu"].double(), outs["sig"].double()
+    assert _value(frame, "1", "activation", "mean") == pytest.approx(float(relu.mean()), rel=1e-9)
+    assert _value(frame, "1", "activation", "std") == pytest.approx(
+        float(relu.std(unbiased=False)), rel=1e-6
+    )
+    assert _value(frame, "1", "activation", "rms") == pytest.approx(
+        float(relu.square().mean().sqrt()), rel=1e-9
+    )
+    assert _value(frame, "1", "activation", "zero_frac") == pytest.approx(
+        float((relu == 0).double().mean())
+    )
+    assert _value(frame, "1", "activation", "max") == float(relu.max())
+    saturated = ((sig <= 0.01) | (sig >= 0.99)).double().mean()
+    assert _value(frame, "3", "activation", "saturated_frac") == pytest.approx(float(saturated))
+    assert "saturated_frac" not in set(frame[frame.layer == "1"].stat)
+
+
+def test_activation_grad_norms_match_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    h = model[1](model[0](x))
+    h.retain_grad()
+    model[2](h).pow(2).sum().backward()
+    ref = h.grad.double()
+    model.zero_grad()
+    rec = gs.watch(model)
+    model(x).pow(2).sum().backward()
+    rec.step()
+    frame = rec.to_frame()
+    assert _value(frame, "1", "activation_grad", "norm") == pytest.approx(
+        float(ref.norm()), rel=1e-6
+    )
+    sample = float(ref.norm(dim=1).mean())
+    assert _value(frame, "1", "activation_grad", "sample_norm") == pytest.approx(sample, rel=1e-6)
+
+
+def test_update_is_what_the_optimizer_applied():
+    torch.manual_seed(0)
+    model = build_model("preln", 2, width=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with gs.watch(model, optimizer=opt) as rec:
+        _train_step(model, opt, torch.randn(8, 784), torch.randint(0, 10, (8,)))
+    frame = rec.to_frame()
+    for name, p in model.named_parameters():
+        delta = (p.detach() - before[name]).double()
+        assert _value(frame, name, "update", "norm") == pytest.approx(float(delta.norm()), rel=1e-6)
+        weight_norm = float(before[name].double().norm())
+        ratio = _value(frame, name, "update", "ratio")
+        if weight_norm == 0:  # zero-initialized biases: no ratio to give
+            assert math.isnan(ratio)
+        else:
+            assert ratio == pytest.approx(float(delta.norm()) / weight_norm, rel=1e-6)
+
+
+def test_micro_batches_and_shared_modules_aggregate():
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(shared, nn.ReLU(), shared)  # called twice per forward
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(4, 5), torch.randn(6, 5)]
+    outputs = []
+    handle = shared.register_forward_hook(lambda m, a, o: outputs.append(o.detach().clone()))
+    with gs.watch(model, optimizer=opt) as rec:
+        opt.zero_grad()
+        for x in xs:  # gradient accumulation over two micro-batches
+            model(x).sum().backward()
+        grad = shared.weight.grad.clone()
+        opt.step()
+    handle.remove()
+    frame = rec.to_frame()
+    assert frame.step.unique().tolist() == [0]
+    allout = torch.cat([o.flatten() for o in outputs]).double()
+    assert len(outputs) == 4
+    layer = "0"  # the shared module's first fqn
+    assert _value(frame, layer, "activation", "mean") == pytest.approx(
+        float(allout.mean()), rel=1e-9
+    )
+    assert _value(frame, layer, "activation", "rms") == pytest.approx(
+        float(allout.square().mean().sqrt()), rel=1e-9
+    )
+    assert _value(frame, "0.weight", "param_grad", "norm") == pytest.approx(
+        float(grad.double().norm()), rel=1e-6
+    )
+
+
+def test_nonfinite_values_are_counted_and_localized():
+    class Boom(nn.Module):
+        def forward(self, x):
+            return x / 0.0 * 0.0  # NaN wherever x is finite
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Boom(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gs.watch(model, optimizer=opt) as rec:
+        _train_step(model, opt, torch.randn(3, 4), torch.tensor([0, 1, 0]))
+    frame = rec.to_frame()
+    assert _value(frame, "2", "activation", "nonfinite") == 12
+    assert _value(frame, "1", "activation", "nonfinite") == 0
+    assert _value(frame, "3.weight", "param_grad", "nonfinite") == 8
+    assert gs.NonfiniteEvent(0, "forward", "2") in rec.nonfinite
+    backward = [e for e in rec.nonfinite if e.phase == "backward"]
+    assert backward and backward[0].layer == "3"
+    origin = frame[frame.kind == "nonfinite_origin"]
+    assert set(zip(origin.stat, origin.layer, strict=True)) >= {("forward", "2"), ("backward", "3")}
+
+
+def test_every_and_callable_selection():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for every, expected in ((3, [0, 3, 6]), (lambda s: s in (1, 5), [1, 5])):
+        with gs.watch(model, optimizer=opt, every=every) as rec:
+            for _ in range(7):
+                _train_step(model, opt, torch.randn(2, 3), torch.tensor([0, 1]))
+        assert sorted(rec.to_frame().step.unique()) == expected
+
+
+def test_include_exclude():
+    model = build_model("preln", 2, width=8)
+    rec = gs.watch(model, include="blocks.*", exclude=lambda fqn, m: isinstance(m, nn.LayerNorm))
+    model(torch.randn(2, 784)).sum().backward()
+    rec.step()
+    layers = set(rec.to_frame().layer)
+    rec.detach()
+    assert "blocks.0.fc1" in layers and "blocks.1.fc2.weight" in layers
+    assert not any(n.startswith(("embed", "head")) or ".norm" in n for n in layers - {"*"})
+
+
+def test_detach_is_idempotent_and_leaves_nothing():
+    model = build_model("preln", 2, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    attrs_before = {n: set(vars(m)) for n, m in model.named_modules()}
+    rec = gs.watch(model, optimizer=opt)
+    with pytest.raises(gs.RecorderError, match="another gradscope Recorder"):
+        gs.watch(model)
+    gs.watch(model, allow_multiple=True).detach()
+    rec.detach()
+    rec.detach()
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs_before
+    assert state_before.keys() == model.state_dict().keys()
+    gs.watch(model).detach()  # attachable again
+
+
+def test_hooks_do_not_change_outputs_or_gradients():
+    torch.manual_seed(0)
+    model = build_model("postln", 3, width=16)
+    x = torch.randn(8, 784)
+    ref_out = model(x)
+    ref_out.sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with gs.watch(model) as rec:
+        out = model(x)
+        out.sum().backward()
+        rec.step()
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), ref_grads, strict=True))
+
+
+def test_no_grad_passes_are_skipped_and_frozen_params_ignored():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    rec = gs.watch(model)
+    with torch.no_grad():
+        model(torch.randn(100, 3))
+    model(torch.randn(2, 3)).sum().backward()
+    rec.step()
+    frame = rec.to_frame()
+    rec.detach()
+    assert "0.weight" not in set(frame.layer) and "0.bias" in set(frame.layer)
+    # only the 2-sample pass counted: mean over 2x3 outputs
+    assert len(frame[(frame.kind == "activation")]) > 0
+    assert frame.step.unique().tolist() == [0]
+
+
+def test_models_without_parameters():
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    with pytest.raises(gs.RecorderError, match="no trainable parameters"):
+        gs.watch(model, optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    rec = gs.watch(model)
+    model(torch.randn(4, 3, requires_grad=False))
+    rec.step()
+    frame = rec.to_frame()
+    rec.detach()
+    assert set(frame.kind) == {"activation"}
+
+
+def test_tuple_dict_and_none_outputs():
+    class Multi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return x
+
+    class TupleOut(nn.Module):
+        def forward(self, x):
+            return x * 2, {"a": x + 1, "idx": x.argmax(1)}, None
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.multi = TupleOut()
+
+        def forward(self, x):
+            a, d, _ = self.multi(self.lin(x))
+            return a.sum() + d["a"].sum()
+
+    net = Net()
+    rec = gs.watch(net)
+    net(torch.randn(2, 3)).backward()
+    rec.step()
+    layers = set(rec.to_frame().layer)
+    rec.detach()
+    assert {"multi[0]", "multi[1][a]"} <= layers and "multi[1][idx]" not in layers
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_transformer_encoder_and_cnn(norm_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first
+    )
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gs.watch(model, optimizer=opt) as rec:
+        opt.zero_grad()
+        model(torch.randn(4, 5, 16)).pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+    frame = rec.to_frame()
+    assert "layers.1.norm2" in set(frame.layer) and "layers.0.linear1" in set(frame.layer)
+    for name, g in grads.items():
+        assert _value(frame, name, "param_grad", "norm") == pytest.approx(
+            float(g.double().norm()), rel=1e-6
+        )
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)
+    )
+    rec = gs.watch(cnn)
+    cnn(torch.randn(2, 1, 28, 28)).sum().backward()
+    rec.step()
+    assert {"0", "1", "2", "4"} <= set(rec.to_frame().layer)
+    rec.detach()
+
+
+def test_misuse_is_reported():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gs.watch(model, optimizer=opt)
+    with pytest.raises(gs.RecorderError, match="optimizer is attached"):
+        rec.step()
+    rec.detach()
+    with pytest.raises(gs.RecorderError, match="detached"):
+        rec.step()
+    with pytest.raises(ValueError, match="every"):
+        gs.Recorder(every=0)
+    assert isinstance(gs.Recorder().to_frame(), pd.DataFrame)
