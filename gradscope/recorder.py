@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +128,7 @@ class Recorder:
         self.optimizer: torch.optim.Optimizer | None = None
         self._handles: list[RemovableHandle] = []
         self._params: list[tuple[str, nn.Parameter]] = []
-        self._rows: list[pd.DataFrame] = []
+        self._rows: list[tuple[int, _Rows]] = []
         self._step = 0
         self._recording = False
         self._reset_buffers()
@@ -208,8 +207,12 @@ class Recorder:
         return step % int(self.every) == 0
 
     def _reset_buffers(self) -> None:
-        self._act_calls: list[tuple[str, int, bool, torch.Tensor]] = []
-        self._grad_calls: list[tuple[str, torch.Tensor]] = []
+        # per call: label, numel, moments and norm on the device, and the output itself, held
+        # until the step closes so that non-finite results can be recounted exactly
+        self._act_calls: list[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index, count)
+        # per call: label, per-sample norms on the device, the gradient itself
+        self._grad_calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._scalars: list[tuple[str, torch.Tensor | float]] = []
         self._param_pending: dict[str, Any] | None = None
 
@@ -222,14 +225,18 @@ class Recorder:
             return
         for label, tensor in _tensor_outputs(out, fqn):
             if self.activations:
-                moments = stats.activation_moments(tensor, bounds)
-                self._act_calls.append((label, tensor.numel(), bounds is not None, moments))
+                moments, norm = stats.activation_moments(tensor)
+                if bounds is not None:
+                    self._saturated.append(
+                        (len(self._act_calls), stats.saturated_count(tensor, bounds))
+                    )
+                self._act_calls.append((label, tensor.numel(), moments, norm, tensor))
             if self.activation_grads and tensor.requires_grad:
                 tensor.register_hook(functools.partial(self._on_output_grad, label))
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
         if self._recording:
-            self._grad_calls.append((label, stats.grad_moments(grad)))
+            self._grad_calls.append((label, stats.sample_norms(grad), grad))
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._recording:
@@ -284,119 +291,222 @@ class Recorder:
 
     def _collect(self, step: int) -> None:
         """Moves one step's statistics to the host in one transfer and appends its rows."""
-        rows: list[tuple[str, str, str, float]] = []
-        device_parts: list[torch.Tensor] = []
-        if self._act_calls:
-            device_parts.append(torch.stack([m for *_, m in self._act_calls]).flatten())
-        if self._grad_calls:
-            device_parts.append(torch.stack([m for _, m in self._grad_calls]).flatten())
-        pending = self._param_pending
+        acts, grads, pending = self._act_calls, self._grad_calls, self._param_pending
+        parts: list[torch.Tensor] = []
+        if acts:
+            parts += [_stack_float64([c[2] for c in acts]), _stack_float64([c[3] for c in acts])]
+        if self._saturated:
+            parts.append(_stack_float64([c for _, c in self._saturated]))
+        if grads:
+            parts.append(_cat_float64([n for _, n, _ in grads]))
         if pending is not None:
-            device_parts += [pending["grad_norm"], pending["grad_max"], pending["param_norm"]]
+            parts += [pending["grad_norm"], pending["grad_max"], pending["param_norm"]]
             if pending["before"] is not None:
                 with torch.no_grad():
                     updates = torch._foreach_sub(pending["params"], pending["before"])
-                device_parts.append(stats.foreach_norms(list(updates)))
-        scalars = [v for _, v in self._scalars]
-        if scalars:
-            device_parts.append(
-                torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in scalars])
+                parts.append(stats.foreach_norms(list(updates)))
+        if self._scalars:
+            parts.append(
+                torch.stack(
+                    [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self._scalars]
+                )
             )
-        if not device_parts:
+        if not parts:
             return
-        flat = torch.cat([p.to("cpu", torch.float64) for p in device_parts]).numpy()
-        offset = 0
-
-        def take(n: int) -> np.ndarray:
-            nonlocal offset
-            out = flat[offset : offset + n]
-            offset += n
-            return out
-
-        forward_origin = backward_origin = None
-        if self._act_calls:
-            k = len(stats.ACT_FIELDS)
-            moments = take(k * len(self._act_calls)).reshape(-1, k)
-            grouped: dict[str, list[int]] = {}
-            for i, (label, *_rest) in enumerate(self._act_calls):
-                grouped.setdefault(label, []).append(i)
-                if forward_origin is None and moments[i, 5] > 0:
-                    forward_origin = label
-            for label, idx in grouped.items():
-                count = sum(self._act_calls[i][1] for i in idx)
-                bounded = self._act_calls[idx[0]][2]
-                merged = stats.merge_activation_moments(moments[idx])
-                for stat, value in stats.activation_stats(merged, count, bounded).items():
-                    rows.append((label, "activation", stat, value))
-        if self._grad_calls:
-            k = len(stats.GRAD_FIELDS)
-            moments = take(k * len(self._grad_calls)).reshape(-1, k)
-            grouped = {}
-            for i, (label, _) in enumerate(self._grad_calls):
-                grouped.setdefault(label, []).append(i)
-                if backward_origin is None and moments[i, 3] > 0:
-                    backward_origin = label
-            for label, idx in grouped.items():
-                for stat, value in stats.grad_stats(moments[idx].sum(axis=0)).items():
-                    rows.append((label, "activation_grad", stat, value))
+        # the one host transfer of the step
+        flat = torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
+        reader = _Reader(flat)
+        rows = _Rows()
+        origins = {}
+        if acts:
+            origins["forward"] = self._activation_rows(rows, reader)
+        if grads:
+            origins["backward"] = self._grad_rows(rows, reader)
         if pending is not None:
-            n = len(pending["names"])
-            grad_norm, grad_max, param_norm = take(n), take(n), take(n)
-            update_norm = take(n) if pending["before"] is not None else None
-            for i, name in enumerate(pending["names"]):
-                nonfinite = 0.0
-                if not math.isfinite(grad_norm[i]):
-                    nonfinite = float(stats.count_nonfinite(pending["grads"][i]))
-                rows += [
-                    (name, "param_grad", "norm", grad_norm[i]),
-                    (name, "param_grad", "max_abs", grad_max[i]),
-                    (name, "param_grad", "nonfinite", nonfinite),
-                    (name, "param", "norm", param_norm[i]),
-                    (name, "param", "ndim", float(pending["params"][i].dim())),
-                ]
-                if update_norm is not None:
-                    ratio = update_norm[i] / param_norm[i] if param_norm[i] > 0 else math.nan
-                    rows += [
-                        (name, "update", "norm", update_norm[i]),
-                        (name, "update", "ratio", ratio),
-                    ]
-            rows.append(("*", "param_grad", "norm", math.sqrt(float(np.square(grad_norm).sum()))))
-        if scalars:
-            values = take(len(scalars))
-            rows += [("*", "scalar", name, values[i]) for i, (name, _) in enumerate(self._scalars)]
-        if forward_origin is not None:
-            rows.append((forward_origin, "nonfinite_origin", "forward", 1.0))
-        if backward_origin is not None:
-            rows.append((backward_origin, "nonfinite_origin", "backward", 1.0))
-        for phase, origin in (("forward", forward_origin), ("backward", backward_origin)):
+            self._param_rows(rows, pending, reader)
+        if self._scalars:
+            rows.add(
+                ["*"] * len(self._scalars),
+                "scalar",
+                [n for n, _ in self._scalars],
+                reader.take(len(self._scalars)),
+            )
+        for phase, origin in origins.items():
             if origin is not None:
+                rows.add([origin], "nonfinite_origin", phase, np.ones(1))
                 self.nonfinite.append(NonfiniteEvent(step, phase, origin))
-        block = pd.DataFrame(rows, columns=COLUMNS[1:])
-        block.insert(0, "step", step)
-        self._rows.append(block)
+        self._rows.append((step, rows))
+
+    def _activation_rows(self, rows: _Rows, reader: _Reader) -> str | None:
+        acts = self._act_calls
+        n_calls = len(acts)
+        moments = reader.take(len(stats.ACT_FIELDS) * n_calls).reshape(n_calls, -1)
+        norms = reader.take(n_calls)
+        saturated = reader.take(len(self._saturated))
+        nonfinite = np.zeros(n_calls)
+        origin = None
+        for i in np.flatnonzero(~np.isfinite(moments).all(axis=1) | ~np.isfinite(norms)):
+            tensor = acts[i][4]
+            nonfinite[i] = stats.count_nonfinite(tensor)
+            moments[i, 3] = float(torch.count_nonzero(tensor))
+            if origin is None and nonfinite[i] > 0:
+                origin = acts[i][0]
+        names, label_id = _index_labels([c[0] for c in acts])
+        n = len(names)
+        lo = np.full(n, np.inf)
+        hi = np.full(n, -np.inf)
+        with np.errstate(invalid="ignore"):  # NaN extremes stay NaN, counted in nonfinite
+            np.minimum.at(lo, label_id, moments[:, 1])
+            np.maximum.at(hi, label_id, moments[:, 2])
+        values = stats.activation_stats(
+            total=np.bincount(label_id, moments[:, 0], n),
+            sumsq=np.bincount(label_id, np.square(norms), n),
+            lo=lo,
+            hi=hi,
+            nonzero=np.bincount(label_id, moments[:, 3], n),
+            count=np.bincount(label_id, np.array([c[1] for c in acts], dtype=np.float64), n),
+            nonfinite=np.bincount(label_id, nonfinite, n),
+        )
+        for stat, column in values.items():
+            rows.add(names, "activation", stat, column)
+        if self._saturated:
+            sat_id = label_id[[i for i, _ in self._saturated]]
+            count = np.bincount(label_id, np.array([c[1] for c in acts], dtype=np.float64), n)
+            bounded = np.bincount(sat_id, minlength=n) > 0
+            frac = np.bincount(sat_id, saturated, n) / np.maximum(count, 1.0)
+            rows.add(
+                [names[i] for i in np.flatnonzero(bounded)],
+                "activation",
+                "saturated_frac",
+                frac[bounded],
+            )
+        return origin
+
+    def _grad_rows(self, rows: _Rows, reader: _Reader) -> str | None:
+        grads = self._grad_calls
+        sizes = np.array([n.numel() for _, n, _ in grads])
+        norms = reader.take(int(sizes.sum()))
+        call_of = np.repeat(np.arange(len(grads)), sizes)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        for c in np.unique(call_of[stats.needs_exact_norm(norms)]):
+            grad = grads[c][2]
+            matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(len(grad), -1)
+            exact = stats.exact_norm(matrix, dim=1).cpu().numpy()
+            norms[starts[c] : starts[c] + sizes[c]] = exact
+        bad = ~np.isfinite(norms)
+        origin = grads[int(call_of[bad][0])][0] if bad.any() else None
+        names, label_id = _index_labels([g[0] for g in grads])
+        sample_label = label_id[call_of]
+        n = len(names)
+        values = stats.grad_stats(
+            samples=np.bincount(sample_label, minlength=n).astype(np.float64),
+            sumsq=np.bincount(sample_label, np.square(norms), n),
+            sample_norm_sum=np.bincount(sample_label, norms, n),
+            nonfinite=np.bincount(sample_label, bad.astype(np.float64), n),
+        )
+        for stat, column in values.items():
+            rows.add(names, "activation_grad", stat, column)
+        return origin
+
+    def _param_rows(self, rows: _Rows, pending: dict[str, Any], reader: _Reader) -> None:
+        names = pending["names"]
+        n = len(names)
+        grad_norm, grad_max, param_norm = reader.take(n), reader.take(n), reader.take(n)
+        nonfinite = np.zeros(n)
+        for i in np.flatnonzero(~np.isfinite(grad_norm)):
+            nonfinite[i] = stats.count_nonfinite(pending["grads"][i])
+        rows.add(names, "param_grad", "norm", grad_norm)
+        rows.add(names, "param_grad", "max_abs", grad_max)
+        rows.add(names, "param_grad", "nonfinite", nonfinite)
+        rows.add(names, "param", "norm", param_norm)
+        rows.add(names, "param", "ndim", np.array([float(p.dim()) for p in pending["params"]]))
+        if pending["before"] is not None:
+            update_norm = reader.take(n)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(param_norm > 0, update_norm / param_norm, np.nan)
+            rows.add(names, "update", "norm", update_norm)
+            rows.add(names, "update", "ratio", ratio)
+        rows.add(["*"], "param_grad", "norm", np.sqrt(np.square(grad_norm).sum(keepdims=True)))
 
     # -- results ---------------------------------------------------------------------------
 
     def to_frame(self) -> pd.DataFrame:
         """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
-        if not self._rows:
+        blocks = [(step, b) for step, rows in self._rows for b in rows.blocks]
+        if not blocks:
             return pd.DataFrame(
                 {
                     "step": pd.Series(dtype="int64"),
-                    **{c: pd.Series(dtype="object") for c in COLUMNS[1:4]},
+                    "layer": pd.Series(dtype=object),
+                    "kind": pd.Series(dtype=object),
+                    "stat": pd.Series(dtype=object),
                     "value": pd.Series(dtype="float64"),
                 }
             )
-        frame = pd.concat(self._rows, ignore_index=True)
-        frame["value"] = frame["value"].astype("float64")
-        frame["step"] = frame["step"].astype("int64")
-        return frame
+        sizes = [len(values) for _, (_, _, _, values) in blocks]
+        return pd.DataFrame(
+            {
+                "step": np.repeat([step for step, _ in blocks], sizes).astype(np.int64),
+                "layer": np.concatenate([np.asarray(b[0], dtype=object) for _, b in blocks]),
+                "kind": np.repeat(np.array([b[1] for _, b in blocks], dtype=object), sizes),
+                "stat": np.concatenate([np.asarray(b[2], dtype=object) for _, b in blocks]),
+                "value": np.concatenate([b[3] for _, b in blocks]).astype(np.float64),
+            }
+        )
 
     def diagnose(self) -> list[Any]:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""
         from gradscope.diagnose import diagnose
 
         return diagnose(self.to_frame())
+
+
+class _Rows:
+    """One step's rows as column blocks: cheap to append, turned into a frame on demand."""
+
+    __slots__ = ("blocks",)
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[Sequence[str], str, Any, np.ndarray]] = []
+
+    def add(
+        self, layers: Sequence[str], kind: str, stat: str | Sequence[str], values: np.ndarray
+    ) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        stat_column = [stat] * len(values) if isinstance(stat, str) else list(stat)
+        self.blocks.append((list(layers), kind, stat_column, values))
+
+
+class _Reader:
+    """Reads consecutive slices of the step's one host vector."""
+
+    def __init__(self, flat: np.ndarray) -> None:
+        self.flat, self.offset = flat, 0
+
+    def take(self, n: int) -> np.ndarray:
+        out = self.flat[self.offset : self.offset + n]
+        self.offset += n
+        return out
+
+
+def _index_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """Unique labels in first-seen order, and each call's index into them."""
+    index: dict[str, int] = {}
+    ids = np.array([index.setdefault(label, len(index)) for label in labels], dtype=np.int64)
+    return list(index), ids
+
+
+def _stack_float64(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stacks equal-shape tensors of possibly mixed float dtypes into one float64 tensor."""
+    if all(p.dtype == parts[0].dtype for p in parts):
+        return torch.stack(parts).to(torch.float64)
+    return torch.stack([p.to(torch.float64) for p in parts])
+
+
+def _cat_float64(parts: list[torch.Tensor]) -> torch.Tensor:
+    if all(p.dtype == parts[0].dtype for p in parts):
+        return torch.cat(parts).to(torch.float64)
+    return torch.cat([p.to(torch.float64) for p in parts])
 
 
 class _RecorderHook:

@@ -1,24 +1,28 @@
-"""Pure tensor -> tensor statistics in additive form (float64), and the stats derived from them.
+"""Pure tensor -> tensor statistics in additive form, and the stats derived from them.
 
 Every function here is stateless. Moments add across calls, micro-batches and ranks: merge
-them, then derive norms, means and fractions. Sums of squares are taken in float64 so that
-float32 subnormal gradients (about 1e-39 at depth 100) never square to zero.
+them, then derive norms, means and fractions. Reductions run in the input's float32 where
+that is exact to ~1e-7 (fast), and are redone in float64 where it is not: tensors over
+FAST_NUMEL elements, and results whose squares would underflow or overflow float32 (float32
+subnormal gradients, about 1e-39 at depth 100, square to zero).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
-# activation moments, one float64 vector per module call
-ACT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite", "saturated")
-# activation-gradient moments: samples are indexed by the first dimension
-GRAD_FIELDS = ("samples", "sumsq", "sample_norm_sum", "nonfinite_samples")
+# activation moments of one module call, in the output's float dtype; the norm goes apart, in
+# float64
+ACT_FIELDS = ("sum", "min", "max", "nonzero")
 
 SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of that bound
+# float32 sums of squares are exact to ~1e-7 relative over rows up to this length (measured
+# against float64; the error grows with length), so longer rows go straight to float64.
+FAST_NUMEL = 1 << 12
+# float32 norms outside this range may hide underflowed or overflowed squares: redo in float64.
+SAFE_NORM = (1e-18, 1e18)
 
 
 def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -32,98 +36,113 @@ def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def activation_moments(x: torch.Tensor, bounds: tuple[float, float] | None = None) -> torch.Tensor:
-    """Additive moments of one tensor, in the order of ACT_FIELDS, as float64 on x's device.
+def activation_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments of one tensor (ACT_FIELDS) and its float64 L2 norm; no host sync.
 
-    `nonzero` counts non-finite values too (they are not zero); `saturated` is 0 when no
-    bounds are given. No host sync.
+    The sum is float32's cascade sum (~1e-8 relative). `nonzero` counts inf and NaN as
+    non-zero only approximately: redo it where `count_nonfinite` is not 0.
     """
     x = x.detach()
-    f64 = torch.float64
-    total = torch.sum(x, dtype=f64)
-    sumsq = torch.linalg.vector_norm(x, dtype=f64).square()
-    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-    nonzero = torch.count_nonzero(x)
-    # x * 0 is 0 for finite values and NaN for inf or NaN, and NaN counts as non-zero
-    nonfinite = torch.count_nonzero(x * 0)
-    if bounds is None:
-        saturated = torch.zeros((), dtype=f64, device=x.device)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    # float32 counts are exact below 2**24 elements
+    acc = torch.float64 if x.dtype == torch.float64 or x.numel() >= 1 << 24 else x.dtype
+    norm = torch.linalg.vector_norm(x, dtype=torch.float64)
+    if x.numel():
+        lo, hi = torch.aminmax(x)
     else:
-        low, high = bounds
-        margin = SATURATION_MARGIN * max(abs(low), abs(high))
-        saturated = torch.count_nonzero((x <= low + margin) | (x >= high - margin))
-    parts = (total, sumsq, lo, hi, nonzero, nonfinite, saturated)
-    return torch.stack([p.to(f64) for p in parts])
+        lo = hi = torch.zeros((), dtype=x.dtype, device=x.device)
+    # sign().abs() is 1 for non-zeros; far cheaper than count_nonzero on ReLU outputs
+    nonzero = x.sign().abs_().sum(dtype=acc)
+    return torch.stack([torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero]), norm
 
 
-def merge_activation_moments(moments: np.ndarray) -> np.ndarray:
-    """Merges rows of activation moments (calls x ACT_FIELDS) into one row."""
-    out = moments.sum(axis=0)
-    out[2] = moments[:, 2].min()
-    out[3] = moments[:, 3].max()
-    return out
+def saturated_count(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """How many values of x lie within 1% of a bound's magnitude of a bound."""
+    low, high = bounds
+    margin = SATURATION_MARGIN * max(abs(low), abs(high))
+    mid, half = (low + high) / 2, (high - low) / 2 - margin
+    return (x.detach() - mid).abs_().ge(half).sum()
 
 
-def activation_stats(moments: np.ndarray, count: int, bounded: bool = False) -> dict[str, float]:
-    """Derives mean, std, rms, zero_frac, saturated_frac, min, max, nonfinite from moments."""
-    total, sumsq, lo, hi, nonzero, nonfinite, saturated = (float(v) for v in moments)
-    n = max(count, 1)
+def exact_norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """L2 norm accumulated in float64, as torch.linalg.vector_norm(x.double())."""
+    return torch.linalg.vector_norm(x.detach(), dim=dim, dtype=torch.float64)
+
+
+def needs_exact_norm(
+    norm: float | np.ndarray, max_abs: float | np.ndarray | None = None
+) -> np.ndarray:
+    """Which float32 norms may have lost squares to underflow or overflow (elementwise).
+
+    A zero norm is trusted only when the tensor's largest absolute value is known to be 0.
+    """
+    values = np.atleast_1d(np.asarray(norm, dtype=np.float64))
+    suspect = (values < SAFE_NORM[0]) | ~(values < SAFE_NORM[1])  # ~(<) also catches NaN
+    if max_abs is not None:
+        suspect &= ~((values == 0) & (np.atleast_1d(np.asarray(max_abs)) == 0))
+    return suspect
+
+
+def activation_stats(
+    total: np.ndarray,
+    sumsq: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    nonzero: np.ndarray,
+    count: np.ndarray,
+    nonfinite: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Derives mean, std, rms, zero_frac, min, max, nonfinite from merged moments (arrays)."""
+    n = np.maximum(count, 1.0)
     mean = total / n
-    var = max(sumsq / n - mean * mean, 0.0) if math.isfinite(sumsq) else math.nan
-    stats = {
-        "mean": mean,
-        "std": math.sqrt(var) if math.isfinite(var) else math.nan,
-        "rms": math.sqrt(sumsq / n),
-        "zero_frac": (count - nonzero) / n,
-        "min": lo,
-        "max": hi,
-        "nonfinite": nonfinite,
-    }
-    if bounded:
-        stats["saturated_frac"] = saturated / n
-    return stats
+    with np.errstate(invalid="ignore", over="ignore"):
+        var = np.maximum(sumsq / n - mean * mean, 0.0)
+        return {
+            "mean": mean,
+            "std": np.sqrt(var),
+            "rms": np.sqrt(sumsq / n),
+            "zero_frac": (count - nonzero) / n,
+            "min": lo,
+            "max": hi,
+            "nonfinite": nonfinite.astype(np.float64),
+        }
 
 
-def grad_moments(g: torch.Tensor) -> torch.Tensor:
-    """Additive moments of a back-propagated gradient, in the order of GRAD_FIELDS."""
+def sample_norms(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norms (samples along the first dimension); float32 where exact enough."""
     g = g.detach()
     rows = g.reshape(1, -1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
-    sample_norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
-    finite = torch.isfinite(sample_norms)
-    return torch.stack(
-        [
-            torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=g.device),
-            sample_norms.square().sum(),
-            sample_norms.sum(),
-            (~finite).sum().to(torch.float64),
-        ]
-    )
+    acc = torch.float64 if rows.shape[1] > FAST_NUMEL else None
+    return torch.linalg.vector_norm(rows, dim=1, dtype=acc)
 
 
-def grad_stats(moments: np.ndarray) -> dict[str, float]:
-    """Derives `norm` over the batch and `sample_norm` (mean per-sample norm) from moments."""
-    samples, sumsq, sample_norm_sum, nonfinite = (float(v) for v in moments)
+def grad_stats(
+    samples: np.ndarray, sumsq: np.ndarray, sample_norm_sum: np.ndarray, nonfinite: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Derives `norm` over the batch, `sample_norm` (mean per-sample norm) and `nonfinite`."""
     return {
-        "norm": math.sqrt(sumsq),
-        "sample_norm": sample_norm_sum / max(samples, 1.0),
-        "nonfinite": nonfinite,
+        "norm": np.sqrt(sumsq),
+        "sample_norm": sample_norm_sum / np.maximum(samples, 1.0),
+        "nonfinite": nonfinite.astype(np.float64),
     }
 
 
 def foreach_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norms of many tensors in one fused float64 call, stacked into one vector."""
+    """L2 norms of many tensors in one fused float64 call, as one float64 vector."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
 
 
 def foreach_max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Largest absolute value of each tensor, in one fused call (exact in the input dtype)."""
+    """Largest absolute value of each tensor (exact), as one float64 vector."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
+    nonempty = [t if t.numel() else t.new_zeros(1) for t in tensors]
+    return torch.stack(torch._foreach_max(torch._foreach_abs(nonempty))).to(torch.float64)
 
 
 def count_nonfinite(x: torch.Tensor) -> int:
-    """Number of inf or NaN values in x (a host sync: used only where a norm is non-finite)."""
+    """Number of inf or NaN values in x (a host sync: used only where a result is non-finite)."""
     return int((~torch.isfinite(x)).sum().item())

@@ -83,12 +83,12 @@ def test_activation_stats_match_direct_formulas():
     rec.step()
     frame = rec.to_frame()
     relu, sig = outs["relu"].double(), outs["sig"].double()
-    assert _value(frame, "1", "activation", "mean") == pytest.approx(float(relu.mean()), rel=1e-9)
+    assert _value(frame, "1", "activation", "mean") == pytest.approx(float(relu.mean()), rel=1e-6)
     assert _value(frame, "1", "activation", "std") == pytest.approx(
         float(relu.std(unbiased=False)), rel=1e-6
     )
     assert _value(frame, "1", "activation", "rms") == pytest.approx(
-        float(relu.square().mean().sqrt()), rel=1e-9
+        float(relu.square().mean().sqrt()), rel=1e-6
     )
     assert _value(frame, "1", "activation", "zero_frac") == pytest.approx(
         float((relu == 0).double().mean())
@@ -159,10 +159,10 @@ def test_micro_batches_and_shared_modules_aggregate():
     assert len(outputs) == 4
     layer = "0"  # the shared module's first fqn
     assert _value(frame, layer, "activation", "mean") == pytest.approx(
-        float(allout.mean()), rel=1e-9
+        float(allout.mean()), rel=1e-6
     )
     assert _value(frame, layer, "activation", "rms") == pytest.approx(
-        float(allout.square().mean().sqrt()), rel=1e-9
+        float(allout.square().mean().sqrt()), rel=1e-6
     )
     assert _value(frame, "0.weight", "param_grad", "norm") == pytest.approx(
         float(grad.double().norm()), rel=1e-6
@@ -345,3 +345,40 @@ def test_misuse_is_reported():
     with pytest.raises(ValueError, match="every"):
         gs.Recorder(every=0)
     assert isinstance(gs.Recorder().to_frame(), pd.DataFrame)
+
+
+def test_subnormal_output_gradients_are_never_reported_as_zero():
+    model = nn.Sequential(nn.Linear(4, 4))
+    rec = gs.watch(model)
+    (model(torch.randn(3, 4)) * 1e-39).sum().backward()  # every output gradient is 1e-39
+    rec.step()
+    frame = rec.to_frame()
+    rec.detach()
+    grad = torch.full((3, 4), 1e-39)  # the float32 value autograd produced
+    assert float(torch.linalg.vector_norm(grad)) == 0.0
+    expected = float(torch.linalg.vector_norm(grad.double()))
+    assert _value(frame, "0", "activation_grad", "norm") == pytest.approx(expected, rel=1e-6)
+    sample = float(torch.linalg.vector_norm(grad.double(), dim=1).mean())
+    assert _value(frame, "0", "activation_grad", "sample_norm") == pytest.approx(sample, rel=1e-6)
+
+
+def test_long_rows_and_large_tensors_are_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 300_000))
+    out = {}
+    model[0].register_forward_hook(lambda m, a, o: out.__setitem__("y", o.detach().clone()))
+    rec = gs.watch(model)
+    y = model(torch.randn(2, 3))
+    y.retain_grad()
+    (y.pow(2) * 1e3).sum().backward()
+    rec.step()
+    frame = rec.to_frame()
+    rec.detach()
+    ref = y.grad.double()
+    assert _value(frame, "0", "activation_grad", "norm") == pytest.approx(
+        float(ref.norm()), rel=1e-6
+    )
+    rms = float(out["y"].double().square().mean().sqrt())
+    assert _value(frame, "0", "activation", "rms") == pytest.approx(rms, rel=1e-6)
+    weight = float(model[0].weight.grad.double().norm())
+    assert _value(frame, "0.weight", "param_grad", "norm") == pytest.approx(weight, rel=1e-6)
