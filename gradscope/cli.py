@@ -292,5 +292,162 @@ def report(folder: Annotated[Path, typer.Argument(help="A depth-sweep output fol
     _write_outputs(folder)
 
 
+reproduce_app = typer.Typer(
+    help="Rerun the teaching text's MNIST experiments and check its numbers.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(reproduce_app, name="reproduce")
+
+Seeds = Annotated[str, typer.Option(help="Comma-separated seeds.")]
+Dataset = Annotated[str, typer.Option(help="mnist, fashion-mnist, synthetic.")]
+Out = Annotated[
+    Path | None, typer.Option(help="Output folder; default reports/reproduce-<name>-<time>/.")
+]
+Quick = Annotated[
+    bool, typer.Option(help="A short version for tests and demos (fewer epochs/steps).")
+]
+
+
+def _reproduce(
+    name: str, seeds: str, dataset: str, data_root: str | None, out: Path | None, run
+) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    from gradscope import reproduce as rp
+    from gradscope.data import DataError, load_dataset
+    from gradscope.report.reproduce import render_reproduction
+
+    seed_list = _int_list(seeds, "--seeds")
+    target = out or Path("reports") / f"reproduce-{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        data = load_dataset(dataset, data_root)
+        if target.exists() and any(target.iterdir()):
+            fail(f"{target} exists and is not empty; choose a new --out")
+        target.mkdir(parents=True, exist_ok=True)
+    except DataError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write to {target}: {e.strerror or e}")
+    count = {"n": 0}
+
+    def progress(what: str) -> None:
+        count["n"] += 1
+        typer.echo(f"[{count['n']}] training {what}", err=True)
+
+    try:
+        result = run(rp, data, seed_list, progress)
+    except ValueError as e:
+        fail(str(e))
+    rp.save(result, target)
+    report = render_reproduction(result, target)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        typer.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    typer.echo(f"\nreport: {report}")
+
+
+@reproduce_app.command("journey")
+def reproduce_journey(
+    seeds: Seeds = "0,1,2",
+    epochs: Annotated[int, typer.Option()] = 5,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """digit with SGD, Adam, AdamW, AdamW + cosine, and deep-digit: against 93.6 ... 98.1%."""
+    size = 5000 if quick else None
+    _reproduce(
+        "journey",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        lambda rp, d, s, p: rp.journey(d, s, 1 if quick else epochs, batch_size, size, progress=p),
+    )
+
+
+@reproduce_app.command("dropout")
+def reproduce_dropout(
+    seeds: Seeds = "0,1,2",
+    epochs: Annotated[int, typer.Option()] = 100,
+    train_size: Annotated[int, typer.Option()] = 1000,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """1,000 training examples with and without dropout 0.2: train/test accuracy and the gap."""
+    _reproduce(
+        "dropout",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        lambda rp, d, s, p: rp.dropout(
+            d, s, 30 if quick else epochs, train_size=train_size, progress=p
+        ),
+    )
+
+
+@reproduce_app.command("regularization")
+def reproduce_regularization(
+    seeds: Seeds = "0,1,2",
+    epochs: Annotated[int, typer.Option()] = 5,
+    l1: Annotated[float, typer.Option(help="L1 penalty strength (in the loss).")] = 1e-4,
+    l1_proximal: Annotated[
+        float, typer.Option(help="L1 proximal strength (threshold lr * this).")
+    ] = 0.1,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """L2 (AdamW weight decay) against L1 (penalty and proximal): weight norms and zeros."""
+    size = 5000 if quick else None
+    _reproduce(
+        "regularization",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        lambda rp, d, s, p: rp.regularization(
+            d, s, 1 if quick else epochs, train_size=size, l1=l1, progress=p
+        ),
+    )
+
+
+@reproduce_app.command("clipping")
+def reproduce_clipping(
+    seeds: Seeds = "0,1,2",
+    depth: Annotated[int, typer.Option(help="Residual blocks (no normalization).")] = 50,
+    steps: Annotated[int, typer.Option()] = 300,
+    lr: Annotated[float, typer.Option()] = 0.05,
+    clip: Annotated[float, typer.Option()] = 1.0,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """A residual stack with exploding gradients, trained with and without clipping at 1.0."""
+    _reproduce(
+        "clipping",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        lambda rp, d, s, p: rp.clipping(
+            d,
+            s,
+            min(depth, 20) if quick else depth,
+            40 if quick else steps,
+            lr,
+            clip=clip,
+            progress=p,
+        ),
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     app(prog_name="gradscope")

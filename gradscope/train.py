@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -45,6 +45,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None
     l1: float = 0.0
+    # "penalty": l1 * sum|w| added to the loss (weights hover around zero, rarely exactly 0);
+    # "proximal": after each update, soft-threshold weight matrices by lr * l1 (decoupled,
+    # like AdamW's decay), which sets weights exactly to zero
+    l1_mode: str = "penalty"
     schedule: str = "constant"
     clip: float | None = None
     epochs: int = 1
@@ -69,6 +73,10 @@ class TrainConfig:
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.l1 >= 0, f"l1 must be >= 0, got {self.l1}"),
+            (
+                self.l1_mode in ("penalty", "proximal"),
+                f"l1 mode must be penalty or proximal, got {self.l1_mode!r}",
+            ),
             (self.clip is None or self.clip > 0, f"clip must be > 0, got {self.clip}"),
             (
                 self.train_size is None or self.train_size >= 1,
@@ -116,6 +124,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     if name == OptimizerName.ADAM:
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+@torch.no_grad()
+def soft_threshold(weights: Sequence[torch.Tensor], amount: float) -> None:
+    """The L1 proximal step: w <- sign(w) * max(|w| - amount, 0), in place."""
+    for w in weights:
+        w.copy_(w.sign() * (w.abs() - amount).clamp_(min=0.0))
 
 
 @torch.no_grad()
@@ -180,7 +195,7 @@ def train(
             for x, y in iterate_batches(data.x_train, data.y_train, config.batch_size, generator):
                 optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(model(x), y)
-                if config.l1 > 0:
+                if config.l1 > 0 and config.l1_mode == "penalty":
                     loss = loss + config.l1 * sum(w.abs().sum() for w in weights)
                 loss.backward()
                 if recorder is not None:
@@ -191,6 +206,8 @@ def train(
                     if recorder is not None:
                         recorder.log_scalar("preclip_norm", norm)
                 optimizer.step()
+                if config.l1 > 0 and config.l1_mode == "proximal":
+                    soft_threshold(weights, optimizer.param_groups[0]["lr"] * config.l1)
                 if scheduler is not None:
                     scheduler.step()
                 value = float(loss.detach())
