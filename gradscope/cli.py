@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -152,7 +153,7 @@ def depth_sweep(
     data_root: DataRoot = None,
     every: Annotated[
         int, typer.Option(help="Record every N steps (and step 0, and the last).")
-    ] = 10,
+    ] = 20,
     out: Annotated[
         Path | None, typer.Option(help="Output folder; default reports/depth-sweep-<timestamp>/.")
     ] = None,
@@ -214,7 +215,16 @@ def _run_sweep_cli(
     )
 
     from gradscope.data import DataError
-    from gradscope.sweep import SweepError, SweepProgress, run_sweep
+    from gradscope.sweep import SweepError, SweepProgress, run_sweep, run_sweep_ranks
+
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_torchrun and os.environ.get("RANK", "0") != "0":
+        # other ranks train their share quietly; rank 0 merges and reports
+        try:
+            run_sweep_ranks(config, target, data_root, resume)
+        except (SweepError, DataError):
+            raise typer.Exit(2) from None
+        return
 
     columns = (
         TextColumn("{task.description}"),
@@ -237,7 +247,10 @@ def _run_sweep_cli(
             )
 
         try:
-            run_sweep(config, target, data_root, workers, resume, on_progress=show)
+            if under_torchrun:
+                run_sweep_ranks(config, target, data_root, resume, on_progress=show)
+            else:
+                run_sweep(config, target, data_root, workers, resume, on_progress=show)
         except (SweepError, DataError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -273,14 +286,13 @@ def _write_outputs(target: Path) -> None:
         ]
         with pd.option_context("display.width", 160, "display.max_rows", 200):
             typer.echo(runs[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        typer.echo("\nverdicts at init, deepest run of each variant:")
         deepest = runs.sort_values("depth").groupby("variant", sort=False).tail(1)
-        for r in deepest.itertuples():
-            row = json.loads(
-                (target / "runs" / f"{r.variant}-d{r.depth}-s{r.seed}.json").read_text()
-            )
-            for v in row["details"]["init"]:
-                typer.echo(f"  {r.variant} depth {r.depth}: [{v['severity']}] {v['message']}")
+        for phase, title in (("init", "at init"), ("end", "after training")):
+            typer.echo(f"\nverdicts {title}, deepest run of each variant:")
+            for r in deepest.itertuples():
+                path = target / "runs" / f"{r.variant}-d{r.depth}-s{r.seed}.json"
+                for v in json.loads(path.read_text())["details"][phase]:
+                    typer.echo(f"  {r.variant} depth {r.depth}: [{v['severity']}] {v['message']}")
     typer.echo(f"\nreport: {report}")
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradscope import stats
+from gradscope import distributed, stats
 
 COLUMNS = ["step", "layer", "kind", "stat", "value"]
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -92,9 +92,16 @@ class Recorder:
         every: record every n-th step (an int >= 1) or the steps where `every(step)` is true.
         include: module fqn globs or a predicate `(fqn, module) -> bool`; default all leaves.
         exclude: the same, removing modules (and their parameters) from the selection.
-        activations: record forward statistics of module outputs.
-        activation_grads: record gradients w.r.t. module outputs.
+        activations: record forward statistics of module outputs (default: yes, except on
+            compiled models, whose modules run inside the compiled graph).
+        activation_grads: record gradients w.r.t. module outputs (same default).
         allow_multiple: allow another recorder on the same model.
+        sync: merge statistics over ranks (default: yes for DDP and FSDP2 models in an
+            initialized process group). Rank 0 keeps the rows; other ranks keep none.
+        grad_scaler: the torch.amp.GradScaler of the loop, if any: output gradients are then
+            divided by its scale (parameter gradients need nothing: the scaler unscales them
+            before the optimizer steps). A step the scaler skips (inf/NaN found) runs no
+            optimizer hook; its statistics merge into the next recorded step.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -111,9 +118,11 @@ class Recorder:
         every: int | Callable[[int], bool] = 1,
         include: Selector = None,
         exclude: Selector = None,
-        activations: bool = True,
-        activation_grads: bool = True,
+        activations: bool | None = None,
+        activation_grads: bool | None = None,
         allow_multiple: bool = False,
+        sync: bool | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         if not callable(every) and (isinstance(every, bool) or int(every) < 1):
             raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
@@ -129,6 +138,10 @@ class Recorder:
         self._handles: list[RemovableHandle] = []
         self._params: list[tuple[str, nn.Parameter]] = []
         self._rows: list[tuple[int, _Rows]] = []
+        self.sync = sync
+        self.grad_scaler = grad_scaler
+        self._sync = False
+        self._record_acts = self._record_grads = False
         self._step = 0
         self._recording = False
         self._reset_buffers()
@@ -155,18 +168,37 @@ class Recorder:
                 "another gradscope Recorder is attached to this model; detach it first, "
                 "or pass allow_multiple=True"
             )
+        outer = model
+        model, kind = distributed.unwrap(model)
+        compiled = kind == "compiled" or distributed.has_compiled_parts(model)
+        if compiled and (self.activations or self.activation_grads):
+            raise RecorderError(
+                "activation statistics need eager modules, and this model is compiled: pass "
+                "activations=False, activation_grads=False (parameter statistics stay exact, "
+                "read at optimizer time), or record activations on an uncompiled copy"
+            )
+        self._record_acts = not compiled if self.activations is None else self.activations
+        self._record_grads = (
+            not compiled if self.activation_grads is None else self.activation_grads
+        )
         self._params = [
             (name, p)
             for name, p in model.named_parameters()
             if p.requires_grad and self._selected(name.rpartition(".")[0], model)
         ]
+        sharded = any(distributed.is_sharded(p) for _, p in self._params)
+        self._sync = (
+            self.sync
+            if self.sync is not None
+            else distributed.world_size() > 1 and (kind == "ddp" or sharded)
+        )
         if optimizer is not None and not self._params:
             raise RecorderError(
                 "the model has no trainable parameters, so there is nothing for the optimizer "
                 "to update; watch it without an optimizer to record activations only"
             )
-        self.model, self.optimizer = model, optimizer
-        for fqn, module in model.named_modules():
+        self.model, self.optimizer = outer, optimizer
+        for fqn, module in model.named_modules() if not compiled else ():
             if next(module.children(), None) is not None or not self._selected(fqn, model):
                 continue
             hook = functools.partial(
@@ -224,14 +256,14 @@ class Recorder:
         if not self._recording or not torch.is_grad_enabled():
             return
         for label, tensor in _tensor_outputs(out, fqn):
-            if self.activations:
+            if self._record_acts:
                 moments, norm = stats.activation_moments(tensor)
                 if bounds is not None:
                     self._saturated.append(
                         (len(self._act_calls), stats.saturated_count(tensor, bounds))
                     )
                 self._act_calls.append((label, tensor.numel(), moments, norm, tensor))
-            if self.activation_grads and tensor.requires_grad:
+            if self._record_grads and tensor.requires_grad:
                 tensor.register_hook(functools.partial(self._on_output_grad, label))
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
@@ -267,15 +299,22 @@ class Recorder:
         with_grad = [(n, p) for n, p in self._params if p.grad is not None]
         if not with_grad:
             return
-        params = [p.detach() for _, p in with_grad]
-        grads = [p.grad.detach() for _, p in with_grad if p.grad is not None]
+        # FSDP2 shards are DTensors: norms of the local shards, summed over ranks below
+        params = [distributed.local(p.detach()) for _, p in with_grad]
+        grads = [distributed.local(p.grad.detach()) for _, p in with_grad if p.grad is not None]
+        sharded = (
+            [i for i, (_, p) in enumerate(with_grad) if distributed.is_sharded(p)]
+            if self._sync
+            else []
+        )
         with torch.no_grad():
             self._param_pending = {
                 "names": [n for n, _ in with_grad],
                 "grads": grads,
-                "grad_norm": stats.foreach_norms(grads),
-                "grad_max": stats.foreach_max_abs(grads),
-                "param_norm": stats.foreach_norms(params),
+                "sharded": sharded,
+                "grad_norm": distributed.reduce_norms(stats.foreach_norms(grads), sharded),
+                "grad_max": distributed.reduce_max(stats.foreach_max_abs(grads), sharded),
+                "param_norm": distributed.reduce_norms(stats.foreach_norms(params), sharded),
                 "params": params,
                 # an exact copy: the applied update is measured as after - before
                 "before": torch._foreach_mul(params, 1.0) if snapshot and params else None,
@@ -304,7 +343,8 @@ class Recorder:
             if pending["before"] is not None:
                 with torch.no_grad():
                     updates = torch._foreach_sub(pending["params"], pending["before"])
-                parts.append(stats.foreach_norms(list(updates)))
+                norms = stats.foreach_norms(list(updates))
+                parts.append(distributed.reduce_norms(norms, pending["sharded"]))
         if self._scalars:
             parts.append(
                 torch.stack(
@@ -325,17 +365,23 @@ class Recorder:
         if pending is not None:
             self._param_rows(rows, pending, reader)
         if self._scalars:
+            scalar_values = reader.take(len(self._scalars))
+            if self._sync:
+                scalar_values = (
+                    distributed.all_reduce_array(scalar_values, "sum") / distributed.world_size()
+                )
             rows.add(
                 ["*"] * len(self._scalars),
                 "scalar",
                 [n for n, _ in self._scalars],
-                reader.take(len(self._scalars)),
+                scalar_values,
             )
         for phase, origin in origins.items():
             if origin is not None:
                 rows.add([origin], "nonfinite_origin", phase, np.ones(1))
                 self.nonfinite.append(NonfiniteEvent(step, phase, origin))
-        self._rows.append((step, rows))
+        if not self._sync or distributed.rank() == 0:
+            self._rows.append((step, rows))
 
     def _activation_rows(self, rows: _Rows, reader: _Reader) -> str | None:
         acts = self._act_calls
@@ -358,27 +404,35 @@ class Recorder:
         with np.errstate(invalid="ignore"):  # NaN extremes stay NaN, counted in nonfinite
             np.minimum.at(lo, label_id, moments[:, 1])
             np.maximum.at(hi, label_id, moments[:, 2])
-        values = stats.activation_stats(
-            total=np.bincount(label_id, moments[:, 0], n),
-            sumsq=np.bincount(label_id, np.square(norms), n),
-            lo=lo,
-            hi=hi,
-            nonzero=np.bincount(label_id, moments[:, 3], n),
-            count=np.bincount(label_id, np.array([c[1] for c in acts], dtype=np.float64), n),
-            nonfinite=np.bincount(label_id, nonfinite, n),
+        numel = np.array([c[1] for c in acts], dtype=np.float64)
+        sat_calls = [i for i, _ in self._saturated]
+        sums = np.stack(
+            [
+                np.bincount(label_id, moments[:, 0], n),
+                np.bincount(label_id, np.square(norms), n),
+                np.bincount(label_id, moments[:, 3], n),
+                np.bincount(label_id, numel, n),
+                np.bincount(label_id, nonfinite, n),
+                np.bincount(label_id[sat_calls], saturated, n),
+                np.bincount(label_id[sat_calls], minlength=n).astype(np.float64),
+            ]
         )
+        if self._sync:  # additive moments add over ranks; extremes take min/max
+            self._check_same_layers(names)
+            sums = distributed.all_reduce_array(sums, "sum")
+            lo = distributed.all_reduce_array(lo, "min")
+            hi = distributed.all_reduce_array(hi, "max")
+        total, sumsq, nonzero, count, nonfinite_sum, sat, bounded_calls = sums
+        values = stats.activation_stats(total, sumsq, lo, hi, nonzero, count, nonfinite_sum)
         for stat, column in values.items():
             rows.add(names, "activation", stat, column)
-        if self._saturated:
-            sat_id = label_id[[i for i, _ in self._saturated]]
-            count = np.bincount(label_id, np.array([c[1] for c in acts], dtype=np.float64), n)
-            bounded = np.bincount(sat_id, minlength=n) > 0
-            frac = np.bincount(sat_id, saturated, n) / np.maximum(count, 1.0)
+        bounded = bounded_calls > 0
+        if bounded.any():
             rows.add(
                 [names[i] for i in np.flatnonzero(bounded)],
                 "activation",
                 "saturated_frac",
-                frac[bounded],
+                (sat / np.maximum(count, 1.0))[bounded],
             )
         return origin
 
@@ -393,20 +447,41 @@ class Recorder:
             matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(len(grad), -1)
             exact = stats.exact_norm(matrix, dim=1).cpu().numpy()
             norms[starts[c] : starts[c] + sizes[c]] = exact
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            norms = norms / float(self.grad_scaler.get_scale())  # the scale of this backward
         bad = ~np.isfinite(norms)
         origin = grads[int(call_of[bad][0])][0] if bad.any() else None
         names, label_id = _index_labels([g[0] for g in grads])
         sample_label = label_id[call_of]
         n = len(names)
-        values = stats.grad_stats(
-            samples=np.bincount(sample_label, minlength=n).astype(np.float64),
-            sumsq=np.bincount(sample_label, np.square(norms), n),
-            sample_norm_sum=np.bincount(sample_label, norms, n),
-            nonfinite=np.bincount(sample_label, bad.astype(np.float64), n),
+        sums = np.stack(
+            [
+                np.bincount(sample_label, minlength=n).astype(np.float64),
+                np.bincount(sample_label, np.square(norms), n),
+                np.bincount(sample_label, norms, n),
+                np.bincount(sample_label, bad.astype(np.float64), n),
+            ]
         )
+        if self._sync:
+            self._check_same_layers(names)
+            sums = distributed.all_reduce_array(sums, "sum")
+            # each rank's loss averages its own batch; DDP and FSDP average the gradients over
+            # ranks, so the global batch's output gradients are 1/world of the local ones
+            world = distributed.world_size()
+            sums[1] /= world**2
+            sums[2] /= world
+        values = stats.grad_stats(*sums)
         for stat, column in values.items():
             rows.add(names, "activation_grad", stat, column)
         return origin
+
+    def _check_same_layers(self, names: list[str]) -> None:
+        counts = np.array([len(names)], dtype=np.float64)
+        if (
+            distributed.all_reduce_array(counts, "min")[0]
+            != distributed.all_reduce_array(counts, "max")[0]
+        ):
+            raise RecorderError("ranks recorded different modules in one step; cannot merge")
 
     def _param_rows(self, rows: _Rows, pending: dict[str, Any], reader: _Reader) -> None:
         names = pending["names"]

@@ -86,7 +86,7 @@ class SweepConfig:
     batch_size: int = 128
     seeds: tuple[int, ...] = (0,)
     dataset: str = "mnist"
-    every: int = 10
+    every: int = 20
     eval_train_size: int = 2000
 
     def validate(self) -> None:
@@ -317,6 +317,55 @@ class SweepProgress:
     current: dict[str, int] = field(default_factory=dict)
 
 
+def run_sweep_ranks(
+    config: SweepConfig,
+    out: Path,
+    data_root: str | None = None,
+    resume: bool = False,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> list[str]:
+    """The sweep under torchrun: rank r trains runs r, r + world, ...; all share `out`.
+
+    Rank 0 prepares the folder; every rank saves its runs as they finish; the call returns
+    on every rank once all runs are done (a barrier), so that rank 0 can merge them.
+    """
+    import torch.distributed as dist
+
+    config.validate()
+    load_dataset(config.dataset, data_root)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        error = [""]
+        if rank == 0:
+            try:
+                prepare_out(out, config, resume)
+            except SweepError as e:
+                error[0] = str(e)
+        dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise SweepError(error[0])
+        done = finished_runs(out)
+        todo = [r for r in plan_runs(config) if r.run_id not in done]
+        mine = todo[rank::world]
+        updates: queue.Queue[Any] = queue.Queue()
+        _init_worker(config.dataset, data_root, updates, 1)
+        finished = []
+        state = SweepProgress(len(mine), float(len(mine)))
+        for spec in mine:
+            finished.append(_work(spec, config, str(out)))
+            state.done_runs = state.done_work = len(finished)
+            if on_progress is not None and rank == 0:
+                on_progress(state)
+        dist.barrier()
+        return finished
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def run_sweep(
     config: SweepConfig,
     out: Path,
@@ -344,7 +393,9 @@ def run_sweep(
     updates = ctx.Manager().Queue() if workers > 1 else queue.Queue()
     finished: list[str] = []
     workers = max(1, min(workers, len(todo)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # one thread per run whatever the worker count: results do not depend on how they were
+    # spread (GEMM rounding depends on the thread count)
+    threads = 1
 
     def drain() -> None:
         while True:
@@ -365,7 +416,7 @@ def run_sweep(
         drain()
 
     if workers == 1:
-        _init_worker(config.dataset, data_root, updates, os.cpu_count() or 1)
+        _init_worker(config.dataset, data_root, updates, 1)
         for spec in todo:
             mark(_work(spec, config, str(out)))
         return finished
