@@ -136,6 +136,8 @@ class Recorder:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._handles: list[RemovableHandle] = []
+        self._forward_handles: list[RemovableHandle] = []
+        self._modules: list[tuple[str, nn.Module]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
         self._rows: list[tuple[int, _Rows]] = []
         self.sync = sync
@@ -198,28 +200,42 @@ class Recorder:
                 "to update; watch it without an optimizer to record activations only"
             )
         self.model, self.optimizer = outer, optimizer
-        for fqn, module in model.named_modules() if not compiled else ():
-            if next(module.children(), None) is not None or not self._selected(fqn, model):
-                continue
-            hook = functools.partial(
-                self._on_forward, fqn or type(module).__name__, stats.activation_bounds(module)
-            )
-            self._handles.append(module.register_forward_hook(_RecorderHook(self, hook)))
+        self._modules = [
+            (fqn or type(module).__name__, module)
+            for fqn, module in (model.named_modules() if not compiled else ())
+            if next(module.children(), None) is None and self._selected(fqn, model)
+        ]
+        # a do-nothing pre-hook on the root marks the model as watched while no forward hooks
+        # are armed (they are removed on steps that are not recorded, which then cost nothing)
+        self._handles.append(outer.register_forward_pre_hook(_RecorderHook(self, _no_op)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        self._recording = self._should_record(self._step)
+        self._set_recording(self._should_record(self._step))
         return self
+
+    def _set_recording(self, on: bool) -> None:
+        """Arms the forward hooks for a recorded step and removes them after it."""
+        self._recording = on
+        if on and not self._forward_handles and (self._record_acts or self._record_grads):
+            for label, module in self._modules:
+                hook = functools.partial(self._on_forward, label, stats.activation_bounds(module))
+                self._forward_handles.append(module.register_forward_hook(hook))
+        elif not on:
+            for handle in self._forward_handles:
+                handle.remove()
+            self._forward_handles.clear()
 
     def detach(self) -> None:
         """Removes every hook and buffer; the recorded rows stay. Safe to call twice."""
+        self._set_recording(False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._reset_buffers()
         self.model, self.optimizer = None, None
         self._params = []
-        self._recording = False
+        self._modules = []
 
     def __enter__(self) -> Recorder:
         return self
@@ -326,7 +342,7 @@ class Recorder:
             self._collect(step)
         self._reset_buffers()
         self._step += 1
-        self._recording = self._should_record(self._step)
+        self._set_recording(self._should_record(self._step))
 
     def _collect(self, step: int) -> None:
         """Moves one step's statistics to the host in one transfer and appends its rows."""
@@ -585,7 +601,7 @@ def _cat_float64(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _RecorderHook:
-    """A forward hook that knows its recorder, so a second recorder can be detected."""
+    """A forward pre-hook that knows its recorder, so a second recorder can be detected."""
 
     __slots__ = ("recorder", "fn")
 
@@ -593,16 +609,20 @@ class _RecorderHook:
         self.recorder = recorder
         self.fn = fn
 
-    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
-        self.fn(module, args, out)
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.fn(module, args)
 
 
 def _has_recorder(model: nn.Module) -> bool:
     return any(
         isinstance(hook, _RecorderHook) and hook.recorder.attached
         for module in model.modules()
-        for hook in module._forward_hooks.values()
+        for hook in module._forward_pre_hooks.values()
     )
+
+
+def _no_op(module: nn.Module, args: Any) -> None:
+    return None
 
 
 def watch(

@@ -75,8 +75,9 @@ def _run(
     every: int,
     progress: Progress | None,
     inspect: Callable[[torch.nn.Module, int], dict[str, Any]] | None = None,
-) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
-    rows, frames = [], []
+) -> tuple[list[dict[str, Any]], list[pd.DataFrame], list[pd.DataFrame]]:
+    """Trains one experiment per seed: run rows, recorder frames and loss curves."""
+    rows, frames, curves = [], [], []
     for seed in seeds:
         if progress is not None:
             progress(f"{exp.name}, seed {seed}")
@@ -105,8 +106,8 @@ def _run(
         losses["experiment"], losses["seed"] = exp.name, seed
         if result.preclip_norms:
             losses["preclip_norm"] = result.preclip_norms
-        frames.append(losses.assign(kind="_losses"))
-    return rows, frames
+        curves.append(losses)
+    return rows, frames, curves
 
 
 def _summarize(runs: pd.DataFrame, experiments: list[Experiment], n_test: int) -> pd.DataFrame:
@@ -125,19 +126,6 @@ def _summarize(runs: pd.DataFrame, experiments: list[Experiment], n_test: int) -
                 row[f"{split}_verdict"] = verdict(mean, std, published, n)
         out.append(row)
     return pd.DataFrame(out)
-
-
-def _collect(
-    rows: list[dict[str, Any]], frames: list[pd.DataFrame]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    runs = pd.DataFrame(rows)
-    rec = [f for f in frames if "kind" in f and not (f["kind"] == "_losses").all()]
-    losses = [
-        f.drop(columns="kind") for f in frames if "kind" in f and (f["kind"] == "_losses").all()
-    ]
-    frame = pd.concat(rec, ignore_index=True) if rec else pd.DataFrame()
-    loss = pd.concat(losses, ignore_index=True) if losses else pd.DataFrame()
-    return runs, frame, loss
 
 
 def journey(
@@ -359,14 +347,16 @@ def _reproduce(
 ) -> Reproduction:
     rows: list[dict[str, Any]] = []
     frames: list[pd.DataFrame] = []
+    curves: list[pd.DataFrame] = []
     for exp in experiments:
-        r, f = _run(exp, data, seeds, every, progress, inspect)
+        r, f, c = _run(exp, data, seeds, every, progress, inspect)
         size = len(subset(data, exp.config.train_size).y_train)
-        for row in r:
-            row["train_size"] = size
-        rows += r
+        rows += [row | {"train_size": size} for row in r]
         frames += f
-    runs, frame, losses = _collect(rows, frames)
+        curves += c
+    runs = pd.DataFrame(rows)
+    frame = pd.concat(frames, ignore_index=True)
+    losses = pd.concat(curves, ignore_index=True)
     table = _summarize(runs, experiments, len(data.y_test))
     settings = {
         "dataset": data.name,

@@ -1,10 +1,10 @@
 """Pure tensor -> tensor statistics in additive form, and the stats derived from them.
 
 Every function here is stateless. Moments add across calls, micro-batches and ranks: merge
-them, then derive norms, means and fractions. Reductions run in the input's float32 where
-that is exact to ~1e-7 (fast), and are redone in float64 where it is not: tensors over
-FAST_NUMEL elements, and results whose squares would underflow or overflow float32 (float32
-subnormal gradients, about 1e-39 at depth 100, square to zero).
+them, then derive norms, means and fractions. Norms of activations and parameters are
+accumulated in float64 (float32 subnormal gradients, about 1e-39 at depth 100, square to
+zero in float32). Per-sample gradient norms run in float32 where that is exact to ~1e-7
+(rows up to FAST_NUMEL long, results inside SAFE_NORM) and are redone in float64 otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of tha
 # float32 sums of squares are exact to ~1e-7 relative over rows up to this length (measured
 # against float64; the error grows with length), so longer rows go straight to float64.
 FAST_NUMEL = 1 << 12
-# float32 norms outside this range may hide underflowed or overflowed squares: redo in float64.
+# float32 norms outside this range may hide underflowed or overflowed squares: redo them in
+# float64 (1e-18 squared is 1e-36, just above float32's smallest normal number).
 SAFE_NORM = (1e-18, 1e18)
 
 

@@ -199,6 +199,17 @@ def test_every_and_callable_selection():
         assert sorted(rec.to_frame().step.unique()) == expected
 
 
+def test_forward_hooks_only_on_recorded_steps():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gs.watch(model, optimizer=opt, every=2):
+        assert model[0]._forward_hooks  # step 0 is recorded
+        _train_step(model, opt, torch.randn(2, 3), torch.tensor([0, 1]))
+        assert not model[0]._forward_hooks  # step 1 is not: no hook runs
+        _train_step(model, opt, torch.randn(2, 3), torch.tensor([0, 1]))
+        assert model[0]._forward_hooks
+
+
 def test_include_exclude():
     model = build_model("preln", 2, width=8)
     rec = gs.watch(model, include="blocks.*", exclude=lambda fqn, m: isinstance(m, nn.LayerNorm))
@@ -221,7 +232,10 @@ def test_detach_is_idempotent_and_leaves_nothing():
     gs.watch(model, allow_multiple=True).detach()
     rec.detach()
     rec.detach()
-    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs_before
     assert state_before.keys() == model.state_dict().keys()
