@@ -211,6 +211,15 @@ def render_reproduction(result: Reproduction, out: Path) -> Path:
         )
     else:
         sections.append(Section("Accuracy", "", [_accuracy_figure(result)]))
+    if "by_epochs" in result.extra:
+        sections.append(
+            Section(
+                "The gap against training length",
+                "The same comparison trained for "
+                "longer: how much dropout narrows the gap depends on when training stops.",
+                [table_html(result.extra["by_epochs"])],
+            )
+        )
     if result.name == "regularization":
         sections.append(Section("Weights", "", [_regularization_figure(result)]))
     if result.name != "clipping":
