@@ -126,8 +126,15 @@ def train(
 
 @app.command("depth-sweep")
 def depth_sweep(
-    max_depth: Annotated[int, typer.Option("--max", help="Deepest depth.")] = 100,
-    min_depth: Annotated[int, typer.Option("--min", help="Shallowest depth.")] = 2,
+    max_depth: Annotated[
+        int,
+        typer.Option(
+            "--max",
+            "--max-depth",
+            help="Deepest depth (--max-depth under torchrun, whose own --max-restarts swallows --max).",
+        ),
+    ] = 100,
+    min_depth: Annotated[int, typer.Option("--min", "--min-depth", help="Shallowest depth.")] = 2,
     depths: Annotated[str | None, typer.Option(help="Explicit depths, e.g. 2,8,32,100.")] = None,
     variants: Annotated[
         str,
