@@ -22,7 +22,7 @@ from gradscope.data import Dataset, load_dataset
 from gradscope.diagnose import diagnose
 from gradscope.models import Variant, build_model
 from gradscope.recorder import Recorder
-from gradscope.train import TrainConfig, train
+from gradscope.train import TrainConfig, total_steps, train
 
 DEFAULT_VARIANTS = ("plain", "residual", "preln", "postln", "rmsnorm")
 DEFAULT_DEPTH_COUNT = 6
@@ -160,7 +160,7 @@ def run_one(
     torch.manual_seed(spec.seed)
     model = build_model(spec.variant, spec.depth, config.width, config.activation, config.init)
     tc = config.train_config(spec.seed)
-    n_steps = tc.steps or config.epochs * math.ceil(len(data.y_train) / tc.batch_size)
+    n_steps = total_steps(tc, len(data.y_train))
 
     def every(step: int) -> bool:
         return step % config.every == 0 or step == n_steps - 1
@@ -285,6 +285,7 @@ def prepare_out(out: Path, config: SweepConfig, resume: bool) -> None:
 
 # -- running -----------------------------------------------------------------------------
 
+# per worker process: the dataset and the progress queue, set once by the pool's initializer
 _worker: dict[str, Any] = {}
 
 
@@ -380,11 +381,11 @@ def run_sweep(
     the runs finished so far stay on disk.
     """
     config.validate()
-    load_dataset(config.dataset, data_root)  # fail early and clearly on missing data
+    data = load_dataset(config.dataset, data_root)  # fail early and clearly on missing data
     prepare_out(out, config, resume)
     done = finished_runs(out)
     todo = [r for r in plan_runs(config) if r.run_id not in done]
-    n_steps = config.steps or config.epochs * 469
+    n_steps = total_steps(config.train_config(0), len(data.y_train))
     cost = {r.run_id: float(n_steps * (r.depth + 2)) for r in todo}
     state = SweepProgress(len(todo), sum(cost.values()))
     if not todo:
