@@ -182,7 +182,8 @@ def _update_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
     return []
 
 
-def _nonfinite_verdicts(frame: pd.DataFrame) -> list[Verdict]:
+def _nonfinite_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
+    frame = frame[frame["step"] <= step]
     origins = frame[frame["kind"] == "nonfinite_origin"]
     bad = frame[
         (frame["kind"] == "param_grad") & (frame["stat"] == "nonfinite") & (frame["value"] > 0)
@@ -218,8 +219,8 @@ def _nonfinite_verdicts(frame: pd.DataFrame) -> list[Verdict]:
 def diagnose(frame: pd.DataFrame, step: int | None = None) -> list[Verdict]:
     """Verdicts over a recorder frame at one step (default: the last recorded step).
 
-    Non-finite values are looked for over all steps. Returns a `healthy` verdict when no
-    rule fires.
+    Non-finite values are looked for over all steps up to that one. Returns a `healthy`
+    verdict when no rule fires.
 
     Example:
         >>> [v.id for v in diagnose(pd.DataFrame(columns=["step", "layer", "kind", "stat", "value"]))]
@@ -230,7 +231,7 @@ def diagnose(frame: pd.DataFrame, step: int | None = None) -> list[Verdict]:
     if step is None:
         step = int(frame["step"].max())
     verdicts = (
-        _nonfinite_verdicts(frame)
+        _nonfinite_verdicts(frame, step)
         + _flow_verdicts(frame, step)
         + _activation_verdicts(frame, step)
         + _update_verdicts(frame, step)

@@ -155,6 +155,23 @@ class Recorder:
         return self.model is not None
 
     @property
+    def recording(self) -> bool:
+        """Whether the step now being run is recorded."""
+        return self._recording
+
+    def record_now(self) -> None:
+        """Records the current step even where `every` skips it.
+
+        Hooks are armed from now on: statistics of a forward pass already run in this step
+        are not recovered, so call this before the forward (the training loop reruns the
+        forward of a step whose loss came out non-finite).
+        """
+        if not self.attached:
+            raise RecorderError("record_now() on a detached recorder; attach() it first")
+        self._reset_buffers()
+        self._set_recording(True)
+
+    @property
     def step_index(self) -> int:
         """The index of the step now being run (0 before the first update)."""
         return self._step

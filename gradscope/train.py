@@ -148,6 +148,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return correct / max(len(y), 1), loss / max(len(y), 1)
 
 
+def _loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    weights: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    loss = nn.functional.cross_entropy(model(x), y)
+    if config.l1 > 0 and config.l1_mode == "penalty":
+        loss = loss + config.l1 * sum(w.abs().sum() for w in weights)
+    return loss
+
+
 def total_steps(config: TrainConfig, n_train: int) -> int:
     return config.steps or config.epochs * math.ceil(n_train / config.batch_size)
 
@@ -194,9 +207,13 @@ def train(
         while step < n_steps and not result.diverged:
             for x, y in iterate_batches(data.x_train, data.y_train, config.batch_size, generator):
                 optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(x), y)
-                if config.l1 > 0 and config.l1_mode == "penalty":
-                    loss = loss + config.l1 * sum(w.abs().sum() for w in weights)
+                loss = _loss(model, x, y, config, weights)
+                value = float(loss.detach())
+                if not math.isfinite(value) and recorder is not None and not recorder.recording:
+                    # the step where training breaks is always recorded: rerun its forward
+                    # (the weights have not moved) with the hooks armed, to locate the origin
+                    recorder.record_now()
+                    loss = _loss(model, x, y, config, weights)
                 loss.backward()
                 if recorder is not None:
                     recorder.log_scalar("loss", loss)
@@ -210,7 +227,6 @@ def train(
                     soft_threshold(weights, optimizer.param_groups[0]["lr"] * config.l1)
                 if scheduler is not None:
                     scheduler.step()
-                value = float(loss.detach())
                 result.losses.append(value)
                 step += 1
                 if progress is not None:

@@ -57,3 +57,16 @@ def test_l1_and_weight_decay_settings():
     for bad in ({"optimizer": "rmsprop"}, {"lr": -1.0}, {"batch_size": 0}, {"schedule": "step"}):
         with pytest.raises(ValueError):
             TrainConfig(**bad).validate()
+
+
+def test_the_step_where_training_breaks_is_recorded():
+    torch.manual_seed(0)
+    model = build_model("residual", 20, width=32, init="kaiming")
+    rec = Recorder(every=1000)  # only step 0 would be recorded
+    result = train(model, synthetic(256, 64), TrainConfig(steps=50, lr=50.0), recorder=rec)
+    assert result.diverged
+    frame = rec.to_frame()
+    last = result.steps - 1
+    assert last > 0 and last in set(frame.step)
+    assert rec.nonfinite and rec.nonfinite[0].step == last
+    assert rec.diagnose()[0].id == "nonfinite_values"
