@@ -23,11 +23,18 @@ The frame a Recorder produces is long form, with columns exactly
   backward order whose gradient did (value 1).
 - ``scalar`` (layer ``"*"``): values logged with ``Recorder.log_scalar`` (loss, pre-clip norm).
 
-Norms are exact: float64 accumulation, equal to ``torch.linalg.vector_norm(t.double())``.
-Statistics of all calls of a module within one step (shared weights, micro-batches) are
-merged from additive moments. Forward passes under ``torch.no_grad()`` (evaluation) are
-skipped. Statistics stay on the device until a recorded step closes, then move to the host
-in one transfer.
+Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative
+(float64 accumulation, or float32 where that is as exact, redone in float64 where a
+float32 result may have underflowed). Statistics of all calls of a module within one step
+(shared weights, micro-batches) are merged from additive moments. Forward passes under
+``torch.no_grad()`` (evaluation) are skipped. Statistics stay on the device until a
+recorded step closes, then move to the host in one transfer. On a recorded step the
+module outputs and output gradients are held until the step closes (so that a non-finite
+or underflowed result can be recounted exactly): recorded steps need more memory. Steps
+that are not recorded run no forward hook at all.
+
+Under DDP and FSDP2 the statistics are merged over ranks (see ``Recorder(sync=...)``);
+compiled models get parameter statistics only.
 """
 
 from __future__ import annotations
