@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -329,8 +329,9 @@ Quick = Annotated[
 
 
 def _reproduce(
-    name: str, seeds: str, dataset: str, data_root: str | None, out: Path | None, run
-) -> None:  # type: ignore[no-untyped-def]
+    name: str, seeds: str, dataset: str, data_root: str | None, out: Path | None, **settings: Any
+) -> None:
+    """Runs gradscope.reproduce.<name>(data, seeds, **settings), saves, reports, prints."""
     import pandas as pd
 
     from gradscope import reproduce as rp
@@ -355,7 +356,7 @@ def _reproduce(
         typer.echo(f"[{count['n']}] training {what}", err=True)
 
     try:
-        result = run(rp, data, seed_list, progress)
+        result = getattr(rp, name)(data, seed_list, progress=progress, **settings)
     except ValueError as e:
         fail(str(e))
     rp.save(result, target)
@@ -378,23 +379,17 @@ def reproduce_journey(
     out: Out = None,
 ) -> None:
     """digit with SGD, Adam, AdamW, AdamW + cosine, and deep-digit: against 93.6 ... 98.1%."""
-    size = 5000 if quick else None
     _reproduce(
         "journey",
         seeds,
         dataset,
         data_root,
         out,
-        lambda rp, d, s, p: rp.journey(
-            d,
-            s,
-            1 if quick else epochs,
-            batch_size,
-            size,
-            progress=p,
-            lr_sgd=lr_sgd,
-            lr_adam=lr_adam,
-        ),
+        epochs=1 if quick else epochs,
+        batch_size=batch_size,
+        train_size=5000 if quick else None,
+        lr_sgd=lr_sgd,
+        lr_adam=lr_adam,
     )
 
 
@@ -419,9 +414,9 @@ def reproduce_dropout(
         dataset,
         data_root,
         out,
-        lambda rp, d, s, p: rp.dropout(
-            d, s, epochs, train_size=train_size, progress=p, also_epochs=() if quick else (50, 100)
-        ),
+        epochs=epochs,
+        train_size=train_size,
+        also_epochs=() if quick else (50, 100),
     )
 
 
@@ -439,16 +434,16 @@ def reproduce_regularization(
     out: Out = None,
 ) -> None:
     """L2 (AdamW weight decay) against L1 (penalty and proximal): weight norms and zeros."""
-    size = 5000 if quick else None
     _reproduce(
         "regularization",
         seeds,
         dataset,
         data_root,
         out,
-        lambda rp, d, s, p: rp.regularization(
-            d, s, 1 if quick else epochs, train_size=size, l1=l1, progress=p
-        ),
+        epochs=1 if quick else epochs,
+        train_size=5000 if quick else None,
+        l1=l1,
+        l1_proximal=l1_proximal,
     )
 
 
@@ -471,15 +466,10 @@ def reproduce_clipping(
         dataset,
         data_root,
         out,
-        lambda rp, d, s, p: rp.clipping(
-            d,
-            s,
-            min(depth, 20) if quick else depth,
-            40 if quick else steps,
-            lr,
-            clip=clip,
-            progress=p,
-        ),
+        depth=min(depth, 20) if quick else depth,
+        steps=40 if quick else steps,
+        lr=lr,
+        clip=clip,
     )
 
 

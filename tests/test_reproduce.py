@@ -89,3 +89,31 @@ def test_reproduce_bad_input(tmp_path):
         app, ["reproduce", "dropout", "--data-root", str(tmp_path), "--out", str(tmp_path / "y")]
     )
     assert result.exit_code == 2 and "GRADSCOPE_DATA" in result.output
+
+
+def test_options_reach_the_experiments(tmp_path):
+    import json
+
+    for name, option, key, value in (
+        ("regularization", "--l1-proximal", "L1 proximal 0.3", 0.3),
+        ("journey", "--lr-sgd", "digit, SGD", 0.02),
+    ):
+        out = tmp_path / name
+        args = [
+            "reproduce",
+            name,
+            "--quick",
+            "--dataset",
+            "synthetic",
+            "--seeds",
+            "0",
+            option,
+            str(value),
+            "--out",
+            str(out),
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        settings = json.loads((out / "config.json").read_text())["experiments"]
+        assert key in settings
+        assert value in (settings[key]["l1"], settings[key]["lr"])
