@@ -63,22 +63,20 @@ def all_reduce_array(values: np.ndarray, op: str) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def reduce_norms(norms: torch.Tensor, sharded: list[int]) -> torch.Tensor:
-    """Full-tensor L2 norms from per-shard norms (sum of squares over ranks), on the device."""
-    if not sharded:
-        return norms
-    sq = norms[sharded].square()
-    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-    norms = norms.clone()
-    norms[sharded] = sq.sqrt()
-    return norms
-
-
-def reduce_max(values: torch.Tensor, sharded: list[int]) -> torch.Tensor:
+def reduce_entries(values: torch.Tensor, sharded: list[int], op: str) -> torch.Tensor:
+    """All-reduces the entries of `values` that belong to sharded tensors, on the device."""
     if not sharded:
         return values
-    part = values[sharded].clone()
-    dist.all_reduce(part, op=dist.ReduceOp.MAX)
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    part = values[sharded]  # advanced indexing copies
+    dist.all_reduce(part, op=ops[op])
     values = values.clone()
     values[sharded] = part
     return values
+
+
+def reduce_norms(norms: torch.Tensor, sharded: list[int]) -> torch.Tensor:
+    """Full-tensor L2 norms from per-shard norms: the squares add over ranks."""
+    if not sharded:
+        return norms
+    return reduce_entries(norms.square(), sharded, "sum").sqrt()

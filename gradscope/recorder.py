@@ -353,7 +353,9 @@ class Recorder:
                 "grads": grads,
                 "sharded": sharded,
                 "grad_norm": distributed.reduce_norms(stats.foreach_norms(grads), sharded),
-                "grad_max": distributed.reduce_max(stats.foreach_max_abs(grads), sharded),
+                "grad_max": distributed.reduce_entries(
+                    stats.foreach_max_abs(grads), sharded, "max"
+                ),
                 "param_norm": distributed.reduce_norms(stats.foreach_norms(params), sharded),
                 "params": params,
                 # an exact copy: the applied update is measured as after - before

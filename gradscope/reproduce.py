@@ -21,7 +21,7 @@ import torch
 from gradscope.data import Dataset, subset
 from gradscope.models import build_named
 from gradscope.recorder import Recorder
-from gradscope.train import TrainConfig, train
+from gradscope.train import TrainConfig, evaluate, train
 
 Progress = Callable[[str], None]
 NEAR_ZERO = 1e-3  # |w| below this counts as a near-zero weight
@@ -193,11 +193,8 @@ def dropout(
     def train_mode_accuracy(model: torch.nn.Module, seed: int) -> dict[str, Any]:
         # what a training loop reports with dropout active (Keras-style), on the same subset
         train = subset(data, train_size, seed=seed)
-        model.train()
-        with torch.no_grad():
-            hits = (model(train.x_train).argmax(1) == train.y_train).double().mean()
-        model.eval()
-        return {"train_acc_dropout_on": float(hits)}
+        accuracy, _ = evaluate(model, train.x_train, train.y_train, train_mode=True)
+        return {"train_acc_dropout_on": accuracy}
 
     results = []
     for n_epochs in (epochs, *also_epochs):
@@ -229,18 +226,21 @@ def dropout(
     return result
 
 
-def _weight_stats(model: torch.nn.Module, seed: int) -> dict[str, Any]:
-    weights = [(n, p.detach()) for n, p in model.named_parameters() if p.dim() >= 2]
-    allw = torch.cat([w.flatten() for _, w in weights])
-    out: dict[str, Any] = {
-        "weight_norm": float(torch.linalg.vector_norm(allw, dtype=torch.float64)),
-        "exact_zero_frac": float((allw == 0).double().mean()),
-        "near_zero_frac": float((allw.abs() < NEAR_ZERO).double().mean()),
+def _sparsity(w: torch.Tensor) -> dict[str, float]:
+    return {
+        "norm": float(torch.linalg.vector_norm(w, dtype=torch.float64)),
+        "exact_zero_frac": float((w == 0).double().mean()),
+        "near_zero_frac": float((w.abs() < NEAR_ZERO).double().mean()),
     }
+
+
+def _weight_stats(model: torch.nn.Module, seed: int) -> dict[str, Any]:
+    """Norm and zero fractions of all weight matrices together, then of each."""
+    weights = [(n, p.detach()) for n, p in model.named_parameters() if p.dim() >= 2]
+    overall = _sparsity(torch.cat([w.flatten() for _, w in weights]))
+    out: dict[str, Any] = {"weight_norm": overall.pop("norm"), **overall}
     for name, w in weights:
-        out[f"{name}:norm"] = float(torch.linalg.vector_norm(w, dtype=torch.float64))
-        out[f"{name}:exact_zero_frac"] = float((w == 0).double().mean())
-        out[f"{name}:near_zero_frac"] = float((w.abs() < NEAR_ZERO).double().mean())
+        out |= {f"{name}:{k}": v for k, v in _sparsity(w).items()}
     return out
 
 

@@ -134,10 +134,13 @@ def soft_threshold(weights: Sequence[torch.Tensor], amount: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the model in eval mode."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, train_mode: bool = False
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of the model in eval mode (or, with `train_mode`, with
+    dropout active, as a training loop sees it)."""
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     correct, loss = 0, 0.0
     for start in range(0, len(y), EVAL_BATCH):
         logits = model(x[start : start + EVAL_BATCH])
