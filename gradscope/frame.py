@@ -73,14 +73,3 @@ def flow_summary(frame: pd.DataFrame) -> pd.DataFrame:
         for step, row in wide.iterrows()
     ]
     return pd.DataFrame(rows, columns=["step", "grad_ratio", "grad_decay"])
-
-
-def stat_series(frame: pd.DataFrame, kind: str, stat: str, layer: str = "*") -> pd.Series:
-    """One statistic of one layer over steps, indexed by step."""
-    rows = frame[(frame["kind"] == kind) & (frame["stat"] == stat) & (frame["layer"] == layer)]
-    return rows.set_index("step")["value"].sort_index()
-
-
-def layer_order(frame: pd.DataFrame, kind: str) -> list[str]:
-    """Layers of one kind in the order they were first recorded (forward order)."""
-    return list(dict.fromkeys(frame.loc[frame["kind"] == kind, "layer"]))

@@ -53,7 +53,6 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed, stats
 
-COLUMNS = ["step", "layer", "kind", "stat", "value"]
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 

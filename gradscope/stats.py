@@ -71,18 +71,13 @@ def exact_norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach(), dim=dim, dtype=torch.float64)
 
 
-def needs_exact_norm(
-    norm: float | np.ndarray, max_abs: float | np.ndarray | None = None
-) -> np.ndarray:
+def needs_exact_norm(norm: float | np.ndarray) -> np.ndarray:
     """Which float32 norms may have lost squares to underflow or overflow (elementwise).
 
-    A zero norm is trusted only when the tensor's largest absolute value is known to be 0.
+    Zeros are suspect too: a float32 norm of subnormal values is exactly 0.
     """
     values = np.atleast_1d(np.asarray(norm, dtype=np.float64))
-    suspect = (values < SAFE_NORM[0]) | ~(values < SAFE_NORM[1])  # ~(<) also catches NaN
-    if max_abs is not None:
-        suspect &= ~((values == 0) & (np.atleast_1d(np.asarray(max_abs)) == 0))
-    return suspect
+    return (values < SAFE_NORM[0]) | ~(values < SAFE_NORM[1])  # ~(<) also catches NaN
 
 
 def activation_stats(

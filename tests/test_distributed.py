@@ -100,7 +100,7 @@ def test_amp_records_unscaled_gradients():
     torch.manual_seed(0)
     base = build_model("plain", 3, width=16)
     x, y = torch.randn(8, 784), torch.randint(0, 10, (8,))
-    ref = [m for m in [build_model("plain", 3, width=16)]][0]
+    ref = build_model("plain", 3, width=16)
     ref.load_state_dict(base.state_dict())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nn.functional.cross_entropy(ref(x), y).backward()
@@ -128,7 +128,8 @@ def test_amp_records_unscaled_gradients():
         (frame.kind == "activation_grad") & (frame.layer == "blocks.1.fc") & (frame.stat == "norm")
     ]
     assert float(act.value.iloc[0]) == pytest.approx(float(out["g"].double().norm()), rel=1e-2)
-    assert (frame[frame.kind == "activation"].layer.str.len() > 0).all()
+    # bfloat16 outputs are measured too
+    assert "blocks.1.fc" in set(frame[frame.kind == "activation"].layer)
 
 
 def test_gradient_accumulation_describes_the_accumulated_gradient():
