@@ -278,10 +278,11 @@ def _write_outputs(target: Path) -> None:
     from gradscope.report import render_sweep_report
     from gradscope.sweep import load_results
 
-    frame, runs, _ = load_results(target)
+    results = load_results(target)
+    frame, runs, _ = results
     frame.to_parquet(target / "frame.parquet", index=False)
     runs.to_csv(target / "runs.csv", index=False)
-    report = render_sweep_report(target)
+    report = render_sweep_report(target, results)
     if len(runs):
         cols = [
             "variant",

@@ -238,9 +238,14 @@ def _short(x: Any) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
-def render_sweep_report(out: Path) -> Path:
-    """Renders report.html in a sweep folder from its saved runs; returns its path."""
-    frame, runs, loss = load_results(out)
+def render_sweep_report(
+    out: Path, results: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
+) -> Path:
+    """Renders report.html in a sweep folder from its saved runs; returns its path.
+
+    `results` is what `load_results(out)` returns, for callers that have loaded it already.
+    """
+    frame, runs, loss = results if results is not None else load_results(out)
     config = json.loads((out / "config.json").read_text())
     details = {}
     for p in (out / "runs").glob("*.json"):
