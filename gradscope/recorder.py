@@ -33,6 +33,12 @@ module outputs and output gradients are held until the step closes (so that a no
 or underflowed result can be recounted exactly): recorded steps need more memory. Steps
 that are not recorded run no forward hook at all.
 
+Rows are held in memory compactly: a step's values (8 bytes a row) and the index of its
+layout (the layer, kind and stat of each row, shared by all steps with the same layout);
+nothing else grows with the number of steps. For long runs pass ``spill_to=DIR``: whenever ``spill_rows`` rows
+are held they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon
+as it is written), and ``to_frame()`` reads the parts back.
+
 Under DDP and FSDP2 the statistics are merged over ranks (see ``Recorder(sync=...)``);
 compiled models get parameter statistics only.
 """
@@ -41,8 +47,10 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +60,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed, stats
+from gradscope.files import atomic_write
 
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -108,6 +117,9 @@ class Recorder:
             divided by its scale (parameter gradients need nothing: the scaler unscales them
             before the optimizer steps). A step the scaler skips (inf/NaN found) runs no
             optimizer hook; its statistics merge into the next recorded step.
+        spill_to: a directory for long runs: rows go to Parquet parts there instead of
+            accumulating in memory (it must not hold another recording's parts).
+        spill_rows: how many rows are held in memory before they are written out.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -129,9 +141,13 @@ class Recorder:
         allow_multiple: bool = False,
         sync: bool | None = None,
         grad_scaler: Any = None,
+        spill_to: str | os.PathLike[str] | None = None,
+        spill_rows: int = 200_000,
     ) -> None:
         if not callable(every) and (isinstance(every, bool) or int(every) < 1):
             raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
+        if spill_rows < 1:
+            raise ValueError(f"spill_rows must be >= 1, got {spill_rows}")
         self.every = every
         self.include = include
         self.exclude = exclude
@@ -145,7 +161,12 @@ class Recorder:
         self._forward_handles: list[RemovableHandle] = []
         self._modules: list[tuple[str, nn.Module]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
-        self._rows: list[tuple[int, _Rows]] = []
+        self._rows: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
+        self._layouts: list[_Layout] = []
+        self._rows_held = 0
+        self.spill_to = Path(spill_to) if spill_to is not None else None
+        self.spill_rows = spill_rows
+        self._parts: list[Path] = []
         self.sync = sync
         self.grad_scaler = grad_scaler
         self._sync = False
@@ -193,6 +214,8 @@ class Recorder:
                 "another gradscope Recorder is attached to this model; detach it first, "
                 "or pass allow_multiple=True"
             )
+        if self.spill_to is not None and not self._parts:
+            self._check_spill_dir(self.spill_to)
         outer = model
         model, kind = distributed.unwrap(model)
         compiled = kind == "compiled" or distributed.has_compiled_parts(model)
@@ -256,6 +279,8 @@ class Recorder:
             handle.remove()
         self._handles.clear()
         self._reset_buffers()
+        if self._rows_held:
+            self._spill()
         self.model, self.optimizer = None, None
         self._params = []
         self._modules = []
@@ -422,7 +447,13 @@ class Recorder:
                 rows.add([origin], "nonfinite_origin", phase, np.ones(1))
                 self.nonfinite.append(NonfiniteEvent(step, phase, origin))
         if not self._sync or distributed.rank() == 0:
-            self._rows.append((step, rows))
+            layout, values = rows.finish(self._layouts[-1] if self._layouts else None)
+            if not self._layouts or layout is not self._layouts[-1]:
+                self._layouts.append(layout)
+            self._rows.append((step, len(self._layouts) - 1, values))
+            self._rows_held += len(values)
+            if self._rows_held >= self.spill_rows:
+                self._spill()
 
     def _activation_rows(self, rows: _Rows, reader: _Reader) -> str | None:
         acts = self._act_calls
@@ -548,27 +579,37 @@ class Recorder:
 
     def to_frame(self) -> pd.DataFrame:
         """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
-        blocks = [(step, b) for step, rows in self._rows for b in rows.blocks]
-        if not blocks:
-            return pd.DataFrame(
-                {
-                    "step": pd.Series(dtype="int64"),
-                    "layer": pd.Series(dtype=object),
-                    "kind": pd.Series(dtype=object),
-                    "stat": pd.Series(dtype=object),
-                    "value": pd.Series(dtype="float64"),
-                }
+        held = _frame(self._rows, self._layouts)
+        if not self._parts:
+            return held
+        spilled = [pd.read_parquet(part) for part in self._parts]
+        return pd.concat([*spilled, held] if len(held) else spilled, ignore_index=True)
+
+    @property
+    def rows_held(self) -> int:
+        """Rows held in memory (not yet spilled)."""
+        return self._rows_held
+
+    def _check_spill_dir(self, directory: Path) -> None:
+        if directory.exists() and not directory.is_dir():
+            raise RecorderError(f"spill_to={str(directory)!r} is a file, not a directory")
+        if directory.is_dir() and any(directory.glob("part-*.parquet")):
+            raise RecorderError(
+                f"spill_to={str(directory)!r} already holds another recording's parts; "
+                "give each recording its own directory"
             )
-        sizes = [len(values) for _, (_, _, _, values) in blocks]
-        return pd.DataFrame(
-            {
-                "step": np.repeat([step for step, _ in blocks], sizes).astype(np.int64),
-                "layer": np.concatenate([np.asarray(b[0], dtype=object) for _, b in blocks]),
-                "kind": np.repeat(np.array([b[1] for _, b in blocks], dtype=object), sizes),
-                "stat": np.concatenate([np.asarray(b[2], dtype=object) for _, b in blocks]),
-                "value": np.concatenate([b[3] for _, b in blocks]).astype(np.float64),
-            }
-        )
+
+    def _spill(self) -> None:
+        """Writes the rows held in memory to the next Parquet part and forgets them."""
+        if self.spill_to is None:
+            return
+        self.spill_to.mkdir(parents=True, exist_ok=True)
+        path = self.spill_to / f"part-{len(self._parts):06d}.parquet"
+        frame = _frame(self._rows, self._layouts)
+        atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+        self._parts.append(path)
+        self._rows.clear()
+        self._rows_held = 0
 
     def diagnose(self) -> list[Any]:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""
@@ -577,13 +618,46 @@ class Recorder:
         return diagnose(self.to_frame())
 
 
+def _frame(steps: list[tuple[int, int, np.ndarray]], layouts: list[_Layout]) -> pd.DataFrame:
+    """Held steps (step, layout index, values) as one long-form frame."""
+    if not steps:
+        return pd.DataFrame(
+            {
+                "step": pd.Series(dtype="int64"),
+                "layer": pd.Series(dtype=object),
+                "kind": pd.Series(dtype=object),
+                "stat": pd.Series(dtype=object),
+                "value": pd.Series(dtype="float64"),
+            }
+        )
+    used = [layouts[i] for _, i, _ in steps]
+    return pd.DataFrame(
+        {
+            "step": np.repeat([s for s, _, _ in steps], [len(v) for _, _, v in steps]),
+            "layer": np.concatenate([u.layer for u in used]),
+            "kind": np.concatenate([u.kind for u in used]),
+            "stat": np.concatenate([u.stat for u in used]),
+            "value": np.concatenate([v for _, _, v in steps]),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The layer, kind and stat of each row of a step: shared by steps that record the same."""
+
+    layer: np.ndarray
+    kind: np.ndarray
+    stat: np.ndarray
+
+
 class _Rows:
-    """One step's rows as column blocks: cheap to append, turned into a frame on demand."""
+    """One step's rows as column blocks, turned into a layout and a value vector at the end."""
 
     __slots__ = ("blocks",)
 
     def __init__(self) -> None:
-        self.blocks: list[tuple[Sequence[str], str, Any, np.ndarray]] = []
+        self.blocks: list[tuple[list[str], str, list[str], np.ndarray]] = []
 
     def add(
         self, layers: Sequence[str], kind: str, stat: str | Sequence[str], values: np.ndarray
@@ -591,6 +665,27 @@ class _Rows:
         values = np.asarray(values, dtype=np.float64)
         stat_column = [stat] * len(values) if isinstance(stat, str) else list(stat)
         self.blocks.append((list(layers), kind, stat_column, values))
+
+    def finish(self, previous: _Layout | None) -> tuple[_Layout, np.ndarray]:
+        """The step's layout (`previous` itself where it is the same) and its values."""
+        layer = [name for block in self.blocks for name in block[0]]
+        kind = [block[1] for block in self.blocks for _ in block[0]]
+        stat = [name for block in self.blocks for name in block[2]]
+        values = (
+            np.concatenate([block[3] for block in self.blocks])
+            if self.blocks
+            else np.zeros(0, dtype=np.float64)
+        )
+        if (
+            previous is not None
+            and len(previous.layer) == len(layer)
+            and previous.layer.tolist() == layer
+            and previous.kind.tolist() == kind
+            and previous.stat.tolist() == stat
+        ):
+            return previous, values
+        as_array = functools.partial(np.asarray, dtype=object)
+        return _Layout(as_array(layer), as_array(kind), as_array(stat)), values
 
 
 class _Reader:

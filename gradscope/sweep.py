@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
-import os
 import queue
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -20,6 +19,7 @@ import torch
 from gradscope import frame as fr
 from gradscope.data import Dataset, load_dataset
 from gradscope.diagnose import diagnose
+from gradscope.files import atomic_write
 from gradscope.models import Variant, build_model
 from gradscope.recorder import Recorder
 from gradscope.train import TrainConfig, total_steps, train
@@ -214,20 +214,14 @@ def run_one(
 # -- saving ------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_run(out: Path, spec: RunSpec, frame: pd.DataFrame, row: dict[str, Any]) -> None:
     """Writes one finished run: its frame, losses, then its row (the row marks it finished)."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     losses = row.pop("_losses")
-    _atomic_write(runs / f"{spec.run_id}.parquet", lambda p: frame.to_parquet(p, index=False))
-    _atomic_write(runs / f"{spec.run_id}.loss.parquet", lambda p: losses.to_parquet(p, index=False))
-    _atomic_write(
+    atomic_write(runs / f"{spec.run_id}.parquet", lambda p: frame.to_parquet(p, index=False))
+    atomic_write(runs / f"{spec.run_id}.loss.parquet", lambda p: losses.to_parquet(p, index=False))
+    atomic_write(
         runs / f"{spec.run_id}.json", lambda p: p.write_text(json.dumps(row, default=float))
     )
 

@@ -398,3 +398,32 @@ def test_long_rows_and_large_tensors_are_exact():
     assert _value(frame, "0", "activation", "rms") == pytest.approx(rms, rel=1e-6)
     weight = float(model[0].weight.grad.double().norm())
     assert _value(frame, "0.weight", "param_grad", "norm") == pytest.approx(weight, rel=1e-6)
+
+
+def test_spilled_rows_come_back_identical(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("plain", 3, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 784), torch.randint(0, 10, (8,))
+    held = gs.Recorder()
+    spilled = gs.Recorder(allow_multiple=True, spill_to=tmp_path / "rows", spill_rows=150)
+    held.attach(model, opt)
+    spilled.attach(model, opt)
+    most_held = 0
+    for _ in range(12):
+        _train_step(model, opt, x, y)
+        most_held = max(most_held, spilled.rows_held)
+    per_step = len(held.to_frame()) // 12
+    assert spilled.rows_held < 150 and most_held < 150 + per_step
+    parts = sorted((tmp_path / "rows").glob("part-*.parquet"))
+    assert len(parts) >= 5
+    before_detach = spilled.to_frame()
+    pd.testing.assert_frame_equal(before_detach, held.to_frame())
+    spilled.detach()  # writes what is still held
+    assert spilled.rows_held == 0
+    pd.testing.assert_frame_equal(spilled.to_frame(), before_detach)
+    on_disk = pd.concat([pd.read_parquet(p) for p in sorted(parts[0].parent.glob("*.parquet"))])
+    assert len(on_disk) == len(before_detach)
+    held.detach()
+    with pytest.raises(gs.RecorderError, match="another recording"):
+        gs.Recorder(spill_to=tmp_path / "rows").attach(model, opt)
