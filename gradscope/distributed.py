@@ -61,22 +61,3 @@ def all_reduce_array(values: np.ndarray, op: str) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(_comm_device())
     dist.all_reduce(t, op=ops[op])
     return t.cpu().numpy()
-
-
-def reduce_entries(values: torch.Tensor, sharded: list[int], op: str) -> torch.Tensor:
-    """All-reduces the entries of `values` that belong to sharded tensors, on the device."""
-    if not sharded:
-        return values
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
-    part = values[sharded]  # advanced indexing copies
-    dist.all_reduce(part, op=ops[op])
-    values = values.clone()
-    values[sharded] = part
-    return values
-
-
-def reduce_norms(norms: torch.Tensor, sharded: list[int]) -> torch.Tensor:
-    """Full-tensor L2 norms from per-shard norms: the squares add over ranks."""
-    if not sharded:
-        return norms
-    return reduce_entries(norms.square(), sharded, "sum").sqrt()

@@ -24,14 +24,16 @@ The frame a Recorder produces is long form, with columns exactly
 - ``scalar`` (layer ``"*"``): values logged with ``Recorder.log_scalar`` (loss, pre-clip norm).
 
 Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative
-(float64 accumulation, or float32 where that is as exact, redone in float64 where a
-float32 result may have underflowed). Statistics of all calls of a module within one step
+(parameters in float64; activations and their gradients as float32 cascade sums of squares,
+redone in float64 where a square may have underflowed or overflowed). Statistics of all calls of a module within one step
 (shared weights, micro-batches) are merged from additive moments. Forward passes under
 ``torch.no_grad()`` (evaluation) are skipped. Statistics stay on the device until a
 recorded step closes, then move to the host in one transfer. On a recorded step the
 module outputs and output gradients are held until the step closes (so that a non-finite
-or underflowed result can be recounted exactly): recorded steps need more memory. Steps
-that are not recorded run no forward hook at all.
+or underflowed result can be recounted exactly): recorded steps need more memory. The
+recorder also keeps, from its first recorded step until detach, a copy of the recorded
+parameters (to measure the update) and float64 and float32 scratch buffers (at most 32 MB
+and the largest module output). Steps that are not recorded run no forward hook at all.
 
 Rows are held in memory compactly: a step's values (8 bytes a row) and the index of its
 layout (the layer, kind and stat of each row, shared by all steps with the same layout);
@@ -161,6 +163,8 @@ class Recorder:
         self._forward_handles: list[RemovableHandle] = []
         self._modules: list[tuple[str, nn.Module]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
+        self._flat: stats.FlatStats | None = None  # parameter buffers, from the first read
+        self._scratch = stats.Scratch()
         self._rows: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
         self._layouts: list[_Layout] = []
         self._rows_held = 0
@@ -284,6 +288,8 @@ class Recorder:
         self.model, self.optimizer = None, None
         self._params = []
         self._modules = []
+        self._flat = None
+        self._scratch.clear()
 
     def __enter__(self) -> Recorder:
         return self
@@ -303,11 +309,11 @@ class Recorder:
         return step % int(self.every) == 0
 
     def _reset_buffers(self) -> None:
-        # per call: label, numel, moments and norm on the device, and the output itself, held
-        # until the step closes so that non-finite results can be recounted exactly
-        self._act_calls: list[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # per call: label, numel, moments on the device, and the output itself, held until the
+        # step closes so that non-finite or underflowed results can be recounted exactly
+        self._act_calls: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
         self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index, count)
-        # per call: label, per-sample norms on the device, the gradient itself
+        # per call: label, per-sample sums of squares on the device, the gradient itself
         self._grad_calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._scalars: list[tuple[str, torch.Tensor | float]] = []
         self._param_pending: dict[str, Any] | None = None
@@ -321,18 +327,18 @@ class Recorder:
             return
         for label, tensor in _tensor_outputs(out, fqn):
             if self._record_acts:
-                moments, norm = stats.activation_moments(tensor)
+                moments = stats.activation_moments(tensor, self._scratch)
                 if bounds is not None:
                     self._saturated.append(
                         (len(self._act_calls), stats.saturated_count(tensor, bounds))
                     )
-                self._act_calls.append((label, tensor.numel(), moments, norm, tensor))
+                self._act_calls.append((label, tensor.numel(), moments, tensor))
             if self._record_grads and tensor.requires_grad:
                 tensor.register_hook(functools.partial(self._on_output_grad, label))
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
         if self._recording:
-            self._grad_calls.append((label, stats.sample_norms(grad), grad))
+            self._grad_calls.append((label, stats.sample_sumsq(grad, self._scratch), grad))
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._recording:
@@ -360,31 +366,26 @@ class Recorder:
     # -- step bookkeeping ------------------------------------------------------------------
 
     def _read_params(self, snapshot: bool) -> None:
-        with_grad = [(n, p) for n, p in self._params if p.grad is not None]
-        if not with_grad:
+        """Gradient and parameter sums of squares (and a pre-update copy), on the device."""
+        present = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
+        if not present:
             return
-        # FSDP2 shards are DTensors: norms of the local shards, summed over ranks below
-        params = [distributed.local(p.detach()) for _, p in with_grad]
-        grads = [distributed.local(p.grad.detach()) for _, p in with_grad if p.grad is not None]
-        sharded = (
-            [i for i, (_, p) in enumerate(with_grad) if distributed.is_sharded(p)]
-            if self._sync
-            else []
-        )
+        if self._flat is None:
+            self._flat = stats.FlatStats([self._local(i) for i in range(len(self._params))])
+        # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
         with torch.no_grad():
-            self._param_pending = {
-                "names": [n for n, _ in with_grad],
-                "grads": grads,
-                "sharded": sharded,
-                "grad_norm": distributed.reduce_norms(stats.foreach_norms(grads), sharded),
-                "grad_max": distributed.reduce_entries(
-                    stats.foreach_max_abs(grads), sharded, "max"
-                ),
-                "param_norm": distributed.reduce_norms(stats.foreach_norms(params), sharded),
-                "params": params,
-                # an exact copy: the applied update is measured as after - before
-                "before": torch._foreach_mul(params, 1.0) if snapshot and params else None,
-            }
+            grads = {i: distributed.local(self._params[i][1].grad.detach()) for i in present}  # type: ignore[union-attr]
+            grad_sumsq, grad_max = self._flat.grads(grads)
+            param_sumsq = self._flat.params({i: self._local(i) for i in present})
+        rows = torch.tensor(present, device=grad_sumsq.device)
+        self._param_pending = {
+            "present": present,
+            "snapshot": snapshot,
+            "device": [grad_sumsq[rows], grad_max[rows], param_sumsq[rows]],
+        }
+
+    def _local(self, i: int) -> torch.Tensor:
+        return distributed.local(self._params[i][1].detach())
 
     def _close_step(self) -> None:
         step = self._step
@@ -399,18 +400,18 @@ class Recorder:
         acts, grads, pending = self._act_calls, self._grad_calls, self._param_pending
         parts: list[torch.Tensor] = []
         if acts:
-            parts += [_stack_float64([c[2] for c in acts]), _stack_float64([c[3] for c in acts])]
+            parts.append(_stack_float64([c[2] for c in acts]))
         if self._saturated:
             parts.append(_stack_float64([c for _, c in self._saturated]))
         if grads:
             parts.append(_cat_float64([n for _, n, _ in grads]))
         if pending is not None:
-            parts += [pending["grad_norm"], pending["grad_max"], pending["param_norm"]]
-            if pending["before"] is not None:
+            parts += pending["device"]
+            if pending["snapshot"] and self._flat is not None:
+                present = pending["present"]
                 with torch.no_grad():
-                    updates = torch._foreach_sub(pending["params"], pending["before"])
-                norms = stats.foreach_norms(list(updates))
-                parts.append(distributed.reduce_norms(norms, pending["sharded"]))
+                    update_sumsq = self._flat.updates({i: self._local(i) for i in present})
+                parts.append(update_sumsq[torch.tensor(present, device=update_sumsq.device)])
         if self._scalars:
             parts.append(
                 torch.stack(
@@ -459,16 +460,19 @@ class Recorder:
         acts = self._act_calls
         n_calls = len(acts)
         moments = reader.take(len(stats.ACT_FIELDS) * n_calls).reshape(n_calls, -1)
-        norms = reader.take(n_calls)
         saturated = reader.take(len(self._saturated))
+        numel = np.array([c[1] for c in acts], dtype=np.float64)
         nonfinite = np.zeros(n_calls)
         origin = None
-        for i in np.flatnonzero(~np.isfinite(moments).all(axis=1) | ~np.isfinite(norms)):
-            tensor = acts[i][4]
-            nonfinite[i] = stats.count_nonfinite(tensor)
-            moments[i, 3] = float(torch.count_nonzero(tensor))
-            if origin is None and nonfinite[i] > 0:
-                origin = acts[i][0]
+        suspect = ~np.isfinite(moments).all(axis=1) | stats.needs_exact(moments[:, 4], numel)
+        for i in np.flatnonzero(suspect):  # recount from the held output
+            tensor = acts[i][3]
+            moments[i, 4] = float(stats.exact_norm(tensor)) ** 2
+            if not np.isfinite(moments[i]).all():
+                nonfinite[i] = stats.count_nonfinite(tensor)
+                moments[i, 3] = float(torch.count_nonzero(tensor))
+                if origin is None and nonfinite[i] > 0:
+                    origin = acts[i][0]
         names, label_id = _index_labels([c[0] for c in acts])
         n = len(names)
         lo = np.full(n, np.inf)
@@ -476,12 +480,11 @@ class Recorder:
         with np.errstate(invalid="ignore"):  # NaN extremes stay NaN, counted in nonfinite
             np.minimum.at(lo, label_id, moments[:, 1])
             np.maximum.at(hi, label_id, moments[:, 2])
-        numel = np.array([c[1] for c in acts], dtype=np.float64)
         sat_calls = [i for i, _ in self._saturated]
         sums = np.stack(
             [
                 np.bincount(label_id, moments[:, 0], n),
-                np.bincount(label_id, np.square(norms), n),
+                np.bincount(label_id, moments[:, 4], n),
                 np.bincount(label_id, moments[:, 3], n),
                 np.bincount(label_id, numel, n),
                 np.bincount(label_id, nonfinite, n),
@@ -511,14 +514,16 @@ class Recorder:
     def _grad_rows(self, rows: _Rows, reader: _Reader) -> str | None:
         grads = self._grad_calls
         sizes = np.array([n.numel() for _, n, _ in grads])
-        norms = reader.take(int(sizes.sum()))
+        sumsq = reader.take(int(sizes.sum()))
         call_of = np.repeat(np.arange(len(grads)), sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        for c in np.unique(call_of[stats.needs_exact_norm(norms)]):
+        row_numel = np.array([g.numel() // max(n.numel(), 1) for _, n, g in grads])[call_of]
+        for c in np.unique(call_of[stats.needs_exact(sumsq, row_numel)]):
             grad = grads[c][2]
             matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(len(grad), -1)
             exact = stats.exact_norm(matrix, dim=1).cpu().numpy()
-            norms[starts[c] : starts[c] + sizes[c]] = exact
+            sumsq[starts[c] : starts[c] + sizes[c]] = np.square(exact)
+        norms = np.sqrt(sumsq)
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             norms = norms / float(self.grad_scaler.get_scale())  # the scale of this backward
         bad = ~np.isfinite(norms)
@@ -556,19 +561,46 @@ class Recorder:
             raise RecorderError("ranks recorded different modules in one step; cannot merge")
 
     def _param_rows(self, rows: _Rows, pending: dict[str, Any], reader: _Reader) -> None:
-        names = pending["names"]
+        present = pending["present"]
+        params = [self._params[i] for i in present]
+        names = [name for name, _ in params]
         n = len(names)
-        grad_norm, grad_max, param_norm = reader.take(n), reader.take(n), reader.take(n)
+        grad_sumsq, grad_max, param_sumsq = reader.take(n), reader.take(n), reader.take(n)
+        update_sumsq = reader.take(n) if pending["snapshot"] else None
+        numel = np.array([self._local(i).numel() for i in present])
         nonfinite = np.zeros(n)
-        for i in np.flatnonzero(~np.isfinite(grad_norm)):
-            nonfinite[i] = stats.count_nonfinite(pending["grads"][i])
+        # recount exactly in float64 where a float32 square may have under- or overflowed
+        for k in np.flatnonzero(stats.needs_exact(grad_sumsq, numel)):
+            grad = distributed.local(params[k][1].grad)  # type: ignore[arg-type]
+            grad_sumsq[k] = float(stats.exact_norm(grad)) ** 2
+            if not np.isfinite(grad_sumsq[k]):
+                nonfinite[k] = stats.count_nonfinite(grad)
+        assert self._flat is not None
+        for k in np.flatnonzero(stats.needs_exact(param_sumsq, numel)):
+            param_sumsq[k] = float(stats.exact_norm(self._flat.before(present[k]))) ** 2  # type: ignore[arg-type]
+        if update_sumsq is not None:
+            for k in np.flatnonzero(stats.needs_exact(update_sumsq, numel)):
+                diff = self._local(present[k]) - self._flat.before(present[k])  # type: ignore[operator]
+                update_sumsq[k] = float(stats.exact_norm(diff)) ** 2
+        sharded = (
+            [k for k, (_, p) in enumerate(params) if distributed.is_sharded(p)]
+            if self._sync
+            else []
+        )
+        if sharded:  # a shard's squares and counts are part of the whole tensor's
+            for values, op in ((grad_sumsq, "sum"), (param_sumsq, "sum"), (nonfinite, "sum")):
+                values[sharded] = distributed.all_reduce_array(values[sharded], op)
+            grad_max[sharded] = distributed.all_reduce_array(grad_max[sharded], "max")
+            if update_sumsq is not None:
+                update_sumsq[sharded] = distributed.all_reduce_array(update_sumsq[sharded], "sum")
+        grad_norm, param_norm = np.sqrt(grad_sumsq), np.sqrt(param_sumsq)
         rows.add(names, "param_grad", "norm", grad_norm)
         rows.add(names, "param_grad", "max_abs", grad_max)
         rows.add(names, "param_grad", "nonfinite", nonfinite)
         rows.add(names, "param", "norm", param_norm)
-        rows.add(names, "param", "ndim", np.array([float(p.dim()) for p in pending["params"]]))
-        if pending["before"] is not None:
-            update_norm = reader.take(n)
+        rows.add(names, "param", "ndim", np.array([float(p.dim()) for _, p in params]))
+        if update_sumsq is not None:
+            update_norm = np.sqrt(update_sumsq)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(param_norm > 0, update_norm / param_norm, np.nan)
             rows.add(names, "update", "norm", update_norm)

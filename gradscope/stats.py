@@ -1,29 +1,50 @@
-"""Pure tensor -> tensor statistics in additive form, and the stats derived from them.
+"""Tensor -> tensor statistics in additive form, and the stats derived from them.
 
-Every function here is stateless. Moments add across calls, micro-batches and ranks: merge
-them, then derive norms, means and fractions. Norms of activations and parameters are
-accumulated in float64 (float32 subnormal gradients, about 1e-39 at depth 100, square to
-zero in float32). Per-sample gradient norms run in float32 where that is exact to ~1e-7
-(rows up to FAST_NUMEL long, results inside SAFE_NORM) and are redone in float64 otherwise.
+Moments add across calls, micro-batches and ranks: merge them, then derive norms, means and
+fractions. Sums of squares of float32 tensors use torch's cascade summation of the squares,
+accurate to ~1e-7 relative at any length; where a square may have underflowed (subnormal
+values: first-layer gradients at depth 100 are about 1e-39) or overflowed, the result is
+flagged by `needs_exact` and the recorder redoes it in float64. Work buffers are reused
+(`Scratch`, `FlatStats`), so recorded steps allocate little.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
 from torch import nn
 
-# activation moments of one module call, in the output's float dtype; the norm goes apart, in
-# float64
-ACT_FIELDS = ("sum", "min", "max", "nonzero")
+# activation moments of one module call, in the output's float dtype
+ACT_FIELDS = ("sum", "min", "max", "nonzero", "sumsq")
 
 SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of that bound
-# float32 sums of squares are exact to ~1e-7 relative over rows up to this length (measured
-# against float64; the error grows with length), so longer rows go straight to float64.
-FAST_NUMEL = 1 << 12
-# float32 norms outside this range may hide underflowed or overflowed squares: redo them in
-# float64 (1e-18 squared is 1e-36, just above float32's smallest normal number).
-SAFE_NORM = (1e-18, 1e18)
+# a float32 sum of n squares is exact to ~1e-7 relative unless some squares left the normal
+# range: each underflowed square loses at most 2**-149, so sums above n * 2**-126 lose at most
+# 2**-23 relative; below that (or inf/NaN) they are redone in float64
+_TINY_SQUARE = 2.0**-126
+
+
+class Scratch:
+    """Reusable flat buffers, one per (dtype, device, thread), grown to the largest request."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+
+    def flat(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, device, threading.get_ident())
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer[:numel]
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flat(x.numel(), x.dtype, x.device).view(x.shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -37,25 +58,26 @@ def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def activation_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments of one tensor (ACT_FIELDS) and its float64 L2 norm; no host sync.
+def activation_moments(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """Moments of one tensor (ACT_FIELDS) as one vector; no host sync, nothing allocated.
 
-    The sum is float32's cascade sum (~1e-8 relative). `nonzero` counts inf and NaN as
-    non-zero only approximately: redo it where `count_nonfinite` is not 0.
+    Sums are float32 cascade sums (~1e-8 relative). `nonzero` counts inf and NaN only
+    approximately, and `sumsq` may have underflowed (see needs_exact): where either matters
+    the recorder recounts from the tensor.
     """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     # float32 counts are exact below 2**24 elements
     acc = torch.float64 if x.dtype == torch.float64 or x.numel() >= 1 << 24 else x.dtype
-    norm = torch.linalg.vector_norm(x, dtype=torch.float64)
     if x.numel():
         lo, hi = torch.aminmax(x)
     else:
         lo = hi = torch.zeros((), dtype=x.dtype, device=x.device)
-    # sign().abs() is 1 for non-zeros; far cheaper than count_nonzero on ReLU outputs
-    nonzero = x.sign().abs_().sum(dtype=acc)
-    return torch.stack([torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero]), norm
+    work = scratch.like(x)
+    sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
+    nonzero = torch.sign(x, out=work).abs_().sum(dtype=acc)  # 1 for each non-zero
+    return torch.stack([torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq])
 
 
 def saturated_count(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
@@ -71,13 +93,11 @@ def exact_norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach(), dim=dim, dtype=torch.float64)
 
 
-def needs_exact_norm(norm: float | np.ndarray) -> np.ndarray:
-    """Which float32 norms may have lost squares to underflow or overflow (elementwise).
-
-    Zeros are suspect too: a float32 norm of subnormal values is exactly 0.
-    """
-    values = np.atleast_1d(np.asarray(norm, dtype=np.float64))
-    return (values < SAFE_NORM[0]) | ~(values < SAFE_NORM[1])  # ~(<) also catches NaN
+def needs_exact(sumsq: np.ndarray, numel: int | np.ndarray) -> np.ndarray:
+    """Which float32 sums of squares may have lost squares to underflow or overflow."""
+    values = np.asarray(sumsq, dtype=np.float64)
+    # ~(a < b) is also true for NaN; a true 0 is cheap to confirm and rare
+    return (values < np.asarray(numel) * _TINY_SQUARE) | ~(values < np.finfo(np.float32).max)
 
 
 def activation_stats(
@@ -105,12 +125,13 @@ def activation_stats(
         }
 
 
-def sample_norms(g: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norms (samples along the first dimension); float32 where exact enough."""
+def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """Per-sample sums of squares (samples along the first dimension), cascade-summed."""
     g = g.detach()
     rows = g.reshape(1, -1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
-    acc = torch.float64 if rows.shape[1] > FAST_NUMEL else None
-    return torch.linalg.vector_norm(rows, dim=1, dtype=acc)
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()
+    return torch.mul(rows, rows, out=scratch.like(rows)).sum(dim=1)
 
 
 def grad_stats(
@@ -124,19 +145,115 @@ def grad_stats(
     }
 
 
-def foreach_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norms of many tensors in one fused float64 call, as one float64 vector."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+class FlatStats:
+    """Per-tensor sums of squares and maxima of many tensors, read through flat buffers.
+
+    The tensors (a model's parameters, or their gradients) are copied, in one fused call, into
+    a flat buffer where tensors of equal size sit next to each other; each size group is then
+    one 2-D matrix, reduced along its rows in a handful of calls (cascade sums: ~1e-7
+    relative, see needs_exact). A second buffer keeps the parameters before the update, so
+    the applied update is their difference. Buffers are float32 (float64 for float64
+    tensors) and twice the size of the tensors; they live as long as the object.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.n = len(tensors)
+        self._segments: list[_Segment] = []
+        by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.numel():
+                dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+                by_key.setdefault((dtype, t.device), []).append(i)
+        for (dtype, device), idx in by_key.items():
+            self._segments.append(_Segment(tensors, idx, dtype, device))
+
+    def grads(self, grads: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of squares and largest |g| of the given tensors (index -> gradient)."""
+        sumsq, largest = self._empty(), self._empty()
+        for seg in self._segments:
+            if seg.load(seg.work, grads):
+                seg.work.abs_()
+                self._put(largest, seg, seg.row_reduce(seg.work, "amax"))
+                seg.work.mul_(seg.work)
+                self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        return sumsq, largest
+
+    def params(self, params: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Sums of squares of the given parameters; keeps them as the pre-update copy."""
+        sumsq = self._empty()
+        for seg in self._segments:
+            if seg.load(seg.before, params):
+                torch.mul(seg.before, seg.before, out=seg.work)
+                self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        return sumsq
+
+    def updates(self, params: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Sums of squares of params - the copy kept by `params()` (the applied update)."""
+        sumsq = self._empty()
+        for seg in self._segments:
+            if seg.load(seg.work, params):
+                seg.work.sub_(seg.before).square_()
+                self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        return sumsq
+
+    def before(self, i: int) -> torch.Tensor | None:
+        """The pre-update copy of tensor i (None for empty tensors)."""
+        for seg in self._segments:
+            if i in seg.views_at:
+                return seg.views_at[i][1]
+        return None
+
+    def _empty(self) -> torch.Tensor:
+        device = self._segments[0].device if self._segments else torch.device("cpu")
+        return torch.zeros(self.n, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _put(out: torch.Tensor, seg: _Segment, values: torch.Tensor) -> None:
+        out[seg.index.to(out.device)] = values.to(out.device, torch.float64)
 
 
-def foreach_max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Largest absolute value of each tensor (exact), as one float64 vector."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    nonempty = [t if t.numel() else t.new_zeros(1) for t in tensors]
-    return torch.stack(torch._foreach_max(torch._foreach_abs(nonempty))).to(torch.float64)
+class _Segment:
+    """The tensors of one (buffer dtype, device), laid out in size groups."""
+
+    def __init__(
+        self, tensors: list[torch.Tensor], idx: list[int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        idx = sorted(idx, key=lambda i: tensors[i].numel())
+        total = sum(tensors[i].numel() for i in idx)
+        self.device = device
+        self.work = torch.empty(total, dtype=dtype, device=device)
+        self.before = torch.empty(total, dtype=dtype, device=device)
+        self.index = torch.tensor(idx, dtype=torch.long)
+        self.views_at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.groups: list[tuple[int, int, int]] = []  # (numel, start, count)
+        start = 0
+        for i in idx:
+            numel, shape = tensors[i].numel(), tensors[i].shape
+            self.views_at[i] = (
+                self.work[start : start + numel].view(shape),
+                self.before[start : start + numel].view(shape),
+            )
+            if self.groups and self.groups[-1][0] == numel:
+                self.groups[-1] = (numel, self.groups[-1][1], self.groups[-1][2] + 1)
+            else:
+                self.groups.append((numel, start, 1))
+            start += numel
+
+    def load(self, flat: torch.Tensor, tensors: dict[int, torch.Tensor]) -> bool:
+        """Copies the given tensors into their places in `flat` (work or before)."""
+        which = 0 if flat is self.work else 1
+        pairs = [(self.views_at[i][which], t) for i, t in tensors.items() if i in self.views_at]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
+        return bool(pairs)
+
+    def row_reduce(self, flat: torch.Tensor, how: str) -> torch.Tensor:
+        """One value per tensor, in layout order: each size group reduced along its rows."""
+        parts = []
+        for numel, start, count in self.groups:
+            matrix = flat[start : start + numel * count].view(count, numel)
+            parts.append(matrix.amax(dim=1) if how == "amax" else matrix.sum(dim=1))
+        return torch.cat(parts)
 
 
 def count_nonfinite(x: torch.Tensor) -> int:

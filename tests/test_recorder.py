@@ -427,3 +427,41 @@ def test_spilled_rows_come_back_identical(tmp_path):
     held.detach()
     with pytest.raises(gs.RecorderError, match="another recording"):
         gs.Recorder(spill_to=tmp_path / "rows").attach(model, opt)
+
+
+def test_constant_values_and_tiny_updates_are_exact():
+    # constant tensors are where float32 norms that add squares one by one drift (1e-5 at
+    # 100k elements); the recorder must still match float64 to 1e-6
+    model = nn.Sequential(nn.Linear(1000, 400), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[0].bias.fill_(1e-21)  # its square, 1e-42, is a float32 subnormal
+    x = torch.full((256, 1000), 0.1)
+    plain32 = float(torch.linalg.vector_norm(model[0].weight.detach()))
+    ref_weight = float(model[0].weight.detach().double().norm())
+    assert abs(plain32 - ref_weight) / ref_weight > 1e-6  # the case is a hard one
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)  # updates of ~1e-30
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with gs.watch(model, optimizer=opt) as rec:
+        out = model(x)
+        out.retain_grad()
+        out.sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+    frame = rec.to_frame()
+    for name, p in model.named_parameters():
+        ref = float(before[name].double().norm())
+        assert _value(frame, name, "param", "norm") == pytest.approx(ref, rel=1e-6)
+        ref = float(grads[name].double().norm())
+        assert _value(frame, name, "param_grad", "norm") == pytest.approx(ref, rel=1e-6)
+        # the weight's update is below its float32 spacing: nothing applied, 0 recorded
+        ref = float((p.detach().double() - before[name].double()).norm())
+        assert (ref > 0) == name.endswith("bias")
+        assert _value(frame, name, "update", "norm") == pytest.approx(ref, rel=1e-6, abs=0)
+    act = out.detach().double()
+    assert _value(frame, "1", "activation", "rms") == pytest.approx(
+        float(act.square().mean().sqrt()), rel=1e-6
+    )
+    assert _value(frame, "1", "activation_grad", "norm") == pytest.approx(
+        float(out.grad.double().norm()), rel=1e-6
+    )
