@@ -311,7 +311,8 @@ class Recorder:
     def _reset_buffers(self) -> None:
         # per call: label, numel, moments on the device, and the output itself, held until the
         # step closes so that non-finite or underflowed results can be recounted exactly
-        self._act_calls: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+        self._act_calls: list[tuple[str, int, torch.Tensor]] = []
+        self._act_moments: list[torch.Tensor] = []  # ACT_FIELDS of each call, in order
         self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index, count)
         # per call: label, per-sample sums of squares on the device, the gradient itself
         self._grad_calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -327,12 +328,12 @@ class Recorder:
             return
         for label, tensor in _tensor_outputs(out, fqn):
             if self._record_acts:
-                moments = stats.activation_moments(tensor, self._scratch)
+                self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
                 if bounds is not None:
                     self._saturated.append(
                         (len(self._act_calls), stats.saturated_count(tensor, bounds))
                     )
-                self._act_calls.append((label, tensor.numel(), moments, tensor))
+                self._act_calls.append((label, tensor.numel(), tensor))
             if self._record_grads and tensor.requires_grad:
                 tensor.register_hook(functools.partial(self._on_output_grad, label))
 
@@ -370,13 +371,18 @@ class Recorder:
         present = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
         if not present:
             return
-        if self._flat is None:
-            self._flat = stats.FlatStats([self._local(i) for i in range(len(self._params))])
         # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
+        params = [distributed.local(p) for _, p in self._params]
+        if self._flat is None:
+            self._flat = stats.FlatStats(params)
         with torch.no_grad():
-            grads = {i: distributed.local(self._params[i][1].grad.detach()) for i in present}  # type: ignore[union-attr]
+            grads = [
+                distributed.local(p.grad) if p.grad is not None else None for _, p in self._params
+            ]
             grad_sumsq, grad_max = self._flat.grads(grads)
-            param_sumsq = self._flat.params({i: self._local(i) for i in present})
+            param_sumsq = self._flat.params(
+                [p if g is not None else None for p, g in zip(params, grads, strict=True)]
+            )
         rows = torch.tensor(present, device=grad_sumsq.device)
         self._param_pending = {
             "present": present,
@@ -400,7 +406,7 @@ class Recorder:
         acts, grads, pending = self._act_calls, self._grad_calls, self._param_pending
         parts: list[torch.Tensor] = []
         if acts:
-            parts.append(_stack_float64([c[2] for c in acts]))
+            parts.append(_stack_float64(self._act_moments))
         if self._saturated:
             parts.append(_stack_float64([c for _, c in self._saturated]))
         if grads:
@@ -409,8 +415,13 @@ class Recorder:
             parts += pending["device"]
             if pending["snapshot"] and self._flat is not None:
                 present = pending["present"]
+                wanted = set(present)
+                params = [
+                    distributed.local(p) if i in wanted else None
+                    for i, (_, p) in enumerate(self._params)
+                ]
                 with torch.no_grad():
-                    update_sumsq = self._flat.updates({i: self._local(i) for i in present})
+                    update_sumsq = self._flat.updates(params)
                 parts.append(update_sumsq[torch.tensor(present, device=update_sumsq.device)])
         if self._scalars:
             parts.append(
@@ -466,7 +477,7 @@ class Recorder:
         origin = None
         suspect = ~np.isfinite(moments).all(axis=1) | stats.needs_exact(moments[:, 4], numel)
         for i in np.flatnonzero(suspect):  # recount from the held output
-            tensor = acts[i][3]
+            tensor = acts[i][2]
             moments[i, 4] = float(stats.exact_norm(tensor)) ** 2
             if not np.isfinite(moments[i]).all():
                 nonfinite[i] = stats.count_nonfinite(tensor)

@@ -31,6 +31,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+        self._views: dict[tuple[torch.Size, torch.dtype, torch.device, int], torch.Tensor] = {}
 
     def flat(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (dtype, device, threading.get_ident())
@@ -38,13 +39,21 @@ class Scratch:
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
+            self._views.clear()  # they would keep the old buffer alive
         return buffer[:numel]
 
     def like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.flat(x.numel(), x.dtype, x.device).view(x.shape)
+        """A buffer of x's shape and dtype (a view of the flat one, cached per shape)."""
+        key = (x.shape, x.dtype, x.device, threading.get_ident())
+        view = self._views.get(key)
+        if view is None:
+            view = self.flat(x.numel(), x.dtype, x.device).view(x.shape)
+            self._views[key] = view
+        return view
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._views.clear()
 
 
 def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -58,9 +67,10 @@ def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def activation_moments(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """Moments of one tensor (ACT_FIELDS) as one vector; no host sync, nothing allocated.
+def activation_moments(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, ...]:
+    """Moments of one tensor (ACT_FIELDS) as 0-d tensors; no host sync.
 
+    (Stacking them per call would cost more than the sums: callers stack many calls at once.)
     Sums are float32 cascade sums (~1e-8 relative). `nonzero` counts inf and NaN only
     approximately, and `sumsq` may have underflowed (see needs_exact): where either matters
     the recorder recounts from the tensor.
@@ -76,8 +86,8 @@ def activation_moments(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         lo = hi = torch.zeros((), dtype=x.dtype, device=x.device)
     work = scratch.like(x)
     sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
-    nonzero = torch.sign(x, out=work).abs_().sum(dtype=acc)  # 1 for each non-zero
-    return torch.stack([torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq])
+    nonzero = torch.ne(x, 0, out=work).sum(dtype=acc)  # 1.0 for each non-zero
+    return torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq
 
 
 def saturated_count(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
@@ -154,6 +164,9 @@ class FlatStats:
     relative, see needs_exact). A second buffer keeps the parameters before the update, so
     the applied update is their difference. Buffers are float32 (float64 for float64
     tensors) and twice the size of the tensors; they live as long as the object.
+
+    Methods take one entry per tensor given at construction (None: absent this step, e.g. a
+    parameter without a gradient) and return one float64 value per tensor (0 for absent).
     """
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
@@ -167,31 +180,31 @@ class FlatStats:
         for (dtype, device), idx in by_key.items():
             self._segments.append(_Segment(tensors, idx, dtype, device))
 
-    def grads(self, grads: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums of squares and largest |g| of the given tensors (index -> gradient)."""
+    def grads(self, grads: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of squares and largest absolute values."""
         sumsq, largest = self._empty(), self._empty()
         for seg in self._segments:
-            if seg.load(seg.work, grads):
+            if seg.load(seg.work_views, grads):
                 seg.work.abs_()
                 self._put(largest, seg, seg.row_reduce(seg.work, "amax"))
                 seg.work.mul_(seg.work)
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
         return sumsq, largest
 
-    def params(self, params: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Sums of squares of the given parameters; keeps them as the pre-update copy."""
+    def params(self, params: list[torch.Tensor | None]) -> torch.Tensor:
+        """Sums of squares; the parameters are kept as the pre-update copy."""
         sumsq = self._empty()
         for seg in self._segments:
-            if seg.load(seg.before, params):
+            if seg.load(seg.before_views, params):
                 torch.mul(seg.before, seg.before, out=seg.work)
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
         return sumsq
 
-    def updates(self, params: dict[int, torch.Tensor]) -> torch.Tensor:
+    def updates(self, params: list[torch.Tensor | None]) -> torch.Tensor:
         """Sums of squares of params - the copy kept by `params()` (the applied update)."""
         sumsq = self._empty()
         for seg in self._segments:
-            if seg.load(seg.work, params):
+            if seg.load(seg.work_views, params):
                 seg.work.sub_(seg.before).square_()
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
         return sumsq
@@ -199,8 +212,8 @@ class FlatStats:
     def before(self, i: int) -> torch.Tensor | None:
         """The pre-update copy of tensor i (None for empty tensors)."""
         for seg in self._segments:
-            if i in seg.views_at:
-                return seg.views_at[i][1]
+            if i in seg.position:
+                return seg.before_views[seg.position[i]]
         return None
 
     def _empty(self) -> torch.Tensor:
@@ -218,34 +231,36 @@ class _Segment:
     def __init__(
         self, tensors: list[torch.Tensor], idx: list[int], dtype: torch.dtype, device: torch.device
     ) -> None:
-        idx = sorted(idx, key=lambda i: tensors[i].numel())
-        total = sum(tensors[i].numel() for i in idx)
+        self.idx = sorted(idx, key=lambda i: tensors[i].numel())
+        self.position = {i: k for k, i in enumerate(self.idx)}
+        sizes = [tensors[i].numel() for i in self.idx]
+        shapes = [tensors[i].shape for i in self.idx]
         self.device = device
-        self.work = torch.empty(total, dtype=dtype, device=device)
-        self.before = torch.empty(total, dtype=dtype, device=device)
-        self.index = torch.tensor(idx, dtype=torch.long)
-        self.views_at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.work = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.before = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.work_views = [v.view(s) for v, s in zip(self.work.split(sizes), shapes, strict=True)]
+        self.before_views = [
+            v.view(s) for v, s in zip(self.before.split(sizes), shapes, strict=True)
+        ]
+        self.index = torch.tensor(self.idx, dtype=torch.long)
         self.groups: list[tuple[int, int, int]] = []  # (numel, start, count)
         start = 0
-        for i in idx:
-            numel, shape = tensors[i].numel(), tensors[i].shape
-            self.views_at[i] = (
-                self.work[start : start + numel].view(shape),
-                self.before[start : start + numel].view(shape),
-            )
+        for numel in sizes:
             if self.groups and self.groups[-1][0] == numel:
                 self.groups[-1] = (numel, self.groups[-1][1], self.groups[-1][2] + 1)
             else:
                 self.groups.append((numel, start, 1))
             start += numel
 
-    def load(self, flat: torch.Tensor, tensors: dict[int, torch.Tensor]) -> bool:
-        """Copies the given tensors into their places in `flat` (work or before)."""
-        which = 0 if flat is self.work else 1
-        pairs = [(self.views_at[i][which], t) for i, t in tensors.items() if i in self.views_at]
-        if pairs:
-            torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
-        return bool(pairs)
+    def load(self, views: list[torch.Tensor], tensors: list[torch.Tensor | None]) -> bool:
+        """Copies the given tensors into their places (`views` of a flat buffer), in one call."""
+        ours = [tensors[i] for i in self.idx]
+        present = [k for k, t in enumerate(ours) if t is not None]
+        if len(present) == len(ours):
+            torch._foreach_copy_(views, ours)  # type: ignore[arg-type]
+        elif present:
+            torch._foreach_copy_([views[k] for k in present], [ours[k] for k in present])  # type: ignore[misc]
+        return bool(present)
 
     def row_reduce(self, flat: torch.Tensor, how: str) -> torch.Tensor:
         """One value per tensor, in layout order: each size group reduced along its rows."""
