@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradscope import distributed, stats
+from gradscope import distributed, native, stats
 from gradscope.files import atomic_write
 
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -163,7 +163,11 @@ class Recorder:
         self._forward_handles: list[RemovableHandle] = []
         self._modules: list[tuple[str, nn.Module]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
-        self._flat: stats.FlatStats | None = None  # parameter buffers, from the first read
+        # parameter statistics (with their buffers), from the first recorded read
+        self._flat: stats.FlatStats | native.ParamStats | None = None
+        # exact statistics from the C kernels, written straight into host rows
+        self._native_acts = _HostRows(len(native.MOMENT_FIELDS))
+        self._native_grads = _HostRows(1)
         self._scratch = stats.Scratch()
         self._rows: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
         self._layouts: list[_Layout] = []
@@ -311,11 +315,15 @@ class Recorder:
     def _reset_buffers(self) -> None:
         # per call: label, numel, moments on the device, and the output itself, held until the
         # step closes so that non-finite or underflowed results can be recounted exactly
-        self._act_calls: list[tuple[str, int, torch.Tensor]] = []
-        self._act_moments: list[torch.Tensor] = []  # ACT_FIELDS of each call, in order
+        # (the output is None where the C kernels took it: their statistics are exact)
+        self._act_calls: list[tuple[str, int, torch.Tensor | None]] = []
+        self._act_moments: list[torch.Tensor] = []  # ACT_FIELDS of the torch-op calls
+        self._native_acts.reset()
+        self._native_grads.reset()
         self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index, count)
-        # per call: label, per-sample sums of squares on the device, the gradient itself
-        self._grad_calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        # per call: label, samples, then for torch-op calls the per-sample sums of squares on
+        # the device and the gradient itself (None, None where the C kernels took it)
+        self._grad_calls: list[tuple[str, int, torch.Tensor | None, torch.Tensor | None]] = []
         self._scalars: list[tuple[str, torch.Tensor | float]] = []
         self._param_pending: dict[str, Any] | None = None
 
@@ -328,18 +336,28 @@ class Recorder:
             return
         for label, tensor in _tensor_outputs(out, fqn):
             if self._record_acts:
-                self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
                 if bounds is not None:
                     self._saturated.append(
                         (len(self._act_calls), stats.saturated_count(tensor, bounds))
                     )
-                self._act_calls.append((label, tensor.numel(), tensor))
+                if tensor.numel() and native.takes(tensor):
+                    native.moments(tensor, self._native_acts.take(1))
+                    self._act_calls.append((label, tensor.numel(), None))
+                else:
+                    self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
+                    self._act_calls.append((label, tensor.numel(), tensor))
             if self._record_grads and tensor.requires_grad:
                 tensor.register_hook(functools.partial(self._on_output_grad, label))
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
-        if self._recording:
-            self._grad_calls.append((label, stats.sample_sumsq(grad, self._scratch), grad))
+        if not self._recording:
+            return
+        samples = 1 if grad.dim() == 0 else grad.shape[0]
+        if native.takes(grad):
+            native.row_sumsq(grad, samples, self._native_grads.take(samples))
+            self._grad_calls.append((label, samples, None, None))
+        else:
+            self._grad_calls.append((label, samples, stats.sample_sumsq(grad, self._scratch), grad))
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._recording:
@@ -374,12 +392,13 @@ class Recorder:
         # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
         params = [distributed.local(p) for _, p in self._params]
         if self._flat is None:
-            self._flat = stats.FlatStats(params)
+            usable = native.ParamStats.usable(params)
+            self._flat = native.ParamStats(params) if usable else stats.FlatStats(params)
         with torch.no_grad():
             grads = [
                 distributed.local(p.grad) if p.grad is not None else None for _, p in self._params
             ]
-            grad_sumsq, grad_max = self._flat.grads(grads)
+            grad_sumsq, grad_max, grad_nonfinite = self._flat.grads(grads)
             param_sumsq = self._flat.params(
                 [p if g is not None else None for p, g in zip(params, grads, strict=True)]
             )
@@ -387,7 +406,7 @@ class Recorder:
         self._param_pending = {
             "present": present,
             "snapshot": snapshot,
-            "device": [grad_sumsq[rows], grad_max[rows], param_sumsq[rows]],
+            "device": [grad_sumsq[rows], grad_max[rows], grad_nonfinite[rows], param_sumsq[rows]],
         }
 
     def _local(self, i: int) -> torch.Tensor:
@@ -405,12 +424,13 @@ class Recorder:
         """Moves one step's statistics to the host in one transfer and appends its rows."""
         acts, grads, pending = self._act_calls, self._grad_calls, self._param_pending
         parts: list[torch.Tensor] = []
-        if acts:
+        if self._act_moments:
             parts.append(_stack_float64(self._act_moments))
         if self._saturated:
             parts.append(_stack_float64([c for _, c in self._saturated]))
-        if grads:
-            parts.append(_cat_float64([n for _, n, _ in grads]))
+        eager_grads = [n for _, _, n, _ in grads if n is not None]
+        if eager_grads:
+            parts.append(_cat_float64(eager_grads))
         if pending is not None:
             parts += pending["device"]
             if pending["snapshot"] and self._flat is not None:
@@ -470,20 +490,32 @@ class Recorder:
     def _activation_rows(self, rows: _Rows, reader: _Reader) -> str | None:
         acts = self._act_calls
         n_calls = len(acts)
-        moments = reader.take(len(stats.ACT_FIELDS) * n_calls).reshape(n_calls, -1)
+        eager = np.array([c[2] is not None for c in acts], dtype=bool)
+        moments = np.empty((n_calls, len(stats.ACT_FIELDS)))
+        nonfinite = np.zeros(n_calls)
+        fields = len(stats.ACT_FIELDS)
+        moments[eager] = reader.take(fields * int(eager.sum())).reshape(-1, fields)
+        if not eager.all():  # the kernels' exact rows: sum, sumsq, min, max, nonzero, nonfinite
+            exact = self._native_acts.rows()
+            moments[~eager] = exact[:, [0, 2, 3, 4, 1]]
+            nonfinite[~eager] = exact[:, 5]
+            all_nan = moments[:, 1] > moments[:, 2]  # extremes of no value: inf, -inf
+            moments[all_nan, 1:3] = np.nan
         saturated = reader.take(len(self._saturated))
         numel = np.array([c[1] for c in acts], dtype=np.float64)
-        nonfinite = np.zeros(n_calls)
-        origin = None
         suspect = ~np.isfinite(moments).all(axis=1) | stats.needs_exact(moments[:, 4], numel)
-        for i in np.flatnonzero(suspect):  # recount from the held output
+        for i in np.flatnonzero(suspect & eager):  # recount from the held output
             tensor = acts[i][2]
+            assert tensor is not None
             moments[i, 4] = float(stats.exact_norm(tensor)) ** 2
             if not np.isfinite(moments[i]).all():
                 nonfinite[i] = stats.count_nonfinite(tensor)
                 moments[i, 3] = float(torch.count_nonzero(tensor))
-                if origin is None and nonfinite[i] > 0:
-                    origin = acts[i][0]
+                finite = tensor[~torch.isnan(tensor)]  # extremes ignore NaN, as the kernels do
+                moments[i, 1:3] = (
+                    [float(finite.min()), float(finite.max())] if finite.numel() else np.nan
+                )
+        origin = acts[int(np.flatnonzero(nonfinite > 0)[0])][0] if (nonfinite > 0).any() else None
         names, label_id = _index_labels([c[0] for c in acts])
         n = len(names)
         lo = np.full(n, np.inf)
@@ -524,13 +556,21 @@ class Recorder:
 
     def _grad_rows(self, rows: _Rows, reader: _Reader) -> str | None:
         grads = self._grad_calls
-        sizes = np.array([n.numel() for _, n, _ in grads])
-        sumsq = reader.take(int(sizes.sum()))
+        sizes = np.array([samples for _, samples, _, _ in grads], dtype=np.int64)
         call_of = np.repeat(np.arange(len(grads)), sizes)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        row_numel = np.array([g.numel() // max(n.numel(), 1) for _, n, g in grads])[call_of]
-        for c in np.unique(call_of[stats.needs_exact(sumsq, row_numel)]):
-            grad = grads[c][2]
+        starts = np.cumsum(sizes) - sizes
+        eager = np.array([n is not None for _, _, n, _ in grads], dtype=bool)
+        eager_rows = eager[call_of]
+        sumsq = np.empty(len(call_of))
+        sumsq[eager_rows] = reader.take(int(eager_rows.sum()))
+        sumsq[~eager_rows] = self._native_grads.rows()[:, 0]  # exact already
+        row_numel = np.array(
+            [g.numel() // max(n, 1) if g is not None else 1 for _, n, _, g in grads]
+        )[call_of]
+        recount = stats.needs_exact(sumsq, row_numel) & eager_rows
+        for c in np.unique(call_of[recount]):
+            grad = grads[c][3]
+            assert grad is not None
             matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(len(grad), -1)
             exact = stats.exact_norm(matrix, dim=1).cpu().numpy()
             sumsq[starts[c] : starts[c] + sizes[c]] = np.square(exact)
@@ -576,23 +616,12 @@ class Recorder:
         params = [self._params[i] for i in present]
         names = [name for name, _ in params]
         n = len(names)
-        grad_sumsq, grad_max, param_sumsq = reader.take(n), reader.take(n), reader.take(n)
+        grad_sumsq, grad_max, nonfinite = reader.take(n), reader.take(n), reader.take(n)
+        param_sumsq = reader.take(n)
         update_sumsq = reader.take(n) if pending["snapshot"] else None
-        numel = np.array([self._local(i).numel() for i in present])
-        nonfinite = np.zeros(n)
-        # recount exactly in float64 where a float32 square may have under- or overflowed
-        for k in np.flatnonzero(stats.needs_exact(grad_sumsq, numel)):
-            grad = distributed.local(params[k][1].grad)  # type: ignore[arg-type]
-            grad_sumsq[k] = float(stats.exact_norm(grad)) ** 2
-            if not np.isfinite(grad_sumsq[k]):
-                nonfinite[k] = stats.count_nonfinite(grad)
         assert self._flat is not None
-        for k in np.flatnonzero(stats.needs_exact(param_sumsq, numel)):
-            param_sumsq[k] = float(stats.exact_norm(self._flat.before(present[k]))) ** 2  # type: ignore[arg-type]
-        if update_sumsq is not None:
-            for k in np.flatnonzero(stats.needs_exact(update_sumsq, numel)):
-                diff = self._local(present[k]) - self._flat.before(present[k])  # type: ignore[operator]
-                update_sumsq[k] = float(stats.exact_norm(diff)) ** 2
+        if not self._flat.exact:
+            self._recount_params(pending, grad_sumsq, param_sumsq, update_sumsq, nonfinite)
         sharded = (
             [k for k, (_, p) in enumerate(params) if distributed.is_sharded(p)]
             if self._sync
@@ -617,6 +646,31 @@ class Recorder:
             rows.add(names, "update", "norm", update_norm)
             rows.add(names, "update", "ratio", ratio)
         rows.add(["*"], "param_grad", "norm", np.sqrt(np.square(grad_norm).sum(keepdims=True)))
+
+    def _recount_params(
+        self,
+        pending: dict[str, Any],
+        grad_sumsq: np.ndarray,
+        param_sumsq: np.ndarray,
+        update_sumsq: np.ndarray | None,
+        nonfinite: np.ndarray,
+    ) -> None:
+        """Redoes in float64 the torch-op sums where a float32 square may have under- or
+        overflowed, and counts non-finite gradient values (the kernels' sums are exact)."""
+        assert self._flat is not None
+        present = pending["present"]
+        numel = np.array([self._local(i).numel() for i in present])
+        for k in np.flatnonzero(stats.needs_exact(grad_sumsq, numel)):
+            grad = distributed.local(self._params[present[k]][1].grad)  # type: ignore[arg-type]
+            grad_sumsq[k] = float(stats.exact_norm(grad)) ** 2
+            if not np.isfinite(grad_sumsq[k]):
+                nonfinite[k] = stats.count_nonfinite(grad)
+        for k in np.flatnonzero(stats.needs_exact(param_sumsq, numel)):
+            param_sumsq[k] = float(stats.exact_norm(self._flat.before(present[k]))) ** 2  # type: ignore[arg-type]
+        if update_sumsq is not None:
+            for k in np.flatnonzero(stats.needs_exact(update_sumsq, numel)):
+                diff = self._local(present[k]) - self._flat.before(present[k])  # type: ignore[operator]
+                update_sumsq[k] = float(stats.exact_norm(diff)) ** 2
 
     # -- results ---------------------------------------------------------------------------
 
@@ -729,6 +783,34 @@ class _Rows:
             return previous, values
         as_array = functools.partial(np.asarray, dtype=object)
         return _Layout(as_array(layer), as_array(kind), as_array(stat)), values
+
+
+class _HostRows:
+    """A growing float64 table on the host: the C kernels write each call's row into it."""
+
+    def __init__(self, width: int) -> None:
+        self._table = np.empty((64, width))
+        self._address = self._table.ctypes.data
+        self._row_bytes = width * self._table.itemsize
+        self._used = 0
+
+    def take(self, n: int) -> int:
+        """The address of the next n rows (to be written at once: a later take may move the
+        table)."""
+        if self._used + n > len(self._table):
+            grown = np.empty((max(2 * len(self._table), self._used + n), self._table.shape[1]))
+            grown[: self._used] = self._table[: self._used]
+            self._table = grown
+            self._address = self._table.ctypes.data
+        address = self._address + self._used * self._row_bytes
+        self._used += n
+        return address
+
+    def rows(self) -> np.ndarray:
+        return self._table[: self._used]
+
+    def reset(self) -> None:
+        self._used = 0
 
 
 class _Reader:

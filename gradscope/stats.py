@@ -167,7 +167,11 @@ class FlatStats:
 
     Methods take one entry per tensor given at construction (None: absent this step, e.g. a
     parameter without a gradient) and return one float64 value per tensor (0 for absent).
+    Not `exact`: callers recount where `needs_exact` says so, and count non-finite values
+    themselves (the count returned by grads() is 0).
     """
+
+    exact = False
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = len(tensors)
@@ -180,8 +184,10 @@ class FlatStats:
         for (dtype, device), idx in by_key.items():
             self._segments.append(_Segment(tensors, idx, dtype, device))
 
-    def grads(self, grads: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums of squares and largest absolute values."""
+    def grads(
+        self, grads: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums of squares, largest absolute values, and zeros for the non-finite counts."""
         sumsq, largest = self._empty(), self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, grads):
@@ -189,7 +195,7 @@ class FlatStats:
                 self._put(largest, seg, seg.row_reduce(seg.work, "amax"))
                 seg.work.mul_(seg.work)
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        return sumsq, largest
+        return sumsq, largest, self._empty()
 
     def params(self, params: list[torch.Tensor | None]) -> torch.Tensor:
         """Sums of squares; the parameters are kept as the pre-update copy."""

@@ -1,4 +1,5 @@
-"""Shared fixtures: the MNIST data root, required in CI (GRADSCOPE_REQUIRE_DATA=1)."""
+"""Shared fixtures: the MNIST data root, Chromium and the C kernels, all required in CI
+(GRADSCOPE_REQUIRE_DATA=1), and the two ways the recorder computes its statistics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gradscope import native
 from gradscope.data import load_dataset, resolve_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +43,20 @@ def chromium() -> str:
         _need("chromium is not installed")
     assert path is not None
     return path
+
+
+@pytest.fixture(params=["kernels", "torch ops"])
+def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the C kernels, then with the torch ops used where they are missing."""
+    if request.param == "torch ops":
+        monkeypatch.setattr(native, "takes", lambda t: False)
+    elif native.library() is None:
+        _need("no C compiler: the kernels cannot be built")
+    return str(request.param)
+
+
+@pytest.fixture
+def kernels() -> None:
+    """The C kernels, built (required in CI)."""
+    if native.library() is None:
+        _need("no C compiler: the kernels cannot be built")

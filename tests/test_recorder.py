@@ -8,6 +8,9 @@ from torch import nn
 import gradscope as gs
 from gradscope.models import build_model
 
+# every test runs twice: statistics from the C kernels, and from torch ops
+pytestmark = pytest.mark.usefixtures("stats_path")
+
 
 def _value(frame, layer, kind, stat, step=0):
     rows = frame[

@@ -1,0 +1,107 @@
+"""The C kernels against the direct float64 torch computation on the same tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradscope import native
+
+pytestmark = pytest.mark.usefixtures("kernels")
+
+
+def _moments(x: torch.Tensor) -> np.ndarray:
+    out = np.full(6, -1.0)
+    native.moments(x, out.ctypes.data)
+    return out
+
+
+def _reference(x: torch.Tensor) -> list[float]:
+    d = x.double()
+    finite = d[~torch.isnan(d)]
+    return [
+        float(d.sum()),
+        float(d.square().sum()),
+        float(finite.min()),
+        float(finite.max()),
+        float((d != 0).sum()),
+        float((~torch.isfinite(d)).sum()),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_match_float64_formulas(dtype):
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(300, 77, dtype=dtype))  # zeros for the count
+    np.testing.assert_allclose(_moments(x), _reference(x), rtol=1e-12)
+    # a transposed (non-contiguous) view gives the same as its values
+    np.testing.assert_allclose(_moments(x.t()), _reference(x.t()), rtol=1e-12)
+
+
+def test_moments_are_exact_where_float32_sums_are_not():
+    x = torch.full((1_000_000,), 0.1)
+    naive = float(torch.linalg.vector_norm(x)) ** 2
+    ref = _reference(x)
+    assert abs(naive - ref[1]) / ref[1] > 1e-6  # float32 one-by-one sums drift here
+    np.testing.assert_allclose(_moments(x), ref, rtol=1e-12)
+    tiny = torch.full((1000,), 1e-39)  # float32 subnormals: their squares are 0 in float32
+    assert float(tiny.square().sum()) == 0.0
+    np.testing.assert_allclose(_moments(tiny), _reference(tiny), rtol=1e-12)
+
+
+def test_moments_count_nonfinite_and_skip_nan_in_extremes():
+    x = torch.tensor([1.0, float("nan"), -float("inf"), 0.0, 2.0])
+    out = _moments(x)
+    assert out[4] == 4 and out[5] == 2  # NaN and inf are non-zero; two are non-finite
+    assert out[2] == -np.inf and out[3] == 2.0
+    assert np.isnan(out[0]) and np.isnan(out[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_sums_of_squares(dtype):
+    torch.manual_seed(1)
+    g = torch.randn(64, 3, 5, 7, dtype=dtype) * torch.logspace(-30, 30, 64, dtype=dtype).view(
+        -1, 1, 1, 1
+    )
+    out = np.zeros(64)
+    native.row_sumsq(g, 64, out.ctypes.data)
+    ref = g.double().reshape(64, -1).square().sum(1).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+def test_param_stats_grads_snapshot_and_updates():
+    torch.manual_seed(2)
+    params = [torch.randn(40, 30), torch.randn(30), torch.zeros(0), torch.randn(5, 5)]
+    grads = [torch.randn_like(p) for p in params]
+    grads[3][0, 0] = float("nan")
+    stats = native.ParamStats(params)
+    sumsq, largest, nonfinite = stats.grads([grads[0], None, grads[2], grads[3]])
+    assert sumsq[0] == pytest.approx(float(grads[0].double().square().sum()), rel=1e-12)
+    assert largest[0] == float(grads[0].abs().max())
+    assert sumsq[1] == 0 and largest[1] == 0  # absent
+    assert nonfinite.tolist() == [0, 0, 0, 1]
+    before = [p.clone() for p in params]
+    param_sumsq = stats.params(params)
+    for i, p in enumerate(params):
+        assert param_sumsq[i] == pytest.approx(float(p.double().square().sum()), rel=1e-12)
+        assert torch.equal(stats.before(i), p)  # type: ignore[arg-type]
+    for p in params:
+        p.add_(1e-3 * torch.randn_like(p))
+    update_sumsq = stats.updates(params)
+    for i, p in enumerate(params):
+        ref = float((p.double() - before[i].double()).square().sum())
+        assert update_sumsq[i] == pytest.approx(ref, rel=1e-12, abs=0)
+
+
+def test_build_reports_a_failing_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="failed"):
+        native.build(tmp_path)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_build_is_cached(tmp_path):
+    first = native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
