@@ -23,23 +23,25 @@ The frame a Recorder produces is long form, with columns exactly
   backward order whose gradient did (value 1).
 - ``scalar`` (layer ``"*"``): values logged with ``Recorder.log_scalar`` (loss, pre-clip norm).
 
-Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative
-(parameters in float64; activations and their gradients as float32 cascade sums of squares,
-redone in float64 where a square may have underflowed or overflowed). Statistics of all calls of a module within one step
-(shared weights, micro-batches) are merged from additive moments. Forward passes under
-``torch.no_grad()`` (evaluation) are skipped. Statistics stay on the device until a
-recorded step closes, then move to the host in one transfer. On a recorded step the
-module outputs and output gradients are held until the step closes (so that a non-finite
-or underflowed result can be recounted exactly): recorded steps need more memory. The
-recorder also keeps, from its first recorded step until detach, a copy of the recorded
-parameters (to measure the update) and float64 and float32 scratch buffers (at most 32 MB
-and the largest module output). Steps that are not recorded run no forward hook at all.
+Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
+to float32 subnormals. How: CPU float32/float64 tensors go through one-pass C kernels
+(``gradscope.native``, compiled on first use) that accumulate in float64 and count non-finite
+values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
+torch ops, as float32 cascade sums of squares redone in float64 where a square may have
+underflowed or overflowed; for those, module outputs and output gradients are held until the
+recorded step closes so that they can be recounted. ``min`` and ``max`` ignore NaN (counted
+in ``nonfinite``). Statistics of all calls of a module within one step (shared weights,
+micro-batches) are merged from additive moments. Forward passes under ``torch.no_grad()``
+(evaluation) are skipped. Device statistics move to the host once per recorded step. From
+its first recorded step until detach the recorder keeps a copy of the recorded parameters
+(to measure the update) and work buffers (about the parameters' size again, plus the largest
+module output). Steps that are not recorded run no forward hook at all.
 
 Rows are held in memory compactly: a step's values (8 bytes a row) and the index of its
 layout (the layer, kind and stat of each row, shared by all steps with the same layout);
-nothing else grows with the number of steps. For long runs pass ``spill_to=DIR``: whenever ``spill_rows`` rows
-are held they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon
-as it is written), and ``to_frame()`` reads the parts back.
+nothing else grows with the number of steps. For long runs pass ``spill_to=DIR``: whenever
+``spill_rows`` rows are held they are written to ``DIR/part-NNNNNN.parquet`` (each part
+complete on disk as soon as it is written), and ``to_frame()`` reads the parts back.
 
 Under DDP and FSDP2 the statistics are merged over ranks (see ``Recorder(sync=...)``);
 compiled models get parameter statistics only.
