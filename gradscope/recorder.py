@@ -169,7 +169,7 @@ class Recorder:
         self._flat: stats.FlatStats | native.ParamStats | None = None
         # exact statistics from the C kernels, written straight into host rows
         self._native_acts = _HostRows(len(native.MOMENT_FIELDS))
-        self._native_grads = _HostRows(1)
+        self._native_grads = _HostRows(len(native.GRAD_FIELDS))
         self._scratch = stats.Scratch()
         self._rows: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
         self._layouts: list[_Layout] = []
@@ -180,6 +180,7 @@ class Recorder:
         self.sync = sync
         self.grad_scaler = grad_scaler
         self._sync = False
+        self._dtensors = False  # whether parameters are DTensors (FSDP2), read as local shards
         self._record_acts = self._record_grads = False
         self._step = 0
         self._recording = False
@@ -245,6 +246,7 @@ class Recorder:
             if p.requires_grad and self._selected(name.rpartition(".")[0], model)
         ]
         sharded = any(distributed.is_sharded(p) for _, p in self._params)
+        self._dtensors = any(distributed.local(p) is not p for _, p in self._params)
         self._sync = (
             self.sync
             if self.sync is not None
@@ -336,27 +338,38 @@ class Recorder:
     ) -> None:
         if not self._recording or not torch.is_grad_enabled():
             return
+        if isinstance(out, torch.Tensor):  # the common case, without the generator
+            if out.is_floating_point():
+                self._observe(fqn, bounds, out)
+            return
         for label, tensor in _tensor_outputs(out, fqn):
-            if self._record_acts:
-                if bounds is not None:
-                    self._saturated.append(
-                        (len(self._act_calls), stats.saturated_count(tensor, bounds))
-                    )
-                if tensor.numel() and native.takes(tensor):
-                    native.moments(tensor, self._native_acts.take(1))
-                    self._act_calls.append((label, tensor.numel(), None))
-                else:
-                    self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
-                    self._act_calls.append((label, tensor.numel(), tensor))
-            if self._record_grads and tensor.requires_grad:
-                tensor.register_hook(functools.partial(self._on_output_grad, label))
+            self._observe(label, bounds, tensor)
+
+    def _observe(
+        self, label: str, bounds: tuple[float, float] | None, tensor: torch.Tensor
+    ) -> None:
+        """Statistics of one output tensor, and a hook for its gradient."""
+        if self._record_acts:
+            if bounds is not None:
+                self._saturated.append(
+                    (len(self._act_calls), stats.saturated_count(tensor, bounds))
+                )
+            numel = tensor.numel()
+            if numel and native.takes(tensor):
+                native.moments(tensor, self._native_acts.take(1))
+                self._act_calls.append((label, numel, None))
+            else:
+                self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
+                self._act_calls.append((label, numel, tensor))
+        if self._record_grads and tensor.requires_grad:
+            tensor.register_hook(functools.partial(self._on_output_grad, label))
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
         if not self._recording:
             return
         samples = 1 if grad.dim() == 0 else grad.shape[0]
         if native.takes(grad):
-            native.row_sumsq(grad, samples, self._native_grads.take(samples))
+            native.grad_rows(grad, samples, self._native_grads.take(1))
             self._grad_calls.append((label, samples, None, None))
         else:
             self._grad_calls.append((label, samples, stats.sample_sumsq(grad, self._scratch), grad))
@@ -388,31 +401,27 @@ class Recorder:
 
     def _read_params(self, snapshot: bool) -> None:
         """Gradient and parameter sums of squares (and a pre-update copy), on the device."""
-        present = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
+        # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
+        local = distributed.local if self._dtensors else _same
+        present, grads, params = [], [], []
+        for i, (_, p) in enumerate(self._params):
+            if p.grad is not None:
+                present.append(i)
+                grads.append(local(p.grad))
+                params.append(local(p))
         if not present:
             return
-        # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
-        params = [distributed.local(p) for _, p in self._params]
         if self._flat is None:
-            usable = native.ParamStats.usable(params)
-            self._flat = native.ParamStats(params) if usable else stats.FlatStats(params)
+            every = [local(p) for _, p in self._params]
+            usable = native.ParamStats.usable(every)
+            self._flat = native.ParamStats(every) if usable else stats.FlatStats(every)
         with torch.no_grad():
-            grads = [
-                distributed.local(p.grad) if p.grad is not None else None for _, p in self._params
-            ]
-            grad_sumsq, grad_max, grad_nonfinite = self._flat.grads(grads)
-            param_sumsq = self._flat.params(
-                [p if g is not None else None for p, g in zip(params, grads, strict=True)]
-            )
-        rows = torch.tensor(present, device=grad_sumsq.device)
-        self._param_pending = {
-            "present": present,
-            "snapshot": snapshot,
-            "device": [grad_sumsq[rows], grad_max[rows], grad_nonfinite[rows], param_sumsq[rows]],
-        }
+            values = self._flat.read(present, grads, params, snapshot)
+        self._param_pending = {"present": present, "snapshot": snapshot, "device": values}
 
     def _local(self, i: int) -> torch.Tensor:
-        return distributed.local(self._params[i][1].detach())
+        p = self._params[i][1].detach()
+        return distributed.local(p) if self._dtensors else p
 
     def _close_step(self) -> None:
         step = self._step
@@ -437,14 +446,8 @@ class Recorder:
             parts += pending["device"]
             if pending["snapshot"] and self._flat is not None:
                 present = pending["present"]
-                wanted = set(present)
-                params = [
-                    distributed.local(p) if i in wanted else None
-                    for i, (_, p) in enumerate(self._params)
-                ]
                 with torch.no_grad():
-                    update_sumsq = self._flat.updates(params)
-                parts.append(update_sumsq[torch.tensor(present, device=update_sumsq.device)])
+                    parts.append(self._flat.updates(present, [self._local(i) for i in present]))
         if self._scalars:
             parts.append(
                 torch.stack(
@@ -558,38 +561,38 @@ class Recorder:
 
     def _grad_rows(self, rows: _Rows, reader: _Reader) -> str | None:
         grads = self._grad_calls
-        sizes = np.array([samples for _, samples, _, _ in grads], dtype=np.int64)
-        call_of = np.repeat(np.arange(len(grads)), sizes)
-        starts = np.cumsum(sizes) - sizes
-        eager = np.array([n is not None for _, _, n, _ in grads], dtype=bool)
-        eager_rows = eager[call_of]
-        sumsq = np.empty(len(call_of))
-        sumsq[eager_rows] = reader.take(int(eager_rows.sum()))
-        sumsq[~eager_rows] = self._native_grads.rows()[:, 0]  # exact already
-        row_numel = np.array(
-            [g.numel() // max(n, 1) if g is not None else 1 for _, n, _, g in grads]
-        )[call_of]
-        recount = stats.needs_exact(sumsq, row_numel) & eager_rows
-        for c in np.unique(call_of[recount]):
-            grad = grads[c][3]
+        # per call: sum of squares, sum of the samples' norms, samples with non-finite values
+        per_call = np.empty((len(grads), len(native.GRAD_FIELDS)))
+        eager = np.array([g[2] is not None for g in grads], dtype=bool)
+        per_call[~eager] = self._native_grads.rows()  # exact already
+        eager_calls = np.flatnonzero(eager)
+        sample_sumsq = reader.take(sum(grads[c][1] for c in eager_calls))
+        start = 0
+        for c in eager_calls:
+            _, samples, _, grad = grads[c]
             assert grad is not None
-            matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(len(grad), -1)
-            exact = stats.exact_norm(matrix, dim=1).cpu().numpy()
-            sumsq[starts[c] : starts[c] + sizes[c]] = np.square(exact)
-        norms = np.sqrt(sumsq)
+            sumsq = sample_sumsq[start : start + samples]
+            start += samples
+            if stats.needs_exact(sumsq, grad.numel() // max(samples, 1)).any():
+                matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(samples, -1)
+                sumsq = np.square(stats.exact_norm(matrix, dim=1).cpu().numpy())
+            norms = np.sqrt(sumsq)
+            per_call[c] = sumsq.sum(), norms.sum(), np.count_nonzero(~np.isfinite(norms))
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            norms = norms / float(self.grad_scaler.get_scale())  # the scale of this backward
-        bad = ~np.isfinite(norms)
-        origin = grads[int(call_of[bad][0])][0] if bad.any() else None
+            scale = float(self.grad_scaler.get_scale())  # the scale of this backward
+            per_call[:, 0] /= scale**2
+            per_call[:, 1] /= scale
+        bad = np.flatnonzero(per_call[:, 2] > 0)
+        origin = grads[int(bad[0])][0] if len(bad) else None
         names, label_id = _index_labels([g[0] for g in grads])
-        sample_label = label_id[call_of]
         n = len(names)
+        samples = np.array([g[1] for g in grads], dtype=np.float64)
         sums = np.stack(
             [
-                np.bincount(sample_label, minlength=n).astype(np.float64),
-                np.bincount(sample_label, np.square(norms), n),
-                np.bincount(sample_label, norms, n),
-                np.bincount(sample_label, bad.astype(np.float64), n),
+                np.bincount(label_id, samples, n),
+                np.bincount(label_id, per_call[:, 0], n),
+                np.bincount(label_id, per_call[:, 1], n),
+                np.bincount(label_id, per_call[:, 2], n),
             ]
         )
         if self._sync:
@@ -870,6 +873,10 @@ def _has_recorder(model: nn.Module) -> bool:
 
 def _no_op(module: nn.Module, args: Any) -> None:
     return None
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def watch(

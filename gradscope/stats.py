@@ -165,10 +165,10 @@ class FlatStats:
     the applied update is their difference. Buffers are float32 (float64 for float64
     tensors) and twice the size of the tensors; they live as long as the object.
 
-    Methods take one entry per tensor given at construction (None: absent this step, e.g. a
-    parameter without a gradient) and return one float64 value per tensor (0 for absent).
-    Not `exact`: callers recount where `needs_exact` says so, and count non-finite values
-    themselves (the count returned by grads() is 0).
+    Methods take the indices of the tensors present this step (e.g. parameters with a
+    gradient) and return one float64 value for each. Not `exact`: callers recount where
+    `needs_exact` says so, and count non-finite values themselves (the count returned by
+    read() is 0).
     """
 
     exact = False
@@ -184,36 +184,46 @@ class FlatStats:
         for (dtype, device), idx in by_key.items():
             self._segments.append(_Segment(tensors, idx, dtype, device))
 
-    def grads(
-        self, grads: list[torch.Tensor | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sums of squares, largest absolute values, and zeros for the non-finite counts."""
+    def read(
+        self,
+        present: list[int],
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        snapshot: bool = True,
+    ) -> list[torch.Tensor]:
+        """For tensors `present` (their gradients and parameters given in that order): the
+        gradients' sums of squares and largest absolute values, zeros for the non-finite
+        counts, and the parameters' sums of squares. The parameters are always kept as the
+        pre-update copy (a recount needs it)."""
         sumsq, largest = self._empty(), self._empty()
         for seg in self._segments:
-            if seg.load(seg.work_views, grads):
+            if seg.load(seg.work_views, self._spread(present, grads)):
                 seg.work.abs_()
                 self._put(largest, seg, seg.row_reduce(seg.work, "amax"))
                 seg.work.mul_(seg.work)
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        return sumsq, largest, self._empty()
-
-    def params(self, params: list[torch.Tensor | None]) -> torch.Tensor:
-        """Sums of squares; the parameters are kept as the pre-update copy."""
-        sumsq = self._empty()
+        param_sumsq = self._empty()
         for seg in self._segments:
-            if seg.load(seg.before_views, params):
+            if seg.load(seg.before_views, self._spread(present, params)):
                 torch.mul(seg.before, seg.before, out=seg.work)
-                self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        return sumsq
+                self._put(param_sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        rows = torch.tensor(present, device=sumsq.device)
+        return [sumsq[rows], largest[rows], torch.zeros_like(sumsq[rows]), param_sumsq[rows]]
 
-    def updates(self, params: list[torch.Tensor | None]) -> torch.Tensor:
-        """Sums of squares of params - the copy kept by `params()` (the applied update)."""
+    def updates(self, present: list[int], params: list[torch.Tensor]) -> torch.Tensor:
+        """Sums of squares of params - the copy kept by `read()` (the applied update)."""
         sumsq = self._empty()
         for seg in self._segments:
-            if seg.load(seg.work_views, params):
+            if seg.load(seg.work_views, self._spread(present, params)):
                 seg.work.sub_(seg.before).square_()
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        return sumsq
+        return sumsq[torch.tensor(present, device=sumsq.device)]
+
+    def _spread(self, present: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        full: list[torch.Tensor | None] = [None] * self.n
+        for i, t in zip(present, tensors, strict=True):
+            full[i] = t
+        return full
 
     def before(self, i: int) -> torch.Tensor | None:
         """The pre-update copy of tensor i (None for empty tensors)."""

@@ -59,39 +59,55 @@ def test_moments_count_nonfinite_and_skip_nan_in_extremes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_row_sums_of_squares(dtype):
+def test_gradient_rows(dtype):
     torch.manual_seed(1)
     g = torch.randn(64, 3, 5, 7, dtype=dtype) * torch.logspace(-30, 30, 64, dtype=dtype).view(
         -1, 1, 1, 1
     )
-    out = np.zeros(64)
-    native.row_sumsq(g, 64, out.ctypes.data)
-    ref = g.double().reshape(64, -1).square().sum(1).numpy()
-    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    g[5, 0, 0, 0] = float("inf")
+    g[9, 1, 2, 3] = float("nan")
+    out = np.zeros(3)
+    native.grad_rows(g, 64, out.ctypes.data)
+    assert not np.isfinite(out[0]) and not np.isfinite(out[1])  # inf and NaN reach the sums
+    assert out[2] == 2
+    g[5, 0, 0, 0] = g[9, 1, 2, 3] = 0.0
+    native.grad_rows(g, 64, out.ctypes.data)
+    rows = g.double().reshape(64, -1)
+    assert out[0] == pytest.approx(float(rows.square().sum()), rel=1e-12)
+    assert out[1] == pytest.approx(float(torch.linalg.vector_norm(rows, dim=1).sum()), rel=1e-12)
+    assert out[2] == 0
 
 
-def test_param_stats_grads_snapshot_and_updates():
+@pytest.mark.parametrize("snapshot", [True, False])
+def test_param_stats_read_snapshot_and_updates(snapshot):
     torch.manual_seed(2)
-    params = [torch.randn(40, 30), torch.randn(30), torch.zeros(0), torch.randn(5, 5)]
+    params = [torch.randn(40, 30), torch.randn(30), torch.zeros(0), torch.randn(5, 5).t()]
     grads = [torch.randn_like(p) for p in params]
     grads[3][0, 0] = float("nan")
     stats = native.ParamStats(params)
-    sumsq, largest, nonfinite = stats.grads([grads[0], None, grads[2], grads[3]])
-    assert sumsq[0] == pytest.approx(float(grads[0].double().square().sum()), rel=1e-12)
-    assert largest[0] == float(grads[0].abs().max())
-    assert sumsq[1] == 0 and largest[1] == 0  # absent
-    assert nonfinite.tolist() == [0, 0, 0, 1]
+    present = [0, 2, 3]  # parameter 1 has no gradient this step
     before = [p.clone() for p in params]
-    param_sumsq = stats.params(params)
-    for i, p in enumerate(params):
-        assert param_sumsq[i] == pytest.approx(float(p.double().square().sum()), rel=1e-12)
-        assert torch.equal(stats.before(i), p)  # type: ignore[arg-type]
+    grad_sumsq, largest, nonfinite, param_sumsq = stats.read(
+        present, [grads[i] for i in present], [params[i] for i in present], snapshot
+    )
+    assert grad_sumsq[0] == pytest.approx(float(grads[0].double().square().sum()), rel=1e-12)
+    assert largest[0] == float(grads[0].abs().max())
+    assert grad_sumsq[1] == 0 and largest[1] == 0  # empty
+    assert nonfinite.tolist() == [0, 0, 1]
+    assert largest[2] == float(grads[3].nan_to_num(0.0).abs().max())  # NaN is not the largest
+    for k, i in enumerate(present):
+        ref = float(params[i].double().square().sum())
+        assert param_sumsq[k] == pytest.approx(ref, rel=1e-12)
+        if snapshot:
+            assert torch.equal(stats.before(i), params[i])  # type: ignore[arg-type]
+    if not snapshot:
+        return
     for p in params:
         p.add_(1e-3 * torch.randn_like(p))
-    update_sumsq = stats.updates(params)
-    for i, p in enumerate(params):
-        ref = float((p.double() - before[i].double()).square().sum())
-        assert update_sumsq[i] == pytest.approx(ref, rel=1e-12, abs=0)
+    update_sumsq = stats.updates(present, [params[i] for i in present])
+    for k, i in enumerate(present):
+        ref = float((params[i].double() - before[i].double()).square().sum())
+        assert update_sumsq[k] == pytest.approx(ref, rel=1e-12, abs=0)
 
 
 def test_build_reports_a_failing_compiler(tmp_path, monkeypatch):

@@ -25,17 +25,19 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+# -fopenmp links libgomp.so.1: in a process with torch loaded, torch's own OpenMP threads
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MOMENT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite")
+GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 
-_SIGNATURES = {
-    "moments": [_PTR, _I64, _PTR],
-    "row_sumsq": [_PTR, _I64, _I64, _PTR],
-    "grad_stats": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR],
-    "snapshot": [_PTR, _PTR, _PTR, _I64, _PTR],
-    "diff_sumsq": [_PTR, _PTR, _PTR, _I64, _PTR],
+# name: (argument types, result type); kernels with a result return 0, or -1 out of memory
+_SIGNATURES: dict[str, tuple[list[type], type | None]] = {
+    "moments": ([_PTR, _I64, _PTR], None),
+    "grad_rows": ([_PTR, _I64, _I64, _PTR], None),
+    "param_read": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
+    "diff_sumsq": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
 }
 
 
@@ -96,16 +98,16 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    for name, args in _SIGNATURES.items():
+    for name, (args, result) in _SIGNATURES.items():
         for suffix in _SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes, fn.restype = args, None
+            fn.argtypes, fn.restype = args, result
     return lib
 
 
 def takes(t: torch.Tensor) -> bool:
     """Whether the kernels handle this tensor (CPU float32/float64) and are available."""
-    return t.dtype in _SUFFIX and t.device.type == "cpu" and library() is not None
+    return t.dtype in _SUFFIX and t.is_cpu and library() is not None
 
 
 @functools.cache
@@ -113,13 +115,21 @@ def _fn(name: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     return getattr(library(), f"{name}_{_SUFFIX[dtype]}")
 
 
-def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
-    """An array of the tensors' data addresses (contiguous tensors)."""
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.detach().contiguous()
+
+
+def _addresses(tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> np.ndarray:
+    """The tensors' data addresses; non-contiguous ones are copied (the copies go to `keep`,
+    which must outlive the kernel call)."""
+    dense = [_dense(t) for t in tensors]
+    keep.extend(dense)
+    return np.array([t.data_ptr() for t in dense], dtype=np.int64)
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("gradscope: no memory left for the C kernels' partial sums")
 
 
 def moments(x: torch.Tensor, out: int) -> None:
@@ -128,20 +138,20 @@ def moments(x: torch.Tensor, out: int) -> None:
     _fn("moments", x.dtype)(x.data_ptr(), x.numel(), out)
 
 
-def row_sumsq(x: torch.Tensor, rows: int, out: int) -> None:
-    """Writes the sum of squares of each of x's `rows` rows as float64 values at `out`."""
+def grad_rows(x: torch.Tensor, rows: int, out: int) -> None:
+    """Writes GRAD_FIELDS of x, as a matrix of `rows` rows (samples), at address `out`."""
     x = _dense(x)
     cols = x.numel() // rows if rows else 0
-    _fn("row_sumsq", x.dtype)(x.data_ptr(), rows, cols, out)
+    _fn("grad_rows", x.dtype)(x.data_ptr(), rows, cols, out)
 
 
 class ParamStats:
     """Exact per-parameter statistics through the kernels; the API of stats.FlatStats.
 
     Takes CPU float32/float64 tensors, all of one dtype; keeps a copy of each (the parameters
-    before the update). Results are float64 CPU tensors, exact: no recount is needed. (Each
-    pass runs on one thread: split over two, it measured 3.6% slower per step, as torch's
-    OpenMP threads still hold the other core.)
+    before the update). One pass over each gradient and parameter gives every statistic and
+    the copy; results are float64 CPU tensors, exact: no recount is needed. The passes are
+    split over torch's OpenMP threads (see kernels.c).
     """
 
     exact = True
@@ -151,6 +161,7 @@ class ParamStats:
         self.dtype = tensors[0].dtype
         self._sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
         self._before = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        self._before_at = np.array([b.data_ptr() for b in self._before], dtype=np.int64)
 
     @staticmethod
     def usable(tensors: list[torch.Tensor]) -> bool:
@@ -160,49 +171,52 @@ class ParamStats:
             and len({t.dtype for t in tensors}) == 1
         )
 
-    def grads(
-        self, grads: list[torch.Tensor | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sums of squares, largest absolute values and non-finite counts."""
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        out = self._run("grad_stats", [[grads[i] for i in idx]], idx, 3)  # type: ignore[misc]
-        sumsq, largest, nonfinite = torch.from_numpy(out)
-        return sumsq, largest, nonfinite
+    def read(
+        self,
+        present: list[int],
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        snapshot: bool = True,
+    ) -> list[torch.Tensor]:
+        """For tensors `present` (their gradients and parameters given in that order): the
+        gradients' sums of squares, largest absolute values and non-finite counts, and the
+        parameters' sums of squares; with `snapshot`, the parameters are kept as the
+        pre-update values."""
+        idx = np.asarray(present, dtype=np.int64)
+        out = np.empty((4, len(idx)))
+        keep: list[torch.Tensor] = []
+        grad_at, param_at = _addresses(grads, keep), _addresses(params, keep)
+        before_at = self._before_at[idx] if snapshot else None
+        sizes = self._sizes[idx]
+        _check(
+            _fn("param_read", self.dtype)(
+                grad_at.ctypes.data,
+                param_at.ctypes.data,
+                before_at.ctypes.data if before_at is not None else None,
+                sizes.ctypes.data,
+                len(idx),
+                out.ctypes.data,
+            )
+        )
+        return list(torch.from_numpy(out))
 
-    def params(self, params: list[torch.Tensor | None]) -> torch.Tensor:
-        """Sums of squares; the parameters are copied as the pre-update values."""
-        idx = [i for i, p in enumerate(params) if p is not None]
-        src = [params[i] for i in idx]
-        return torch.from_numpy(self._run("snapshot", [src, self._befores(idx)], idx, 1)[0])  # type: ignore[list-item]
-
-    def updates(self, params: list[torch.Tensor | None]) -> torch.Tensor:
-        """Sums of squares of params - the copy kept by `params()` (the applied update)."""
-        idx = [i for i, p in enumerate(params) if p is not None]
-        after = [params[i] for i in idx]
-        return torch.from_numpy(self._run("diff_sumsq", [after, self._befores(idx)], idx, 1)[0])  # type: ignore[list-item]
+    def updates(self, present: list[int], params: list[torch.Tensor]) -> torch.Tensor:
+        """Sums of squares of params - the copy kept by `read()` (the applied update)."""
+        idx = np.asarray(present, dtype=np.int64)
+        out = np.empty(len(idx))
+        keep: list[torch.Tensor] = []
+        after_at = _addresses(params, keep)
+        before_at, sizes = self._before_at[idx], self._sizes[idx]
+        _check(
+            _fn("diff_sumsq", self.dtype)(
+                after_at.ctypes.data,
+                before_at.ctypes.data,
+                sizes.ctypes.data,
+                len(idx),
+                out.ctypes.data,
+            )
+        )
+        return torch.from_numpy(out)
 
     def before(self, i: int) -> torch.Tensor | None:
         return self._before[i]
-
-    def _befores(self, idx: list[int]) -> list[torch.Tensor]:
-        return [self._before[i] for i in idx]
-
-    def _run(
-        self, kernel: str, arrays: list[list[torch.Tensor]], idx: list[int], outs: int
-    ) -> np.ndarray:
-        """Runs `kernel` over tensors `idx` (one list per pointer argument); returns its
-        `outs` outputs per tensor, scattered to all n tensors (0 where absent)."""
-        full = np.zeros((outs, self.n))
-        if not idx:
-            return full
-        arrays = [[_dense(t) for t in a] for a in arrays]
-        sizes = self._sizes[idx]
-        out = np.zeros((outs, len(idx)))
-        _fn(kernel, self.dtype)(
-            *[_pointers(a) for a in arrays],
-            sizes.ctypes.data,
-            len(idx),
-            *[row.ctypes.data for row in out],
-        )
-        full[:, idx] = out
-        return full

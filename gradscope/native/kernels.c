@@ -4,10 +4,47 @@
  * for float32 subnormals (1e-39 squares to 1e-78, fine in double) and never overflow (a
  * float32 square is at most 1.2e77). Compiled on first use by gradscope/native/__init__.py;
  * where no compiler is found the recorder computes the same statistics with torch ops.
+ *
+ * The parameter kernels read a whole model's tensors at once: their elements, taken as one
+ * range, are split evenly over OpenMP's threads. The library links libgomp.so.1, the soname
+ * that torch's CPU build has already loaded, so these threads are torch's own (no second pool
+ * competing for the cores); below PARALLEL_MIN elements one thread does all. Each thread sums
+ * into partial rows of its own, combined in thread order: a result depends only on the
+ * thread count.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#define PARALLEL_MIN (1 << 16)
+
+static int64_t total_of(const int64_t* sizes, int64_t k) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < k; ++j) total += sizes[j];
+    return total;
+}
+
+static int threads_for(int64_t total) {
+    return total < PARALLEL_MIN ? 1 : omp_get_max_threads();
+}
+
+/* this thread's share [lo, hi) of `total` elements */
+static void my_share(int64_t total, int64_t* lo, int64_t* hi) {
+    int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    *lo = total * t / n;
+    *hi = total * (t + 1) / n;
+}
+
+/* the part [a, b) of a tensor of `size` elements, starting at element `start` of the whole
+ * range, that lies in [lo, hi); false where none does */
+static int slice_of(int64_t start, int64_t size, int64_t lo, int64_t hi, int64_t* a,
+                    int64_t* b) {
+    *a = lo > start ? lo - start : 0;
+    *b = hi - start < size ? hi - start : size;
+    return *a < *b;
+}
 
 /* out[0..5] = sum, sum of squares, min, max (both ignoring NaN), non-zeros, non-finite */
 #define MOMENTS(NAME, T)                                                                    \
@@ -32,83 +69,122 @@
 MOMENTS(moments_f32, float)
 MOMENTS(moments_f64, double)
 
-/* out[r] = sum of squares of row r of a rows x cols matrix */
-#define ROW_SUMSQ(NAME, T)                                                                  \
+/* a gradient as a rows x cols matrix, one row a sample: out[0] = sum of squares, out[1] = sum
+ * of the rows' norms, out[2] = rows whose sum of squares is not finite (inf or NaN inside) */
+#define GRAD_ROWS(NAME, T)                                                                  \
     void NAME(const T* x, int64_t rows, int64_t cols, double* out) {                        \
+        double total = 0.0, norms = 0.0;                                                    \
+        int64_t bad = 0;                                                                    \
         for (int64_t r = 0; r < rows; ++r) {                                                \
             const T* p = x + r * cols;                                                      \
             double ss = 0.0;                                                                \
-            _Pragma("omp simd simdlen(16) reduction(+ : ss)")                                           \
+            _Pragma("omp simd simdlen(16) reduction(+ : ss)")                               \
             for (int64_t i = 0; i < cols; ++i) {                                            \
                 double d = (double)p[i];                                                    \
                 ss += d * d;                                                                \
             }                                                                               \
-            out[r] = ss;                                                                    \
+            total += ss;                                                                    \
+            norms += sqrt(ss);                                                              \
+            bad += !isfinite(ss);                                                           \
         }                                                                                   \
+        out[0] = total; out[1] = norms; out[2] = (double)bad;                               \
     }
-ROW_SUMSQ(row_sumsq_f32, float)
-ROW_SUMSQ(row_sumsq_f64, double)
+GRAD_ROWS(grad_rows_f32, float)
+GRAD_ROWS(grad_rows_f64, double)
 
-/* for each of k arrays: sum of squares, largest |x| (ignoring NaN), non-finite count */
-#define GRAD_STATS(NAME, T)                                                                 \
-    void NAME(const T* const* xs, const int64_t* sizes, int64_t k, double* sumsq,           \
-              double* maxabs, double* nonfinite) {                                          \
-        for (int64_t j = 0; j < k; ++j) {                                                   \
-            const T* x = xs[j];                                                             \
-            double ss = 0.0;                                                                \
-            T m = 0;                                                                        \
-            int64_t bad = 0;                                                                \
-            _Pragma("omp simd simdlen(16) reduction(+ : ss, bad) reduction(max : m)")                   \
-            for (int64_t i = 0; i < sizes[j]; ++i) {                                        \
-                T v = x[i];                                                                 \
-                double d = (double)v;                                                       \
-                ss += d * d;                                                                \
-                T a = v < 0 ? -v : v;                                                       \
-                m = a > m ? a : m;                                                          \
-                bad += !(v - v == 0);                                                       \
+/* for each of k (gradient, parameter) pairs, in one pass over both: the gradient's sum of
+ * squares, largest |g| (ignoring NaN) and non-finite count, and the parameter's sum of
+ * squares, written to out[j], out[k + j], out[2k + j], out[3k + j]; where `before` is not
+ * NULL the parameter is also copied there (the values before the update). Returns 0, or -1
+ * where no memory was left for the partial sums. */
+#define PARAM_READ(NAME, T)                                                                 \
+    static void NAME##_slice(const T* g, const T* p, T* copy, int64_t n, double* row,       \
+                             int64_t k) {                                                   \
+        double gss = 0.0, pss = 0.0;                                                        \
+        T m = 0;                                                                            \
+        int64_t bad = 0;                                                                    \
+        _Pragma("omp simd simdlen(16) reduction(+ : gss, pss, bad) reduction(max : m)")     \
+        for (int64_t i = 0; i < n; ++i) {                                                   \
+            T v = g[i], w = p[i];                                                           \
+            double d = (double)v, e = (double)w;                                            \
+            gss += d * d;                                                                   \
+            T a = v < 0 ? -v : v;                                                           \
+            m = a > m ? a : m;                                                              \
+            bad += !(v - v == 0);                                                           \
+            pss += e * e;                                                                   \
+        }                                                                                   \
+        if (copy) memcpy(copy, p, (size_t)n * sizeof(T));                                   \
+        row[0] += gss;                                                                      \
+        row[k] = (double)m > row[k] ? (double)m : row[k];                                   \
+        row[2 * k] += (double)bad;                                                          \
+        row[3 * k] += pss;                                                                  \
+    }                                                                                       \
+    int NAME(const T* const* grads, const T* const* params, T* const* before,               \
+             const int64_t* sizes, int64_t k, double* out) {                                \
+        int64_t total = total_of(sizes, k);                                                 \
+        int threads = threads_for(total);                                                   \
+        double* part = (double*)calloc((size_t)threads * 4 * k + 1, sizeof(double));        \
+        if (!part) return -1;                                                               \
+        _Pragma("omp parallel num_threads(threads)")                                        \
+        {                                                                                   \
+            double* mine = part + (size_t)omp_get_thread_num() * 4 * k;                     \
+            int64_t lo, hi, a, b, start = 0;                                                \
+            my_share(total, &lo, &hi);                                                      \
+            for (int64_t j = 0; j < k && start < hi; start += sizes[j++])                   \
+                if (slice_of(start, sizes[j], lo, hi, &a, &b))                              \
+                    NAME##_slice(grads[j] + a, params[j] + a, before ? before[j] + a : 0,   \
+                                 b - a, mine + j, k);                                       \
+        }                                                                                   \
+        memset(out, 0, (size_t)4 * k * sizeof(double));                                     \
+        for (int t = 0; t < threads; ++t) {                                                 \
+            const double* r = part + (size_t)t * 4 * k;                                     \
+            for (int64_t j = 0; j < k; ++j) {                                               \
+                out[j] += r[j];                                                             \
+                out[k + j] = r[k + j] > out[k + j] ? r[k + j] : out[k + j];                 \
+                out[2 * k + j] += r[2 * k + j];                                             \
+                out[3 * k + j] += r[3 * k + j];                                             \
             }                                                                               \
-            sumsq[j] = ss; maxabs[j] = (double)m; nonfinite[j] = (double)bad;               \
         }                                                                                   \
+        free(part);                                                                         \
+        return 0;                                                                           \
     }
-GRAD_STATS(grad_stats_f32, float)
-GRAD_STATS(grad_stats_f64, double)
+PARAM_READ(param_read_f32, float)
+PARAM_READ(param_read_f64, double)
 
-/* for each of k arrays: copy src into dst and return the sum of squares */
-#define SNAPSHOT(NAME, T)                                                                   \
-    void NAME(const T* const* src, T* const* dst, const int64_t* sizes, int64_t k,          \
-              double* sumsq) {                                                              \
-        for (int64_t j = 0; j < k; ++j) {                                                   \
-            const T* x = src[j];                                                            \
-            T* y = dst[j];                                                                  \
-            double ss = 0.0;                                                                \
-            _Pragma("omp simd simdlen(16) reduction(+ : ss)")                                           \
-            for (int64_t i = 0; i < sizes[j]; ++i) {                                        \
-                T v = x[i];                                                                 \
-                y[i] = v;                                                                   \
-                double d = (double)v;                                                       \
-                ss += d * d;                                                                \
-            }                                                                               \
-            sumsq[j] = ss;                                                                  \
-        }                                                                                   \
-    }
-SNAPSHOT(snapshot_f32, float)
-SNAPSHOT(snapshot_f64, double)
-
-/* for each of k pairs: sum of squares of a - b, each difference taken in double (exact) */
+/* for each of k pairs: sum of squares of x - y, each difference taken in double (exact),
+ * split over threads as above. Returns 0, or -1 where no memory was left. */
 #define DIFF_SUMSQ(NAME, T)                                                                 \
-    void NAME(const T* const* a, const T* const* b, const int64_t* sizes, int64_t k,        \
-              double* sumsq) {                                                              \
-        for (int64_t j = 0; j < k; ++j) {                                                   \
-            const T* x = a[j];                                                              \
-            const T* y = b[j];                                                              \
-            double ss = 0.0;                                                                \
-            _Pragma("omp simd simdlen(16) reduction(+ : ss)")                                           \
-            for (int64_t i = 0; i < sizes[j]; ++i) {                                        \
-                double d = (double)x[i] - (double)y[i];                                     \
-                ss += d * d;                                                                \
+    int NAME(const T* const* xs, const T* const* ys, const int64_t* sizes, int64_t k,       \
+             double* sumsq) {                                                               \
+        int64_t total = total_of(sizes, k);                                                 \
+        int threads = threads_for(total);                                                   \
+        double* part = (double*)calloc((size_t)threads * k + 1, sizeof(double));            \
+        if (!part) return -1;                                                               \
+        _Pragma("omp parallel num_threads(threads)")                                        \
+        {                                                                                   \
+            double* mine = part + (size_t)omp_get_thread_num() * k;                         \
+            int64_t lo, hi, a, b, start = 0;                                                \
+            my_share(total, &lo, &hi);                                                      \
+            for (int64_t j = 0; j < k && start < hi; start += sizes[j++]) {                 \
+                if (!slice_of(start, sizes[j], lo, hi, &a, &b)) continue;                   \
+                const T* x = xs[j] + a;                                                     \
+                const T* y = ys[j] + a;                                                     \
+                double ss = 0.0;                                                            \
+                _Pragma("omp simd simdlen(16) reduction(+ : ss)")                           \
+                for (int64_t i = 0; i < b - a; ++i) {                                       \
+                    double d = (double)x[i] - (double)y[i];                                 \
+                    ss += d * d;                                                            \
+                }                                                                           \
+                mine[j] += ss;                                                              \
             }                                                                               \
+        }                                                                                   \
+        for (int64_t j = 0; j < k; ++j) {                                                   \
+            double ss = 0.0;                                                                \
+            for (int t = 0; t < threads; ++t) ss += part[(size_t)t * k + j];                \
             sumsq[j] = ss;                                                                  \
         }                                                                                   \
+        free(part);                                                                         \
+        return 0;                                                                           \
     }
 DIFF_SUMSQ(diff_sumsq_f32, float)
 DIFF_SUMSQ(diff_sumsq_f64, double)
