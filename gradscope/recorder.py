@@ -586,10 +586,10 @@ class Recorder:
         origin = grads[int(bad[0])][0] if len(bad) else None
         names, label_id = _index_labels([g[0] for g in grads])
         n = len(names)
-        samples = np.array([g[1] for g in grads], dtype=np.float64)
+        sample_counts = np.array([g[1] for g in grads], dtype=np.float64)
         sums = np.stack(
             [
-                np.bincount(label_id, samples, n),
+                np.bincount(label_id, sample_counts, n),
                 np.bincount(label_id, per_call[:, 0], n),
                 np.bincount(label_id, per_call[:, 1], n),
                 np.bincount(label_id, per_call[:, 2], n),
