@@ -164,6 +164,8 @@ class Recorder:
         self._handles: list[RemovableHandle] = []
         self._forward_handles: list[RemovableHandle] = []
         self._modules: list[tuple[str, nn.Module]] = []
+        # (module, hook) for each selected module: registered on recorded steps only
+        self._forward_hooks: list[tuple[nn.Module, Callable[..., None]]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
         # parameter statistics (with their buffers), from the first recorded read
         self._flat: stats.FlatStats | native.ParamStats | None = None
@@ -263,6 +265,10 @@ class Recorder:
             for fqn, module in (model.named_modules() if not compiled else ())
             if next(module.children(), None) is None and self._selected(fqn, model)
         ]
+        self._forward_hooks = [
+            (module, functools.partial(self._on_forward, label, stats.activation_bounds(module)))
+            for label, module in self._modules
+        ]
         # a do-nothing pre-hook on the root marks the model as watched while no forward hooks
         # are armed (they are removed on steps that are not recorded, which then cost nothing)
         self._handles.append(outer.register_forward_pre_hook(_RecorderHook(self, _no_op)))
@@ -276,8 +282,7 @@ class Recorder:
         """Arms the forward hooks for a recorded step and removes them after it."""
         self._recording = on
         if on and not self._forward_handles and (self._record_acts or self._record_grads):
-            for label, module in self._modules:
-                hook = functools.partial(self._on_forward, label, stats.activation_bounds(module))
+            for module, hook in self._forward_hooks:
                 self._forward_handles.append(module.register_forward_hook(hook))
         elif not on:
             for handle in self._forward_handles:
@@ -296,6 +301,7 @@ class Recorder:
         self.model, self.optimizer = None, None
         self._params = []
         self._modules = []
+        self._forward_hooks = []
         self._flat = None
         self._scratch.clear()
 
@@ -362,7 +368,18 @@ class Recorder:
                 self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
                 self._act_calls.append((label, numel, tensor))
         if self._record_grads and tensor.requires_grad:
-            tensor.register_hook(functools.partial(self._on_output_grad, label))
+            node = tensor.grad_fn
+            if node is None:  # a leaf: a tensor hook
+                tensor.register_hook(functools.partial(self._on_output_grad, label))
+            else:  # cheaper, and the same gradient: a pre-hook on the node that made it
+                node.register_prehook(
+                    functools.partial(self._on_node_grads, label, tensor.output_nr)
+                )
+
+    def _on_node_grads(self, label: str, output_nr: int, grads: tuple[Any, ...]) -> None:
+        grad = grads[output_nr]
+        if grad is not None:
+            self._on_output_grad(label, grad)
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
         if not self._recording:
@@ -447,7 +464,9 @@ class Recorder:
             if pending["snapshot"] and self._flat is not None:
                 present = pending["present"]
                 with torch.no_grad():
-                    parts.append(self._flat.updates(present, [self._local(i) for i in present]))
+                    local = distributed.local if self._dtensors else _same
+                    params = [local(self._params[i][1]) for i in present]
+                    parts.append(self._flat.updates(present, params))
         if self._scalars:
             parts.append(
                 torch.stack(
@@ -751,43 +770,36 @@ class _Layout:
     layer: np.ndarray
     kind: np.ndarray
     stat: np.ndarray
+    blocks: list[tuple[list[str], str, list[str]]]  # as _Rows.add received them
 
 
 class _Rows:
     """One step's rows as column blocks, turned into a layout and a value vector at the end."""
 
-    __slots__ = ("blocks",)
+    __slots__ = ("blocks", "values")
 
     def __init__(self) -> None:
-        self.blocks: list[tuple[list[str], str, list[str], np.ndarray]] = []
+        self.blocks: list[tuple[list[str], str, list[str]]] = []
+        self.values: list[np.ndarray] = []
 
     def add(
         self, layers: Sequence[str], kind: str, stat: str | Sequence[str], values: np.ndarray
     ) -> None:
         values = np.asarray(values, dtype=np.float64)
         stat_column = [stat] * len(values) if isinstance(stat, str) else list(stat)
-        self.blocks.append((list(layers), kind, stat_column, values))
+        self.blocks.append((list(layers), kind, stat_column))
+        self.values.append(values)
 
     def finish(self, previous: _Layout | None) -> tuple[_Layout, np.ndarray]:
         """The step's layout (`previous` itself where it is the same) and its values."""
+        values = np.concatenate(self.values) if self.values else np.zeros(0, dtype=np.float64)
+        if previous is not None and previous.blocks == self.blocks:  # the usual case: cheap
+            return previous, values
+        as_array = functools.partial(np.asarray, dtype=object)
         layer = [name for block in self.blocks for name in block[0]]
         kind = [block[1] for block in self.blocks for _ in block[0]]
         stat = [name for block in self.blocks for name in block[2]]
-        values = (
-            np.concatenate([block[3] for block in self.blocks])
-            if self.blocks
-            else np.zeros(0, dtype=np.float64)
-        )
-        if (
-            previous is not None
-            and len(previous.layer) == len(layer)
-            and previous.layer.tolist() == layer
-            and previous.kind.tolist() == kind
-            and previous.stat.tolist() == stat
-        ):
-            return previous, values
-        as_array = functools.partial(np.asarray, dtype=object)
-        return _Layout(as_array(layer), as_array(kind), as_array(stat)), values
+        return _Layout(as_array(layer), as_array(kind), as_array(stat), self.blocks), values
 
 
 class _HostRows:
