@@ -122,6 +122,32 @@ def test_activation_grad_norms_match_autograd():
     assert _value(frame, "1", "activation_grad", "sample_norm") == pytest.approx(sample, rel=1e-6)
 
 
+def test_output_gradients_of_leaves_and_of_outputs_changed_in_place():
+    """A module that passes a leaf through (no node made it: a tensor hook reads its gradient)
+    and a module whose output the next one changes in place (its gradient is the one w.r.t.
+    the value it returned, as a tensor hook registered at that moment would see it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x = torch.randn(16, 6, requires_grad=True)
+    rec = gs.watch(model)
+    model(x).pow(2).sum().backward()
+    rec.step()
+    rec.detach()
+    frame = rec.to_frame()
+    assert _value(frame, "0", "activation_grad", "norm") == pytest.approx(
+        float(x.grad.double().norm()), rel=1e-6
+    )
+    # the reference: the same graph, the gradient w.r.t. the Linear's output before the ReLU
+    x2 = x.detach()
+    pre = model[1](x2)
+    pre.retain_grad()
+    model[3](torch.relu(pre)).pow(2).sum().backward()
+    assert _value(frame, "1", "activation_grad", "norm") == pytest.approx(
+        float(pre.grad.double().norm()), rel=1e-6
+    )
+    assert _value(frame, "1", "activation", "min") == pytest.approx(float(pre.detach().min()), rel=1e-6)
+
+
 def test_update_is_what_the_optimizer_applied():
     torch.manual_seed(0)
     model = build_model("preln", 2, width=16)
