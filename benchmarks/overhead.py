@@ -33,12 +33,12 @@ STEPS = 10  # steps per timed block
 def hook_floor(model: nn.Module) -> None:
     """Do-nothing hooks where the recorder has them: each leaf's output and its gradient."""
 
-    def on_grad(grad: torch.Tensor) -> None:
+    def on_grads(grads: tuple[torch.Tensor | None, ...]) -> None:
         return None
 
     def on_forward(module: nn.Module, args: object, out: torch.Tensor) -> None:
-        if out.requires_grad:
-            out.register_hook(on_grad)
+        if out.grad_fn is not None:  # as the recorder does: a pre-hook on the output's node
+            out.grad_fn.register_prehook(on_grads)
 
     for module in model.modules():
         if next(module.children(), None) is None:

@@ -266,7 +266,7 @@ class Recorder:
             if next(module.children(), None) is None and self._selected(fqn, model)
         ]
         self._forward_hooks = [
-            (module, functools.partial(self._on_forward, label, stats.activation_bounds(module)))
+            (module, functools.partial(self._on_forward, label, _band(module)))
             for label, module in self._modules
         ]
         # a do-nothing pre-hook on the root marks the model as watched while no forward hooks
@@ -340,31 +340,31 @@ class Recorder:
     # -- hooks -----------------------------------------------------------------------------
 
     def _on_forward(
-        self, fqn: str, bounds: tuple[float, float] | None, module: nn.Module, args: Any, out: Any
+        self, fqn: str, band: tuple[float, float] | None, module: nn.Module, args: Any, out: Any
     ) -> None:
         if not self._recording or not torch.is_grad_enabled():
             return
         if isinstance(out, torch.Tensor):  # the common case, without the generator
             if out.is_floating_point():
-                self._observe(fqn, bounds, out)
+                self._observe(fqn, band, out)
             return
         for label, tensor in _tensor_outputs(out, fqn):
-            self._observe(label, bounds, tensor)
+            self._observe(label, band, tensor)
 
-    def _observe(
-        self, label: str, bounds: tuple[float, float] | None, tensor: torch.Tensor
-    ) -> None:
+    def _observe(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
         """Statistics of one output tensor, and a hook for its gradient."""
         if self._record_acts:
-            if bounds is not None:
-                self._saturated.append(
-                    (len(self._act_calls), stats.saturated_count(tensor, bounds))
-                )
             numel = tensor.numel()
             if numel and native.takes(tensor):
+                if band is not None:
+                    count = native.saturated(tensor, band)
+                    self._saturated.append((len(self._act_calls), torch.tensor(count)))
                 native.moments(tensor, self._native_acts.take(1))
                 self._act_calls.append((label, numel, None))
             else:
+                if band is not None:
+                    count_t = stats.saturated_count(tensor, band)
+                    self._saturated.append((len(self._act_calls), count_t))
                 self._act_moments.extend(stats.activation_moments(tensor, self._scratch))
                 self._act_calls.append((label, numel, tensor))
         if self._record_grads and tensor.requires_grad:
@@ -885,6 +885,12 @@ def _has_recorder(model: nn.Module) -> bool:
 
 def _no_op(module: nn.Module, args: Any) -> None:
     return None
+
+
+def _band(module: nn.Module) -> tuple[float, float] | None:
+    """The saturation band of a bounded activation module's outputs, else None."""
+    bounds = stats.activation_bounds(module)
+    return stats.saturation_band(bounds) if bounds is not None else None
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

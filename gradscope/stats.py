@@ -90,11 +90,17 @@ def activation_moments(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor,
     return torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq
 
 
-def saturated_count(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
-    """How many values of x lie within 1% of a bound's magnitude of a bound."""
+def saturation_band(bounds: tuple[float, float]) -> tuple[float, float]:
+    """(mid, half): a value x is saturated where |x - mid| >= half, i.e. within 1% of the
+    larger bound's magnitude of a bound."""
     low, high = bounds
     margin = SATURATION_MARGIN * max(abs(low), abs(high))
-    mid, half = (low + high) / 2, (high - low) / 2 - margin
+    return (low + high) / 2, (high - low) / 2 - margin
+
+
+def saturated_count(x: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
+    """How many values of x lie in the saturation `band` (see saturation_band)."""
+    mid, half = band
     return (x.detach() - mid).abs_().ge(half).sum()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradscope import native
+from gradscope import native, stats
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -56,6 +56,20 @@ def test_moments_count_nonfinite_and_skip_nan_in_extremes():
     assert out[4] == 4 and out[5] == 2  # NaN and inf are non-zero; two are non-finite
     assert out[2] == -np.inf and out[3] == 2.0
     assert np.isnan(out[0]) and np.isnan(out[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bounds", [(-1.0, 1.0), (0.0, 1.0), (0.0, 6.0)])
+def test_saturated_counts_values_near_the_bounds(dtype, bounds):
+    torch.manual_seed(3)
+    low, high = bounds
+    x = torch.rand(10_000, dtype=dtype) * (high - low) + low
+    x[:3] = torch.tensor([float("nan"), low, high], dtype=dtype)
+    band = stats.saturation_band(bounds)
+    margin = 0.01 * max(abs(low), abs(high))
+    ref = int(((x <= low + margin) | (x >= high - margin)).sum())  # NaN is in neither
+    assert native.saturated(x, band) == ref
+    assert int(stats.saturated_count(x, band)) == ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -145,7 +145,9 @@ def test_output_gradients_of_leaves_and_of_outputs_changed_in_place():
     assert _value(frame, "1", "activation_grad", "norm") == pytest.approx(
         float(pre.grad.double().norm()), rel=1e-6
     )
-    assert _value(frame, "1", "activation", "min") == pytest.approx(float(pre.detach().min()), rel=1e-6)
+    assert _value(frame, "1", "activation", "min") == pytest.approx(
+        float(pre.detach().min()), rel=1e-6
+    )
 
 
 def test_update_is_what_the_optimizer_applied():

@@ -35,6 +35,7 @@ _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 # name: (argument types, result type); kernels with a result return 0, or -1 out of memory
 _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "moments": ([_PTR, _I64, _PTR], None),
+    "saturated": ([_PTR, _I64, ctypes.c_double, ctypes.c_double], ctypes.c_double),
     "grad_rows": ([_PTR, _I64, _I64, _PTR], None),
     "param_read": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
     "diff_sumsq": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
@@ -136,6 +137,12 @@ def moments(x: torch.Tensor, out: int) -> None:
     """Writes MOMENT_FIELDS of x as 6 float64 values at address `out`."""
     x = _dense(x)
     _fn("moments", x.dtype)(x.data_ptr(), x.numel(), out)
+
+
+def saturated(x: torch.Tensor, band: tuple[float, float]) -> float:
+    """How many values of x lie in the saturation band (mid, half) of stats.saturation_band."""
+    x = _dense(x)
+    return float(_fn("saturated", x.dtype)(x.data_ptr(), x.numel(), *band))
 
 
 def grad_rows(x: torch.Tensor, rows: int, out: int) -> None:

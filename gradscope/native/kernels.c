@@ -69,6 +69,21 @@ static int slice_of(int64_t start, int64_t size, int64_t lo, int64_t hi, int64_t
 MOMENTS(moments_f32, float)
 MOMENTS(moments_f64, double)
 
+/* how many of x lie at least `half` away from `mid` (NaN never does): outputs of a bounded
+ * activation near its bounds */
+#define SATURATED(NAME, T)                                                                  \
+    double NAME(const T* x, int64_t n, double mid, double half) {                           \
+        int64_t count = 0;                                                                  \
+        _Pragma("omp simd simdlen(16) reduction(+ : count)")                                \
+        for (int64_t i = 0; i < n; ++i) {                                                   \
+            double d = (double)x[i] - mid;                                                  \
+            count += (d < 0 ? -d : d) >= half;                                              \
+        }                                                                                   \
+        return (double)count;                                                               \
+    }
+SATURATED(saturated_f32, float)
+SATURATED(saturated_f64, double)
+
 /* a gradient as a rows x cols matrix, one row a sample: out[0] = sum of squares, out[1] = sum
  * of the rows' norms, out[2] = rows whose sum of squares is not finite (inf or NaN inside) */
 #define GRAD_ROWS(NAME, T)                                                                  \
