@@ -358,7 +358,9 @@ class Recorder:
             if numel and native.takes(tensor):
                 if band is not None:
                     count = native.saturated(tensor, band)
-                    self._saturated.append((len(self._act_calls), torch.tensor(count)))
+                    self._saturated.append(
+                        (len(self._act_calls), torch.tensor(count, dtype=torch.float64))
+                    )
                 native.moments(tensor, self._native_acts.take(1))
                 self._act_calls.append((label, numel, None))
             else:
