@@ -431,9 +431,9 @@ class Recorder:
         if not present:
             return
         if self._flat is None:
-            every = [local(p) for _, p in self._params]
-            usable = native.ParamStats.usable(every)
-            self._flat = native.ParamStats(every) if usable else stats.FlatStats(every)
+            all_params = [local(p) for _, p in self._params]
+            usable = native.ParamStats.usable(all_params)
+            self._flat = native.ParamStats(all_params) if usable else stats.FlatStats(all_params)
         with torch.no_grad():
             values = self._flat.read(present, grads, params, snapshot)
         self._param_pending = {"present": present, "snapshot": snapshot, "device": values}
