@@ -1,7 +1,7 @@
 """Depth-sweep speed: how much the recorder adds to the sweep's runs, and the sweep's wall time.
 
 Part 1 alternates each run of the default sweep (every variant at every default depth, the
-default --every 10) with and without the recorder (A B A B ...), and prints the median
+default --every, 20) with and without the recorder (A B A B ...), and prints the median
 ratio of the summed run times. Part 2 times the default `gradscope depth-sweep --max 100`
 end to end (with --full).
 

@@ -351,6 +351,31 @@ def test_tuple_dict_and_none_outputs():
     assert {"multi[0]", "multi[1][a]"} <= layers and "multi[1][idx]" not in layers
 
 
+def test_outputs_made_by_one_node_get_their_own_gradients():
+    """chunk() returns two tensors made by one autograd node: each output's gradient is its
+    own (the node's pre-hook sees both, the recorder takes the one at the output's index)."""
+
+    class Halves(nn.Module):
+        def forward(self, x):
+            return x.chunk(2, dim=1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Halves())
+    x = torch.randn(5, 4)
+    rec = gs.watch(model)
+    first, second = model(x)
+    (first.sum() + 3 * second.sum()).backward()
+    rec.step()
+    rec.detach()
+    frame = rec.to_frame()
+    ones = math.sqrt(5 * 3)  # the gradient of a sum is 1 at each of the 5 x 3 values
+    assert _value(frame, "1[0]", "activation_grad", "norm") == pytest.approx(ones, rel=1e-6)
+    assert _value(frame, "1[1]", "activation_grad", "norm") == pytest.approx(3 * ones, rel=1e-6)
+    assert _value(frame, "1[1]", "activation_grad", "sample_norm") == pytest.approx(
+        3 * math.sqrt(3), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_transformer_encoder_and_cnn(norm_first):
     torch.manual_seed(0)
