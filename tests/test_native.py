@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +133,26 @@ def test_build_reports_a_failing_compiler(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="failed"):
         native.build(tmp_path)
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_build_without_an_openmp_runtime_is_serial(tmp_path, monkeypatch):
+    """A compiler that cannot link OpenMP (clang without libomp) still builds the kernels."""
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(
+        '#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "no libomp" >&2; exit 1;; esac\n'
+        f'exec {shutil.which("cc") or "cc"} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    built = native.build(tmp_path / "cache")
+    assert "gomp" not in subprocess.run(["ldd", str(built)], capture_output=True, text=True).stdout
+    lib = ctypes.CDLL(str(built))
+    lib.moments_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    x = torch.randn(1000)
+    out = np.zeros(6)
+    lib.moments_f32(x.data_ptr(), x.numel(), out.ctypes.data)
+    assert out[1] == pytest.approx(float(x.double().square().sum()), rel=1e-12)
+    assert native.build(tmp_path / "cache") == built  # found in the cache, not compiled again
 
 
 def test_build_is_cached(tmp_path):

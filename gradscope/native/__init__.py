@@ -25,8 +25,13 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# -fopenmp links libgomp.so.1: in a process with torch loaded, torch's own OpenMP threads
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# Tried in order. -fopenmp links libgomp.so.1, which in a process with torch loaded is torch's
+# own OpenMP runtime; where it cannot be linked (clang without libomp), the kernels are built
+# serial, keeping only the vectorizing pragmas.
+FLAGS = [
+    ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"],
+    ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"],
+]
 MOMENT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite")
 GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -61,27 +66,33 @@ def build(cache: Path | None = None) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc, or $CC) found")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        source + " ".join([compiler, *FLAGS, _cpu_fingerprint()]).encode()
-    ).hexdigest()[:16]
     cache = cache or _cache_dir()
-    target = cache / f"kernels-{key}.so"
-    if target.exists():
-        return target
+    source, machine = SOURCE.read_bytes(), _cpu_fingerprint()
+    # one library per flag set, named by what it is built from
+    keys = [
+        hashlib.sha256(source + " ".join([compiler, *flags, machine]).encode()).hexdigest()[:16]
+        for flags in FLAGS
+    ]
+    targets = [cache / f"kernels-{key}.so" for key in keys]
+    for target in targets:
+        if target.exists():
+            return target
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: processes compiling at once all end up here
-    return target
+    errors = []
+    for flags, target in zip(FLAGS, targets, strict=True):
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(built)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                os.replace(built, target)  # atomic: processes compiling at once all end up here
+                return target
+        errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-1000:]}")
+    raise RuntimeError("compiling the kernels failed:\n" + "\n".join(errors))
 
 
 @functools.cache

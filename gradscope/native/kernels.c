@@ -13,10 +13,17 @@
  * thread count.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without an OpenMP runtime (see FLAGS in __init__.py): one thread does all */
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
 
 #define PARALLEL_MIN (1 << 16)
 
