@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,17 @@ def test_build_without_an_openmp_runtime_is_serial(tmp_path, monkeypatch):
     lib.moments_f32(x.data_ptr(), x.numel(), out.ctypes.data)
     assert out[1] == pytest.approx(float(x.double().square().sum()), rel=1e-12)
     assert native.build(tmp_path / "cache") == built  # found in the cache, not compiled again
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_kernels_share_torchs_openmp_runtime(kernels):
+    """The parallel kernels use the OpenMP runtime torch loaded, not a second pool."""
+    mapped = {
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "libgomp" in line or "libomp" in line or "libiomp" in line
+    }
+    assert len(mapped) <= 1, mapped
 
 
 def test_build_is_cached(tmp_path):
