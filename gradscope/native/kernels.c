@@ -53,13 +53,25 @@ static int slice_of(int64_t start, int64_t size, int64_t lo, int64_t hi, int64_t
     return *a < *b;
 }
 
+/* how many of x are inf or NaN (inf - inf and NaN - NaN are NaN). Called only where a sum
+ * came out non-finite: a finite sum of values and of their squares means none is. */
+#define COUNT_NONFINITE(NAME, T)                                                            \
+    static int64_t NAME(const T* x, int64_t n) {                                            \
+        int64_t bad = 0;                                                                    \
+        _Pragma("omp simd simdlen(16) reduction(+ : bad)")                                  \
+        for (int64_t i = 0; i < n; ++i) bad += !(x[i] - x[i] == 0);                         \
+        return bad;                                                                         \
+    }
+COUNT_NONFINITE(count_nonfinite_f32, float)
+COUNT_NONFINITE(count_nonfinite_f64, double)
+
 /* out[0..5] = sum, sum of squares, min, max (both ignoring NaN), non-zeros, non-finite */
-#define MOMENTS(NAME, T)                                                                    \
+#define MOMENTS(NAME, T, COUNT)                                                             \
     void NAME(const T* x, int64_t n, double* out) {                                         \
         double s = 0.0, ss = 0.0;                                                           \
         T lo = INFINITY, hi = -INFINITY;                                                    \
-        int64_t nonzero = 0, bad = 0;                                                       \
-        _Pragma("omp simd simdlen(16) reduction(+ : s, ss, nonzero, bad) reduction(min : lo) reduction(max : hi)") \
+        int64_t nonzero = 0;                                                                \
+        _Pragma("omp simd simdlen(16) reduction(+ : s, ss, nonzero) reduction(min : lo) reduction(max : hi)") \
         for (int64_t i = 0; i < n; ++i) {                                                   \
             T v = x[i];                                                                     \
             double d = (double)v;                                                           \
@@ -68,13 +80,13 @@ static int slice_of(int64_t start, int64_t size, int64_t lo, int64_t hi, int64_t
             lo = v < lo ? v : lo;                                                           \
             hi = v > hi ? v : hi;                                                           \
             nonzero += (v != 0);                                                            \
-            bad += !(v - v == 0); /* inf - inf and NaN - NaN are NaN */                      \
         }                                                                                   \
         out[0] = s; out[1] = ss; out[2] = (double)lo; out[3] = (double)hi;                  \
-        out[4] = (double)nonzero; out[5] = (double)bad;                                     \
+        out[4] = (double)nonzero;                                                           \
+        out[5] = isfinite(s) && isfinite(ss) ? 0.0 : (double)COUNT(x, n);                  \
     }
-MOMENTS(moments_f32, float)
-MOMENTS(moments_f64, double)
+MOMENTS(moments_f32, float, count_nonfinite_f32)
+MOMENTS(moments_f64, double, count_nonfinite_f64)
 
 /* how many of x lie at least `half` away from `mid` (NaN never does): outputs of a bounded
  * activation near its bounds */
@@ -119,26 +131,24 @@ GRAD_ROWS(grad_rows_f64, double)
  * squares, written to out[j], out[k + j], out[2k + j], out[3k + j]; where `before` is not
  * NULL the parameter is also copied there (the values before the update). Returns 0, or -1
  * where no memory was left for the partial sums. */
-#define PARAM_READ(NAME, T)                                                                 \
+#define PARAM_READ(NAME, T, COUNT)                                                          \
     static void NAME##_slice(const T* g, const T* p, T* copy, int64_t n, double* row,       \
                              int64_t k) {                                                   \
         double gss = 0.0, pss = 0.0;                                                        \
         T m = 0;                                                                            \
-        int64_t bad = 0;                                                                    \
-        _Pragma("omp simd simdlen(16) reduction(+ : gss, pss, bad) reduction(max : m)")     \
+        _Pragma("omp simd simdlen(16) reduction(+ : gss, pss) reduction(max : m)")          \
         for (int64_t i = 0; i < n; ++i) {                                                   \
             T v = g[i], w = p[i];                                                           \
             double d = (double)v, e = (double)w;                                            \
             gss += d * d;                                                                   \
             T a = v < 0 ? -v : v;                                                           \
             m = a > m ? a : m;                                                              \
-            bad += !(v - v == 0);                                                           \
             pss += e * e;                                                                   \
         }                                                                                   \
         if (copy) memcpy(copy, p, (size_t)n * sizeof(T));                                   \
         row[0] += gss;                                                                      \
         row[k] = (double)m > row[k] ? (double)m : row[k];                                   \
-        row[2 * k] += (double)bad;                                                          \
+        if (!isfinite(gss)) row[2 * k] += (double)COUNT(g, n);                              \
         row[3 * k] += pss;                                                                  \
     }                                                                                       \
     int NAME(const T* const* grads, const T* const* params, T* const* before,               \
@@ -170,8 +180,8 @@ GRAD_ROWS(grad_rows_f64, double)
         free(part);                                                                         \
         return 0;                                                                           \
     }
-PARAM_READ(param_read_f32, float)
-PARAM_READ(param_read_f64, double)
+PARAM_READ(param_read_f32, float, count_nonfinite_f32)
+PARAM_READ(param_read_f64, double, count_nonfinite_f64)
 
 /* for each of k pairs: sum of squares of x - y, each difference taken in double (exact),
  * split over threads as above. Returns 0, or -1 where no memory was left. */
