@@ -167,12 +167,15 @@ class Recorder:
         # (module, hook) for each selected module: registered on recorded steps only
         self._forward_hooks: list[tuple[nn.Module, Callable[..., None]]] = []
         self._params: list[tuple[str, nn.Parameter]] = []
+        self._param_names: list[str] = []
+        self._param_ndims = np.zeros(0)
         # parameter statistics (with their buffers), from the first recorded read
         self._flat: stats.FlatStats | native.ParamStats | None = None
         # exact statistics from the C kernels, written straight into host rows
         self._native_acts = _HostRows(len(native.MOMENT_FIELDS))
         self._native_grads = _HostRows(len(native.GRAD_FIELDS))
         self._scratch = stats.Scratch()
+        self._act_labels, self._grad_labels = _LabelIndex(), _LabelIndex()
         self._rows: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
         self._layouts: list[_Layout] = []
         self._rows_held = 0
@@ -247,6 +250,8 @@ class Recorder:
             for name, p in model.named_parameters()
             if p.requires_grad and self._selected(name.rpartition(".")[0], model)
         ]
+        self._param_names = [name for name, _ in self._params]
+        self._param_ndims = np.array([float(p.dim()) for _, p in self._params])
         sharded = any(distributed.is_sharded(p) for _, p in self._params)
         self._dtensors = any(distributed.local(p) is not p for _, p in self._params)
         self._sync = (
@@ -465,9 +470,10 @@ class Recorder:
             parts += pending["device"]
             if pending["snapshot"] and self._flat is not None:
                 present = pending["present"]
+                # read again after the step: a DTensor's local shard may be a new tensor
+                local = distributed.local if self._dtensors else _same
+                params = [local(self._params[i][1]) for i in present]
                 with torch.no_grad():
-                    local = distributed.local if self._dtensors else _same
-                    params = [local(self._params[i][1]) for i in present]
                     parts.append(self._flat.updates(present, params))
         if self._scalars:
             parts.append(
@@ -542,7 +548,7 @@ class Recorder:
                     [float(finite.min()), float(finite.max())] if finite.numel() else np.nan
                 )
         origin = acts[int(np.flatnonzero(nonfinite > 0)[0])][0] if (nonfinite > 0).any() else None
-        names, label_id = _index_labels([c[0] for c in acts])
+        names, label_id = self._act_labels([c[0] for c in acts])
         n = len(names)
         lo = np.full(n, np.inf)
         hi = np.full(n, -np.inf)
@@ -605,7 +611,7 @@ class Recorder:
             per_call[:, 1] /= scale
         bad = np.flatnonzero(per_call[:, 2] > 0)
         origin = grads[int(bad[0])][0] if len(bad) else None
-        names, label_id = _index_labels([g[0] for g in grads])
+        names, label_id = self._grad_labels([g[0] for g in grads])
         n = len(names)
         sample_counts = np.array([g[1] for g in grads], dtype=np.float64)
         sums = np.stack(
@@ -639,8 +645,10 @@ class Recorder:
 
     def _param_rows(self, rows: _Rows, pending: dict[str, Any], reader: _Reader) -> None:
         present = pending["present"]
-        params = [self._params[i] for i in present]
-        names = [name for name, _ in params]
+        if len(present) == len(self._params):  # the usual case: every parameter has a gradient
+            names, ndims = self._param_names, self._param_ndims
+        else:
+            names, ndims = [self._param_names[i] for i in present], self._param_ndims[present]
         n = len(names)
         grad_sumsq, grad_max, nonfinite = reader.take(n), reader.take(n), reader.take(n)
         param_sumsq = reader.take(n)
@@ -649,7 +657,7 @@ class Recorder:
         if not self._flat.exact:
             self._recount_params(pending, grad_sumsq, param_sumsq, update_sumsq, nonfinite)
         sharded = (
-            [k for k, (_, p) in enumerate(params) if distributed.is_sharded(p)]
+            [k for k, i in enumerate(present) if distributed.is_sharded(self._params[i][1])]
             if self._sync
             else []
         )
@@ -664,7 +672,7 @@ class Recorder:
         rows.add(names, "param_grad", "max_abs", grad_max)
         rows.add(names, "param_grad", "nonfinite", nonfinite)
         rows.add(names, "param", "norm", param_norm)
-        rows.add(names, "param", "ndim", np.array([float(p.dim()) for _, p in params]))
+        rows.add(names, "param", "ndim", ndims)
         if update_sumsq is not None:
             update_norm = np.sqrt(update_sumsq)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -844,11 +852,20 @@ class _Reader:
         return out
 
 
-def _index_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """Unique labels in first-seen order, and each call's index into them."""
-    index: dict[str, int] = {}
-    ids = np.array([index.setdefault(label, len(index)) for label in labels], dtype=np.int64)
-    return list(index), ids
+class _LabelIndex:
+    """Unique labels in first-seen order, and each call's index into them. The last answer
+    is kept: consecutive recorded steps usually make the same calls."""
+
+    def __init__(self) -> None:
+        self._labels: list[str] | None = None
+        self._answer: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))
+
+    def __call__(self, labels: list[str]) -> tuple[list[str], np.ndarray]:
+        if labels != self._labels:
+            index: dict[str, int] = {}
+            ids = [index.setdefault(label, len(index)) for label in labels]
+            self._labels, self._answer = labels, (list(index), np.array(ids, dtype=np.int64))
+        return self._answer
 
 
 def _stack_float64(parts: list[torch.Tensor]) -> torch.Tensor:
