@@ -160,7 +160,12 @@ def _update_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
             Verdict(
                 "update_too_small",
                 "warning",
-                f"the median update is {_fmt(median)} of the weight norm at step {step}",
+                (
+                    f"the median update is 0 at step {step}: most layers' weights did not move "
+                    "at all (no gradient, or steps too small to change a float32 weight)"
+                    if median == 0
+                    else f"the median update is {_fmt(median)} of the weight norm at step {step}"
+                ),
                 "raise the learning rate (or check that gradients are not vanishing)",
                 list(rows["layer"]),
                 evidence,

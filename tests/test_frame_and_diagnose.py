@@ -87,6 +87,13 @@ def test_verdicts_dead_saturated_update_nonfinite():
     assert set(ids) == {"dead_units", "saturated_units", "update_too_small", "nonfinite_values"}
     assert "blocks.1.act" in ids["nonfinite_values"].message
     assert ids["dead_units"].layers == ["blocks.0.act"]
+    assert "1e-09 of the weight norm" in ids["update_too_small"].message
+
+
+def test_updates_that_did_not_move_the_weights_are_said_so():
+    extra = [(0, f"blocks.{i}.fc.weight", "update", "ratio", 0.0) for i in range(2)]
+    (verdict,) = [v for v in dg.diagnose(_frame([1.0, 1.0], extra)) if v.id == "update_too_small"]
+    assert "did not move" in verdict.message and "0 of the weight norm" not in verdict.message
 
 
 def test_recorder_diagnose_on_a_vanishing_model():
