@@ -431,7 +431,7 @@ class Recorder:
         for i, (_, p) in enumerate(self._params):
             if p.grad is not None:
                 present.append(i)
-                grads.append(local(p.grad))
+                grads.append(_strided(local(p.grad)))
                 params.append(local(p))
         if not present:
             return
@@ -695,7 +695,7 @@ class Recorder:
         present = pending["present"]
         numel = np.array([self._local(i).numel() for i in present])
         for k in np.flatnonzero(stats.needs_exact(grad_sumsq, numel)):
-            grad = distributed.local(self._params[present[k]][1].grad)  # type: ignore[arg-type]
+            grad = _strided(distributed.local(self._params[present[k]][1].grad))  # type: ignore[arg-type]
             grad_sumsq[k] = float(stats.exact_norm(grad)) ** 2
             if not np.isfinite(grad_sumsq[k]):
                 nonfinite[k] = stats.count_nonfinite(grad)
@@ -910,6 +910,11 @@ def _band(module: nn.Module) -> tuple[float, float] | None:
     """The saturation band of a bounded activation module's outputs, else None."""
     bounds = stats.activation_bounds(module)
     return stats.saturation_band(bounds) if bounds is not None else None
+
+
+def _strided(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.Embedding(sparse=True)) as the dense tensor it stands for."""
+    return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,24 @@ def test_output_gradients_of_leaves_and_of_outputs_changed_in_place():
     )
 
 
+def test_sparse_gradients_are_read_as_the_dense_tensors_they_stand_for():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    with gs.watch(model, optimizer=opt) as rec:
+        model(torch.tensor([[1, 2, 2], [3, 1, 9]])).pow(2).sum().backward()
+        grad = model[0].weight.grad.to_dense()
+        opt.step()
+    frame = rec.to_frame()
+    assert _value(frame, "0.weight", "param_grad", "norm") == pytest.approx(
+        float(grad.double().norm()), rel=1e-6
+    )
+    assert _value(frame, "0.weight", "param_grad", "max_abs") == float(grad.abs().max())
+    applied = (model[0].weight.detach() - before).double().norm()
+    assert _value(frame, "0.weight", "update", "norm") == pytest.approx(float(applied), rel=1e-6)
+
+
 def test_update_is_what_the_optimizer_applied():
     torch.manual_seed(0)
     model = build_model("preln", 2, width=16)
