@@ -435,6 +435,8 @@ class Recorder:
                 params.append(local(p))
         if not present:
             return
+        if self._flat is not None and not self._flat.fits(present, params):
+            self._flat = None  # parameters resized, retyped or moved since: new buffers
         if self._flat is None:
             all_params = [local(p) for _, p in self._params]
             usable = native.ParamStats.usable(all_params)

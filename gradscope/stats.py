@@ -181,6 +181,7 @@ class FlatStats:
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = len(tensors)
+        self._made_for = [(t.numel(), t.dtype, t.device) for t in tensors]
         self._segments: list[_Segment] = []
         by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(tensors):
@@ -189,6 +190,15 @@ class FlatStats:
                 by_key.setdefault((dtype, t.device), []).append(i)
         for (dtype, device), idx in by_key.items():
             self._segments.append(_Segment(tensors, idx, dtype, device))
+
+    def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
+        """Whether the tensors `present` still have the size, dtype and device the buffers
+        were made for (``p.data = ...`` or ``model.to(...)`` can change them)."""
+        made_for = self._made_for
+        return all(
+            (p.numel(), p.dtype, p.device) == made_for[i]
+            for i, p in zip(present, params, strict=True)
+        )
 
     def read(
         self,

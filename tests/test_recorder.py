@@ -168,6 +168,32 @@ def test_sparse_gradients_are_read_as_the_dense_tensors_they_stand_for():
     assert _value(frame, "0.weight", "update", "norm") == pytest.approx(float(applied), rel=1e-6)
 
 
+def test_parameters_resized_or_retyped_between_steps():
+    """`p.data = ...` between recorded steps gets new buffers, not reads past the old ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 4)
+    with gs.watch(model, optimizer=opt) as rec:
+        for step in range(3):
+            if step == 1:  # a wider first layer (and a matching second)
+                model[0].weight.data = torch.randn(300, 4)
+                model[0].bias.data = torch.randn(300)
+                model[1].weight.data = torch.randn(2, 300)
+            if step == 2:
+                model.double()
+                x = x.double()
+            opt.zero_grad(set_to_none=True)
+            model(x).pow(2).sum().backward()
+            grad = model[0].weight.grad.detach().clone()
+            opt.step()
+            frame = rec.to_frame()
+            assert _value(frame, "0.weight", "param_grad", "norm", step) == pytest.approx(
+                float(grad.double().norm()), rel=1e-6
+            )
+            assert _value(frame, "0.weight", "param", "norm", step) > 0
+
+
 def test_update_is_what_the_optimizer_applied():
     torch.manual_seed(0)
     model = build_model("preln", 2, width=16)

@@ -180,6 +180,17 @@ class ParamStats:
         self._sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
         self._before = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         self._before_at = np.array([b.data_ptr() for b in self._before], dtype=np.int64)
+        self._size_list = self._sizes.tolist()
+
+    def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
+        """Whether the parameters `present` still have the dtype, device and size the buffers
+        were made for (``p.data = ...`` or ``model.to(...)`` can change them: the kernels
+        would then read or write past a buffer)."""
+        sizes, dtype = self._size_list, self.dtype
+        return all(
+            p.dtype is dtype and p.is_cpu and p.numel() == sizes[i]
+            for i, p in zip(present, params, strict=True)
+        )
 
     @staticmethod
     def usable(tensors: list[torch.Tensor]) -> bool:
