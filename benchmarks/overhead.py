@@ -4,11 +4,12 @@
 step. The loops alternate (bare, recorded, ..., bare, recorded, ...) over many repeats; the
 median ratio to the bare loop is printed, which cancels this machine's drift.
 
-Two reference rows put the recorder's cost in context:
+Reference rows put the recorder's cost in context:
 - "hook floor": the same loop with a do-nothing forward hook on every leaf module and a
   do-nothing gradient hook on every module output: what calling Python at each point where
   the recorder must look costs, before any statistic is computed.
-- "parameters only": the recorder with activations=False, activation_grads=False.
+- "parameters only": the recorder with activations=False, activation_grads=False; "+
+  activations" and "+ output gradients" add one of the two (each with its hooks).
 
     python benchmarks/overhead.py [--repeats 30]
 """
@@ -67,6 +68,14 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, torch.optim.Optimizer], object], 
     "hook floor (no statistics)": (lambda m, o: hook_floor(m), None),
     "parameters only, every 1": (
         lambda m, o: gs.watch(m, optimizer=o, activations=False, activation_grads=False),
+        None,
+    ),
+    "+ activations, every 1": (
+        lambda m, o: gs.watch(m, optimizer=o, activation_grads=False),
+        None,
+    ),
+    "+ output gradients, every 1": (
+        lambda m, o: gs.watch(m, optimizer=o, activations=False),
         None,
     ),
     "everything, every 1": (lambda m, o: gs.watch(m, optimizer=o, every=1), 1.05),
