@@ -185,7 +185,9 @@ class Recorder:
         self.sync = sync
         self.grad_scaler = grad_scaler
         self._sync = False
-        self._dtensors = False  # whether parameters are DTensors (FSDP2), read as local shards
+        # a parameter (or its gradient) as this rank holds it: the local shard of an FSDP2
+        # DTensor, else the tensor itself (decided at attach, so plain models pay nothing)
+        self._as_local: Callable[[torch.Tensor], torch.Tensor] = _same
         self._record_acts = self._record_grads = False
         self._step = 0
         self._recording = False
@@ -253,7 +255,8 @@ class Recorder:
         self._param_names = [name for name, _ in self._params]
         self._param_ndims = np.array([float(p.dim()) for _, p in self._params])
         sharded = any(distributed.is_sharded(p) for _, p in self._params)
-        self._dtensors = any(distributed.local(p) is not p for _, p in self._params)
+        dtensors = any(distributed.local(p) is not p for _, p in self._params)
+        self._as_local = distributed.local if dtensors else _same
         self._sync = (
             self.sync
             if self.sync is not None
@@ -426,7 +429,7 @@ class Recorder:
     def _read_params(self, snapshot: bool) -> None:
         """Gradient and parameter sums of squares (and a pre-update copy), on the device."""
         # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
-        local = distributed.local if self._dtensors else _same
+        local = self._as_local
         present, grads, params = [], [], []
         for i, (_, p) in enumerate(self._params):
             if p.grad is not None:
@@ -446,8 +449,7 @@ class Recorder:
         self._param_pending = {"present": present, "snapshot": snapshot, "device": values}
 
     def _local(self, i: int) -> torch.Tensor:
-        p = self._params[i][1].detach()
-        return distributed.local(p) if self._dtensors else p
+        return self._as_local(self._params[i][1].detach())
 
     def _close_step(self) -> None:
         step = self._step
@@ -473,8 +475,7 @@ class Recorder:
             if pending["snapshot"] and self._flat is not None:
                 present = pending["present"]
                 # read again after the step: a DTensor's local shard may be a new tensor
-                local = distributed.local if self._dtensors else _same
-                params = [local(self._params[i][1]) for i in present]
+                params = [self._as_local(self._params[i][1]) for i in present]
                 with torch.no_grad():
                     parts.append(self._flat.updates(present, params))
         if self._scalars:
@@ -697,7 +698,7 @@ class Recorder:
         present = pending["present"]
         numel = np.array([self._local(i).numel() for i in present])
         for k in np.flatnonzero(stats.needs_exact(grad_sumsq, numel)):
-            grad = _strided(distributed.local(self._params[present[k]][1].grad))  # type: ignore[arg-type]
+            grad = _strided(self._as_local(self._params[present[k]][1].grad))  # type: ignore[arg-type]
             grad_sumsq[k] = float(stats.exact_norm(grad)) ** 2
             if not np.isfinite(grad_sumsq[k]):
                 nonfinite[k] = stats.count_nonfinite(grad)

@@ -207,10 +207,8 @@ class ParamStats:
         params: list[torch.Tensor],
         snapshot: bool = True,
     ) -> list[torch.Tensor]:
-        """For tensors `present` (their gradients and parameters given in that order): the
-        gradients' sums of squares, largest absolute values and non-finite counts, and the
-        parameters' sums of squares; with `snapshot`, the parameters are kept as the
-        pre-update values."""
+        """As stats.FlatStats.read, with exact non-finite counts; the parameters are kept as
+        the pre-update copy only with `snapshot` (updates() needs it)."""
         idx = np.asarray(present, dtype=np.int64)
         out = np.empty((4, len(idx)))
         keep: list[torch.Tensor] = []
