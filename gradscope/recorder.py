@@ -55,7 +55,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -76,6 +76,20 @@ class NonfiniteEvent:
     step: int
     phase: str  # "forward" (module output) or "backward" (gradient w.r.t. the output)
     layer: str
+
+
+class _GradCall(NamedTuple):
+    """One output gradient seen in backward."""
+
+    label: str
+    samples: int
+    # torch-op path: per-sample sums of squares on the device, and the gradient itself, held
+    # for an exact recount (None where the C kernels took the call: their rows are exact)
+    sample_sumsq: torch.Tensor | None
+    grad: torch.Tensor | None
+    # index into the step's GradScaler scales: the scale of the forward this backward
+    # belongs to (-1: no scaler, or no forward seen; the scale at the step's end is used)
+    scale: int
 
 
 class RecorderError(RuntimeError):
@@ -279,7 +293,8 @@ class Recorder:
         ]
         # a do-nothing pre-hook on the root marks the model as watched while no forward hooks
         # are armed (they are removed on steps that are not recorded, which then cost nothing)
-        self._handles.append(outer.register_forward_pre_hook(_RecorderHook(self, _no_op)))
+        root_hook = self._on_root_forward if self._scaler_enabled() else _no_op
+        self._handles.append(outer.register_forward_pre_hook(_RecorderHook(self, root_hook)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -339,13 +354,27 @@ class Recorder:
         self._native_acts.reset()
         self._native_grads.reset()
         self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index, count)
-        # per call: label, samples, then for torch-op calls the per-sample sums of squares on
-        # the device and the gradient itself (None, None where the C kernels took it)
-        self._grad_calls: list[tuple[str, int, torch.Tensor | None, torch.Tensor | None]] = []
+        self._grad_calls: list[_GradCall] = []
+        # the GradScaler's scale at each recorded forward, as device tensors (no host sync):
+        # a step the scaler skips merges into the next, and each backward's gradients must be
+        # divided by the scale it was made with, not by the next step's
+        self._scales: list[torch.Tensor] = []
         self._scalars: list[tuple[str, torch.Tensor | float]] = []
         self._param_pending: dict[str, Any] | None = None
 
     # -- hooks -----------------------------------------------------------------------------
+
+    def _scaler_enabled(self) -> bool:
+        return self.grad_scaler is not None and bool(self.grad_scaler.is_enabled())
+
+    def _on_root_forward(self, module: nn.Module, args: Any) -> None:
+        if self._recording and self._record_grads and torch.is_grad_enabled():
+            scaler = self.grad_scaler
+            scale = scaler._get_scale_async()  # None until the scaler's first scale()
+            if scale is None:
+                self._scales.append(torch.tensor([float(scaler.get_scale())]))
+            else:
+                self._scales.append(scale.detach().reshape(1).clone())
 
     def _on_forward(
         self, fqn: str, band: tuple[float, float] | None, module: nn.Module, args: Any, out: Any
@@ -395,11 +424,13 @@ class Recorder:
         if not self._recording:
             return
         samples = 1 if grad.dim() == 0 else grad.shape[0]
+        scale = len(self._scales) - 1
         if native.takes(grad):
             native.grad_rows(grad, samples, self._native_grads.take(1))
-            self._grad_calls.append((label, samples, None, None))
+            self._grad_calls.append(_GradCall(label, samples, None, None, scale))
         else:
-            self._grad_calls.append((label, samples, stats.sample_sumsq(grad, self._scratch), grad))
+            sumsq = stats.sample_sumsq(grad, self._scratch)
+            self._grad_calls.append(_GradCall(label, samples, sumsq, grad, scale))
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._recording:
@@ -467,7 +498,10 @@ class Recorder:
             parts.append(_stack_float64(self._act_moments))
         if self._saturated:
             parts.append(_stack_float64([c for _, c in self._saturated]))
-        eager_grads = [n for _, _, n, _ in grads if n is not None]
+        scales = self._scales if grads else []
+        if scales:
+            parts.append(_cat_float64(scales))
+        eager_grads = [g.sample_sumsq for g in grads if g.sample_sumsq is not None]
         if eager_grads:
             parts.append(_cat_float64(eager_grads))
         if pending is not None:
@@ -484,17 +518,21 @@ class Recorder:
                     [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self._scalars]
                 )
             )
-        if not parts:
+        if not (parts or acts or grads):
             return
-        # the one host transfer of the step
-        flat = torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
+        # the one host transfer of the step (none where the C kernels wrote every row)
+        flat = (
+            torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
+            if parts
+            else np.zeros(0)
+        )
         reader = _Reader(flat)
         rows = _Rows()
         origins = {}
         if acts:
             origins["forward"] = self._activation_rows(rows, reader)
         if grads:
-            origins["backward"] = self._grad_rows(rows, reader)
+            origins["backward"] = self._grad_rows(rows, reader, reader.take(len(scales)))
         if pending is not None:
             self._param_rows(rows, pending, reader)
         if self._scalars:
@@ -534,8 +572,6 @@ class Recorder:
             exact = self._native_acts.rows()
             moments[~eager] = exact[:, [0, 2, 3, 4, 1]]
             nonfinite[~eager] = exact[:, 5]
-            all_nan = moments[:, 1] > moments[:, 2]  # extremes of no value: inf, -inf
-            moments[all_nan, 1:3] = np.nan
         saturated = reader.take(len(self._saturated))
         numel = np.array([c[1] for c in acts], dtype=np.float64)
         suspect = ~np.isfinite(moments).all(axis=1) | stats.needs_exact(moments[:, 4], numel)
@@ -555,9 +591,10 @@ class Recorder:
         n = len(names)
         lo = np.full(n, np.inf)
         hi = np.full(n, -np.inf)
-        with np.errstate(invalid="ignore"):  # NaN extremes stay NaN, counted in nonfinite
-            np.minimum.at(lo, label_id, moments[:, 1])
-            np.maximum.at(hi, label_id, moments[:, 2])
+        # extremes over calls ignore NaN, as within a call (a kernel's call with no value but
+        # NaN gives inf, -inf; a torch-op call NaN)
+        np.fmin.at(lo, label_id, moments[:, 1])
+        np.fmax.at(hi, label_id, moments[:, 2])
         sat_calls = [i for i, _ in self._saturated]
         sums = np.stack(
             [
@@ -575,6 +612,8 @@ class Recorder:
             sums = distributed.all_reduce_array(sums, "sum")
             lo = distributed.all_reduce_array(lo, "min")
             hi = distributed.all_reduce_array(hi, "max")
+        no_value = lo > hi  # a layer with no value but NaN (counted in nonfinite)
+        lo[no_value] = hi[no_value] = np.nan
         total, sumsq, nonzero, count, nonfinite_sum, sat, bounded_calls = sums
         values = stats.activation_stats(total, sumsq, lo, hi, nonzero, count, nonfinite_sum)
         for stat, column in values.items():
@@ -589,17 +628,17 @@ class Recorder:
             )
         return origin
 
-    def _grad_rows(self, rows: _Rows, reader: _Reader) -> str | None:
+    def _grad_rows(self, rows: _Rows, reader: _Reader, scales: np.ndarray) -> str | None:
         grads = self._grad_calls
         # per call: sum of squares, sum of the samples' norms, samples with non-finite values
         per_call = np.empty((len(grads), len(native.GRAD_FIELDS)))
-        eager = np.array([g[2] is not None for g in grads], dtype=bool)
+        eager = np.array([g.grad is not None for g in grads], dtype=bool)
         per_call[~eager] = self._native_grads.rows()  # exact already
         eager_calls = np.flatnonzero(eager)
-        sample_sumsq = reader.take(sum(grads[c][1] for c in eager_calls))
+        sample_sumsq = reader.take(sum(grads[c].samples for c in eager_calls))
         start = 0
         for c in eager_calls:
-            _, samples, _, grad = grads[c]
+            samples, grad = grads[c].samples, grads[c].grad
             assert grad is not None
             sumsq = sample_sumsq[start : start + samples]
             start += samples
@@ -608,15 +647,17 @@ class Recorder:
                 sumsq = np.square(stats.exact_norm(matrix, dim=1).cpu().numpy())
             norms = np.sqrt(sumsq)
             per_call[c] = sumsq.sum(), norms.sum(), np.count_nonzero(~np.isfinite(norms))
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            scale = float(self.grad_scaler.get_scale())  # the scale of this backward
+        if self._scaler_enabled():
+            # each backward's own scale; the scale now where no forward was seen
+            now = float(self.grad_scaler.get_scale())
+            scale = np.array([scales[g.scale] if g.scale >= 0 else now for g in grads])
             per_call[:, 0] /= scale**2
             per_call[:, 1] /= scale
         bad = np.flatnonzero(per_call[:, 2] > 0)
-        origin = grads[int(bad[0])][0] if len(bad) else None
-        names, label_id = self._grad_labels([g[0] for g in grads])
+        origin = grads[int(bad[0])].label if len(bad) else None
+        names, label_id = self._grad_labels([g.label for g in grads])
         n = len(names)
-        sample_counts = np.array([g[1] for g in grads], dtype=np.float64)
+        sample_counts = np.array([g.samples for g in grads], dtype=np.float64)
         sums = np.stack(
             [
                 np.bincount(label_id, sample_counts, n),

@@ -175,7 +175,9 @@ def train(
     recorder: Recorder | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
-    """Trains `model` on `data` with cross-entropy; deterministic for a given seed on CPU.
+    """Trains `model` on `data` with cross-entropy; bit-identical for a given seed on a CPU
+    with one thread (``torch.set_num_threads(1)``, as each sweep run has). With more threads,
+    torch's parallel reductions may round differently from run to run (~1e-7 relative).
 
     A recorder, if given, is attached to the model and optimizer for the run and detached at
     the end; the loss (and the pre-clip total norm) is logged into it. `progress(step, total,

@@ -106,3 +106,64 @@ def test_recorder_diagnose_on_a_vanishing_model():
         ).backward()
         opt.step()
     assert rec.diagnose()[0].id == "vanishing_gradients"
+
+
+# Each rule just either side of its threshold, with the severity it must give. The values are
+# written out (not derived from the constants), so a changed constant is caught.
+@pytest.mark.parametrize(
+    ("first_norm", "expected"),
+    [
+        (1.1e-3, None),  # just above the vanishing ratio 1e-3
+        (0.9e-3, ("vanishing_gradients", "warning")),
+        (1.1e-6, ("vanishing_gradients", "warning")),  # just above the severe ratio 1e-6
+        (0.9e-6, ("vanishing_gradients", "error")),
+        (0.0, ("vanishing_gradients", "error")),  # no gradient at all reaches the first layer
+        (0.9e3, None),  # just below the exploding ratio 1e3
+        (1.1e3, ("exploding_gradients", "error")),
+    ],
+)
+def test_flow_thresholds_and_severities(first_norm, expected):
+    verdicts = dg.diagnose(_frame([first_norm, 1.0, 1.0]))
+    if expected is None:
+        assert [v.id for v in verdicts] == ["healthy"]
+    else:
+        assert [(v.id, v.severity) for v in verdicts] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("stat", "value", "expected"),
+    [
+        ("zero_frac", 0.89, None),  # dead units above 90% zeros
+        ("zero_frac", 0.91, "dead_units"),
+        ("saturated_frac", 0.49, None),  # saturated above 50% at the bounds
+        ("saturated_frac", 0.51, "saturated_units"),
+    ],
+)
+def test_activation_thresholds(stat, value, expected):
+    extra = [(0, "blocks.0.act", "activation", stat, value)]
+    verdicts = dg.diagnose(_frame([1.0, 1.0], extra))
+    if expected is None:
+        assert [v.id for v in verdicts] == ["healthy"]
+    else:
+        assert [(v.id, v.severity, v.layers) for v in verdicts] == [
+            (expected, "warning", ["blocks.0.act"])
+        ]
+
+
+@pytest.mark.parametrize(
+    ("ratio", "expected"),
+    [
+        (0.9e-5, "update_too_small"),  # healthy updates are between 1e-5 and 1e-1 of the weight
+        (1.1e-5, None),
+        (0.09, None),
+        (0.11, "update_too_large"),
+    ],
+)
+def test_update_thresholds(ratio, expected):
+    extra = [(0, f"blocks.{i}.fc.weight", "update", "ratio", ratio) for i in range(2)]
+    verdicts = dg.diagnose(_frame([1.0, 1.0], extra))
+    if expected is None:
+        assert [v.id for v in verdicts] == ["healthy"]
+    else:
+        assert [(v.id, v.severity) for v in verdicts] == [(expected, "warning")]
+        assert verdicts[0].evidence["median_update_ratio"] == pytest.approx(ratio)

@@ -361,6 +361,14 @@ def test_models_without_parameters():
     frame = rec.to_frame()
     rec.detach()
     assert set(frame.kind) == {"activation"}
+    # an unbounded activation alone: the C kernels write every row, nothing goes to the host
+    relu = nn.ReLU()
+    with gs.watch(relu) as rec:
+        relu(torch.tensor([[-1.0, 0.0, 2.0, 3.0]]))
+        rec.step()
+    frame = rec.to_frame()
+    assert _value(frame, "ReLU", "activation", "zero_frac") == 0.5
+    assert _value(frame, "ReLU", "activation", "max") == 3.0
 
 
 def test_tuple_dict_and_none_outputs():
@@ -460,7 +468,9 @@ def test_misuse_is_reported():
         rec.step()
     with pytest.raises(ValueError, match="every"):
         gs.Recorder(every=0)
-    assert isinstance(gs.Recorder().to_frame(), pd.DataFrame)
+    empty = gs.Recorder().to_frame()  # nothing recorded: no rows, the schema's columns
+    assert len(empty) == 0 and list(empty.columns) == ["step", "layer", "kind", "stat", "value"]
+    assert empty.dtypes.astype(str).tolist() == ["int64", "object", "object", "object", "float64"]
 
 
 def test_subnormal_output_gradients_are_never_reported_as_zero():
@@ -527,6 +537,25 @@ def test_spilled_rows_come_back_identical(tmp_path):
     held.detach()
     with pytest.raises(gs.RecorderError, match="another recording"):
         gs.Recorder(spill_to=tmp_path / "rows").attach(model, opt)
+
+
+def test_a_spilling_recorder_goes_on_after_reattaching(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("plain", 2, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
+    rec = gs.Recorder(spill_to=tmp_path / "rows", spill_rows=10)
+    for _ in range(2):  # e.g. detached for an evaluation, then training goes on
+        rec.attach(model, opt)
+        for _ in range(3):
+            _train_step(model, opt, x, y)
+        rec.detach()
+    frame = rec.to_frame()
+    assert sorted(frame.step.unique()) == [0, 1, 2, 3, 4, 5]
+    parts = sorted((tmp_path / "rows").glob("part-*.parquet"))
+    assert len(parts) == 6  # a part per step: each held more than spill_rows rows
+    on_disk = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    pd.testing.assert_frame_equal(on_disk, frame)
 
 
 def test_constant_values_and_tiny_updates_are_exact():

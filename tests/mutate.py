@@ -1,0 +1,188 @@
+"""Mutation check: applies one-line bugs to a copy of the project, one at a time, and runs
+the tests meant to catch each; prints caught/survived and exits 1 if any survived.
+
+    .venv/bin/python tests/mutate.py            # all mutations
+    .venv/bin/python tests/mutate.py -k resume  # those whose name contains "resume"
+
+Each mutation must match its file exactly once (a refactor that moves the line makes the
+script fail loudly, not pass silently). The copy imports its own gradscope (PYTHONPATH) and
+builds its own C kernels (GRADSCOPE_CACHE in the copy), so the checkout is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "activation extremes: the last call wins instead of min/max over calls",
+        "gradscope/recorder.py",
+        "np.fmin.at(lo, label_id, moments[:, 1])\n        np.fmax.at(hi, label_id, moments[:, 2])",
+        "lo[label_id] = moments[:, 1]\n        hi[label_id] = moments[:, 2]",
+        ("tests/test_recorder_merge.py",),
+    ),
+    Mutation(
+        "zero_frac counts x > 0 instead of x != 0 (torch-op path)",
+        "gradscope/stats.py",
+        "torch.ne(x, 0, out=work)",
+        "torch.gt(x, 0, out=work)",
+        ("tests/test_recorder_merge.py",),
+    ),
+    Mutation(
+        "GradScaler: sample_norm of output gradients not unscaled",
+        "gradscope/recorder.py",
+        "per_call[:, 1] /= scale",
+        "per_call[:, 1] /= 1.0",
+        (
+            "tests/test_recorder_merge.py",
+            "tests/test_distributed.py::test_amp_records_unscaled_gradients",
+        ),
+    ),
+    Mutation(
+        "GradScaler: a skipped step's gradients divided by the next step's scale",
+        "gradscope/recorder.py",
+        "scale = np.array([scales[g.scale] if g.scale >= 0 else now for g in grads])",
+        "scale = np.full(len(grads), now)",
+        ("tests/test_recorder_merge.py",),
+    ),
+    Mutation(
+        "a spilling recorder refuses to be re-attached to go on with its recording",
+        "gradscope/recorder.py",
+        "if self.spill_to is not None and not self._parts:",
+        "if self.spill_to is not None:",
+        ("tests/test_recorder.py::test_a_spilling_recorder_goes_on_after_reattaching",),
+    ),
+    Mutation(
+        "VANISHING_RATIO 1e-3 -> 1e-8",
+        "gradscope/diagnose.py",
+        "VANISHING_RATIO = 1e-3",
+        "VANISHING_RATIO = 1e-8",
+        ("tests/test_frame_and_diagnose.py",),
+    ),
+    Mutation(
+        "vanishing severity always error",
+        "gradscope/diagnose.py",
+        '"error" if not ratio >= SEVERE_RATIO else "warning"',
+        '"error"',
+        ("tests/test_frame_and_diagnose.py",),
+    ),
+    Mutation(
+        "--resume compares only depths, variants and width",
+        "gradscope/sweep.py",
+        "if saved != config:",
+        "if (saved.depths, saved.variants, saved.width) != (config.depths, config.variants, config.width):",
+        ("tests/test_sweep.py",),
+    ),
+    Mutation(
+        "C param_read: per-thread maxima summed instead of max-ed",
+        "gradscope/native/kernels.c",
+        "out[k + j] = r[k + j] > out[k + j] ? r[k + j] : out[k + j];",
+        "out[k + j] += r[k + j];",
+        ("tests/test_native.py",),
+    ),
+    Mutation(
+        "an all-NaN output keeps min/max at +inf/-inf instead of NaN (C path)",
+        "gradscope/recorder.py",
+        "lo[no_value] = hi[no_value] = np.nan",
+        "pass",
+        ("tests/test_recorder_merge.py",),
+    ),
+    Mutation(
+        "a step whose rows the C kernels wrote alone is dropped",
+        "gradscope/recorder.py",
+        "if not (parts or acts or grads):",
+        "if not parts:",
+        ("tests/test_recorder.py::test_models_without_parameters",),
+    ),
+]
+
+
+def _copy(dest: Path) -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "GRADSCOPE_CACHE": str(copy / ".cache")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    return done.returncode, lines[-1] if lines else done.stderr.strip()[-200:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    selected = [m for m in MUTATIONS if parser.parse_args().k.lower() in m.name.lower()]
+    survived = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp)
+        _copy(copy)
+        check = subprocess.run(
+            [sys.executable, "-c", "import gradscope; print(gradscope.__file__)"],
+            cwd=copy,
+            env={**os.environ, "PYTHONPATH": str(copy)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert check.startswith(str(copy)), f"the copy imports {check}, not its own gradscope"
+        print(f"{'mutation':<75} {'result':<9} tests")
+        for m in selected:
+            path = copy / m.path
+            original = path.read_text()
+            if original.count(m.old) != 1:
+                print(f"{m.name:<75} {'STALE':<9} {m.old!r} is not once in {m.path}")
+                survived += 1
+                continue
+            rc, last = _run_tests(copy, m.tests)  # the unmutated tests must pass first
+            if rc != 0:
+                print(f"{m.name:<75} {'BROKEN':<9} unmutated tests fail: {last}")
+                survived += 1
+                continue
+            path.write_text(original.replace(m.old, m.new))
+            start = time.perf_counter()
+            try:
+                rc, last = _run_tests(copy, m.tests)
+            finally:
+                path.write_text(original)
+            result = "caught" if rc == 1 else "SURVIVED" if rc == 0 else f"rc {rc}"
+            survived += rc == 0
+            took = time.perf_counter() - start
+            print(f"{m.name:<75} {result:<9} {' '.join(m.tests)} ({last}; {took:.0f} s)")
+    print(f"\n{len(selected) - survived} of {len(selected)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
