@@ -38,6 +38,31 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _fetch_data(dataset: str, data_root: str | None) -> None:
+    """Downloads what is missing of an IDX dataset, with a progress bar; found files are only
+    checked. Exits 2 with the loader's one-line error where that cannot be done."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from gradscope.data import DataError, ensure_files
+
+    if dataset not in ("mnist", "fashion-mnist"):
+        return  # synthetic, or unknown: the loader says so
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def show(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"downloading {name}", total=total)
+            bar.update(tasks[name], completed=done)
+
+        try:
+            ensure_files(dataset, data_root, show)
+        except DataError as e:
+            fail(str(e))
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
@@ -101,6 +126,7 @@ def train(
         config.validate()
         torch.manual_seed(seed)
         net = build_named(model, depth, width, activation, init, dropout)
+        _fetch_data(dataset, data_root)
         data = load_dataset(dataset, data_root)
     except (ValueError, DataError) as e:
         fail(str(e))
@@ -232,6 +258,7 @@ def _run_sweep_cli(
         except (SweepError, DataError):
             raise typer.Exit(2) from None
         return
+    _fetch_data(config.dataset, data_root)
 
     columns = (
         TextColumn("{task.description}"),
@@ -341,6 +368,7 @@ def _reproduce(
 
     seed_list = _int_list(seeds, "--seeds")
     target = out or Path("reports") / f"reproduce-{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    _fetch_data(dataset, data_root)
     try:
         data = load_dataset(dataset, data_root)
         if target.exists() and any(target.iterdir()):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from gradscope import download
+
 ENV_VAR = "GRADSCOPE_DATA"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -104,37 +106,74 @@ def _find_file(stem: str, dirs: list[Path]) -> Path | None:
     return None
 
 
-def _try_download(name: DatasetName, root: Path) -> bool:
-    """Downloads with torchvision where it imports and the network answers."""
+def ensure_files(
+    name: str,
+    data_root: str | os.PathLike[str] | None = None,
+    progress: download.Progress | None = None,
+) -> dict[str, Path]:
+    """Finds the four IDX files of MNIST or Fashion-MNIST, each checked by MD5; downloads
+    (see gradscope.download) those that are missing or corrupt into ``<root>/MNIST/raw/``
+    (``FashionMNIST/raw/``). Found files are never downloaded again.
+
+    Raises:
+        DataError: a file is missing or corrupt and no mirror gave a correct copy; the message
+            names each file, where it belongs, and what the mirrors answered.
+    """
+    which = DatasetName(name)
+    root = resolve_root(data_root)
+    dirs = _candidate_dirs(which, root)
+    resources = {r.stem: r for r in download.RESOURCES[which.value]}
+
+    def scan() -> tuple[dict[str, Path], dict[str, tuple[Path | None, str]]]:
+        found, bad = {}, {}
+        for key, stem in _FILES.items():
+            path = _find_file(stem, dirs)
+            problem = "missing" if path is None else download.check(path, resources[stem])
+            if problem is None and path is not None:
+                found[key] = path
+            else:
+                bad[key] = (path, problem or "missing")
+        return found, bad
+
+    found, bad = scan()
+    if not bad:
+        return found
+    failures: dict[str, str] = {}
     try:
-        from torchvision import datasets  # type: ignore[import-untyped]
-    except Exception:  # torchvision is optional and may not import next to CPU torch
-        return False
-    cls = datasets.MNIST if name == DatasetName.MNIST else datasets.FashionMNIST
-    try:
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
-    except Exception:
-        return False
-    return True
+        with download.folder_lock(dirs[0]):
+            found, bad = scan()  # another process may have fetched them meanwhile
+            for key in list(bad):
+                try:
+                    found[key] = download.fetch(
+                        which.value, resources[_FILES[key]], dirs[0], progress
+                    )
+                    del bad[key]
+                except download.DownloadError as e:
+                    failures[key] = str(e)
+    except OSError as e:  # the root cannot be written: nothing can be fetched into it
+        failures = dict.fromkeys(bad, f"cannot write to {dirs[0]}: {e.strerror or e}")
+    if not bad:
+        return found
+    missing = [_FILES[k] + ".gz" for k, (path, _) in bad.items() if path is None]
+    corrupt = [f"{path} ({problem})" for path, problem in bad.values() if path is not None]
+    why = next(iter(failures.values()), "")
+    parts = []
+    if missing:
+        where = " or ".join(str(d) for d in dirs)
+        parts.append(f"missing {', '.join(missing)} in {where}")
+    if corrupt:
+        parts.append(f"corrupt: {'; '.join(corrupt)}")
+    raise DataError(
+        f"{which.value}: {'; '.join(parts)}; it could not be downloaded ({why}). Place the "
+        f"IDX files in {dirs[0]}, or point --data-root (or ${ENV_VAR}) at a folder holding "
+        f"{dirs[0].relative_to(root)}/"
+    )
 
 
 def _load_idx_dataset(name: DatasetName, root: Path) -> Dataset:
-    dirs = _candidate_dirs(name, root)
-    paths = {key: _find_file(stem, dirs) for key, stem in _FILES.items()}
-    if any(p is None for p in paths.values()) and _try_download(name, root):
-        paths = {key: _find_file(stem, dirs) for key, stem in _FILES.items()}
-    missing = [_FILES[k] + ".gz" for k, p in paths.items() if p is None]
-    if missing:
-        where = " or ".join(str(d) for d in dirs)
-        raise DataError(
-            f"{name.value}: missing {', '.join(missing)} in {where}. Place the IDX files "
-            f"there, or point --data-root (or ${ENV_VAR}) at a folder holding "
-            f"{dirs[0].relative_to(root)}/ (it could not be downloaded)"
-        )
+    paths = ensure_files(name.value, root)
     tensors = {}
     for key, path in paths.items():
-        assert path is not None
         split = key.split("_")[0]
         tensors[key] = read_idx(path, 3 if key.endswith("images") else 1, _COUNTS[split])
     for split in ("train", "test"):

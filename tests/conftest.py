@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gradscope import native
+from gradscope import download, native
 from gradscope.data import load_dataset, resolve_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +20,14 @@ def _need(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"{reason} (GRADSCOPE_REQUIRE_DATA=1: CI must not skip this)")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def no_download_mirrors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach the public mirrors: downloads go to a closed loopback port (refused
+    at once) unless a test serves the files itself."""
+    for var in download.MIRRORS_ENV.values():
+        monkeypatch.setenv(var, "http://127.0.0.1:9/")
 
 
 @pytest.fixture(scope="session")
