@@ -10,6 +10,8 @@ Reference rows put the recorder's cost in context:
   the recorder must look costs, before any statistic is computed.
 - "parameters only": the recorder with activations=False, activation_grads=False; "+
   activations" and "+ output gradients" add one of the two (each with its hooks).
+- "leaves only": everything but the blocks' outputs (the residual stream), which the default
+  selection adds: the difference to "everything, every 1" is what the stream costs.
 
     python benchmarks/overhead.py [--repeats 30]
 """
@@ -46,6 +48,10 @@ def hook_floor(model: nn.Module) -> None:
             module.register_forward_hook(on_forward)
 
 
+def _leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
 def make_loop(model: nn.Module, setup: Callable[[nn.Module, torch.optim.Optimizer], object]):  # type: ignore[no-untyped-def]
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -76,6 +82,10 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, torch.optim.Optimizer], object], 
     ),
     "+ output gradients, every 1": (
         lambda m, o: gs.watch(m, optimizer=o, activations=False),
+        None,
+    ),
+    "everything, leaves only": (
+        lambda m, o: gs.watch(m, optimizer=o, include=lambda fqn, mod: _leaf(mod)),
         None,
     ),
     "everything, every 1": (lambda m, o: gs.watch(m, optimizer=o, every=1), 1.05),

@@ -101,6 +101,8 @@ def _flow_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
 
 def _activation_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
     acts = frame[(frame["kind"] == "activation") & (frame["step"] == step)]
+    # units die or saturate in activation functions; a block's output (the stream) is not one
+    acts = acts[~acts["layer"].isin(fr.stream_layers(frame))]
     out = []
     for stat, limit, vid, what, suggestion in (
         (

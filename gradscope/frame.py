@@ -73,3 +73,14 @@ def flow_summary(frame: pd.DataFrame) -> pd.DataFrame:
         for step, row in wide.iterrows()
     ]
     return pd.DataFrame(rows, columns=["step", "grad_ratio", "grad_decay"])
+
+
+def stream_layers(frame: pd.DataFrame, kind: str = "activation") -> list[str]:
+    """The recorded block outputs (the residual stream between blocks), in depth order.
+
+    Blocks are what the recorder selects as such (see ``gradscope.recorder.block_fqns``): its
+    `block_index` rows give each one's position. Tuple outputs appear as ``fqn[0]``, ...
+    """
+    rows = frame[(frame["kind"] == kind) & (frame["stat"] == "block_index")]
+    order = rows.drop_duplicates("layer").sort_values("value", kind="stable")
+    return list(order["layer"])

@@ -18,6 +18,15 @@ The frame a Recorder produces is long form, with columns exactly
 - ``activation_grad``: gradient w.r.t. the module's output (the back-propagated signal):
   ``norm`` over the whole batch, ``sample_norm`` (mean over samples, indexed by the first
   dimension, of each sample's norm), ``nonfinite`` (samples whose gradient holds inf/NaN).
+- ``block_index`` (under both ``activation`` and ``activation_grad``, blocks only): the
+  block's position in the residual stream, 0 nearest the input (``frame.stream_layers``).
+
+Which modules' outputs are recorded: by default every leaf module and every block, a block
+being a composite module that is an element of an ``nn.ModuleList`` or ``nn.Sequential``
+(``blocks.7``, ``transformer.h.3``, ``layers.2``; see ``block_fqns``): their outputs are the
+residual stream. ``include=`` (globs or a predicate) selects any modules instead, leaf or
+composite; ``exclude=`` removes modules. Parameters are recorded once each, under their own
+fqn: those of every selected module and of the modules inside a selected composite one.
 - ``nonfinite_origin``: on a step with a non-finite value, ``stat="forward"`` names the first
   module in forward order whose output became non-finite, ``stat="backward"`` the first in
   backward order whose gradient did (value 1).
@@ -105,6 +114,23 @@ def _matches(selector: Selector, fqn: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
 
 
+def block_fqns(model: nn.Module) -> list[str]:
+    """The blocks of a network, in module order: each composite module that is an element of
+    an nn.ModuleList or nn.Sequential (``blocks.7``, ``transformer.h.3``, ``layers.2``).
+
+    Their outputs are the residual stream between blocks. Containers without a forward of
+    their own (ModuleList, ModuleDict) are not blocks themselves.
+    """
+    found = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, nn.ModuleList | nn.Sequential):
+            for name, child in module.named_children():
+                composite = next(child.children(), None) is not None
+                if composite and not isinstance(child, nn.ModuleList | nn.ModuleDict):
+                    found.append(f"{fqn}.{name}" if fqn else name)
+    return found
+
+
 def _tensor_outputs(output: Any, prefix: str) -> Iterable[tuple[str, torch.Tensor]]:
     """Each floating-point tensor in a module's output, labelled fqn, fqn[i] or fqn[key]."""
     if isinstance(output, torch.Tensor):
@@ -123,7 +149,8 @@ class Recorder:
 
     Args:
         every: record every n-th step (an int >= 1) or the steps where `every(step)` is true.
-        include: module fqn globs or a predicate `(fqn, module) -> bool`; default all leaves.
+        include: module fqn globs or a predicate `(fqn, module) -> bool` selecting any module,
+            leaf or composite; default every leaf and every block (see the module docstring).
         exclude: the same, removing modules (and their parameters) from the selection.
         activations: record forward statistics of module outputs (default: yes, except on
             compiled models, whose modules run inside the compiled graph).
@@ -180,6 +207,10 @@ class Recorder:
         self._modules: list[tuple[str, nn.Module]] = []
         # (module, hook) for each selected module: registered on recorded steps only
         self._forward_hooks: list[tuple[nn.Module, Callable[..., None]]] = []
+        # each watched block's position in the stream (see block_fqns), by fqn
+        self._block_index: dict[str, float] = {}
+        # per kind: the label list last seen, and its block labels and indices
+        self._block_rows: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
         self._params: list[tuple[str, nn.Parameter]] = []
         self._param_names: list[str] = []
         self._param_ndims = np.zeros(0)
@@ -264,7 +295,7 @@ class Recorder:
         self._params = [
             (name, p)
             for name, p in model.named_parameters()
-            if p.requires_grad and self._selected(name.rpartition(".")[0], model)
+            if p.requires_grad and self._param_selected(name.rpartition(".")[0], model)
         ]
         self._param_names = [name for name, _ in self._params]
         self._param_ndims = np.array([float(p.dim()) for _, p in self._params])
@@ -282,11 +313,16 @@ class Recorder:
                 "to update; watch it without an optimizer to record activations only"
             )
         self.model, self.optimizer = outer, optimizer
+        blocks = set(block_fqns(model))
         self._modules = [
             (fqn or type(module).__name__, module)
             for fqn, module in (model.named_modules() if not compiled else ())
-            if next(module.children(), None) is None and self._selected(fqn, model)
+            if self._watched(fqn, module, blocks)
         ]
+        watched = {label for label, _ in self._modules}
+        self._block_index = {
+            fqn: float(i) for i, fqn in enumerate(b for b in block_fqns(model) if b in watched)
+        }
         self._forward_hooks = [
             (module, functools.partial(self._on_forward, label, _band(module)))
             for label, module in self._modules
@@ -334,11 +370,27 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def _selected(self, fqn: str, model: nn.Module) -> bool:
-        module = model.get_submodule(fqn) if fqn else model
-        if self.include is not None and not _matches(self.include, fqn, module):
+    def _watched(self, fqn: str, module: nn.Module, blocks: set[str]) -> bool:
+        """Whether a module's outputs are recorded: by default each leaf and each block (see
+        block_fqns); with `include`, the modules it matches, leaf or composite."""
+        if self.include is None:
+            chosen = next(module.children(), None) is None or fqn in blocks
+        else:
+            chosen = _matches(self.include, fqn, module)
+        return chosen and not _matches(self.exclude, fqn, module)
+
+    def _param_selected(self, owner: str, model: nn.Module) -> bool:
+        """Whether the parameters of module `owner` are recorded: those of every module the
+        selection covers (a selected composite module covers its submodules' parameters),
+        unless `exclude` matches their own module."""
+        module = model.get_submodule(owner) if owner else model
+        if _matches(self.exclude, owner, module):
             return False
-        return not _matches(self.exclude, fqn, module)
+        if self.include is None:
+            return True
+        parts = owner.split(".") if owner else []
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), -1, -1)]  # owner ... root
+        return any(_matches(self.include, p, model.get_submodule(p)) for p in prefixes)
 
     def _should_record(self, step: int) -> bool:
         if callable(self.every):
@@ -618,6 +670,7 @@ class Recorder:
         values = stats.activation_stats(total, sumsq, lo, hi, nonzero, count, nonfinite_sum)
         for stat, column in values.items():
             rows.add(names, "activation", stat, column)
+        self._add_block_rows(rows, "activation", names)
         bounded = bounded_calls > 0
         if bounded.any():
             rows.add(
@@ -677,7 +730,21 @@ class Recorder:
         values = stats.grad_stats(*sums)
         for stat, column in values.items():
             rows.add(names, "activation_grad", stat, column)
+        self._add_block_rows(rows, "activation_grad", names)
         return origin
+
+    def _add_block_rows(self, rows: _Rows, kind: str, names: list[str]) -> None:
+        """`block_index` rows: each block output's position in the stream."""
+        if not self._block_index:
+            return
+        cached = self._block_rows.get(kind)
+        if cached is None or cached[0] is not names:  # label lists are kept while calls repeat
+            labels = [n for n in names if n.partition("[")[0] in self._block_index]
+            index = np.array([self._block_index[n.partition("[")[0]] for n in labels])
+            cached = self._block_rows[kind] = (names, labels, index)
+        _, labels, index = cached
+        if labels:
+            rows.add(labels, kind, "block_index", index)
 
     def _check_same_layers(self, names: list[str]) -> None:
         counts = np.array([len(names)], dtype=np.float64)
