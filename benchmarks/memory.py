@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gradscope as gs
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 
 
 def resident_mib() -> float:

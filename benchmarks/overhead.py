@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import gradscope as gs
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 
 STEPS = 10  # steps per timed block
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from gradscope.data import load_dataset
-from gradscope.sweep import DEFAULT_VARIANTS, RunSpec, SweepConfig, default_depths, run_one
+from gradscope.lab.data import load_dataset
+from gradscope.lab.sweep import DEFAULT_VARIANTS, RunSpec, SweepConfig, default_depths, run_one
 
 
 def main() -> None:

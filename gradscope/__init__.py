@@ -5,9 +5,9 @@ Example:
     >>> model = gs.build_model("preln", depth=4)
 """
 
-from gradscope.data import DataError, Dataset, load_dataset
 from gradscope.diagnose import Verdict, diagnose
-from gradscope.models import build_model, build_named
+from gradscope.lab.data import DataError, Dataset, load_dataset
+from gradscope.lab.models import build_model, build_named
 from gradscope.recorder import NonfiniteEvent, Recorder, RecorderError, watch
 
 __all__ = [

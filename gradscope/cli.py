@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 if TYPE_CHECKING:
-    from gradscope.sweep import SweepConfig
+    from gradscope.lab.sweep import SweepConfig
 
 app = typer.Typer(
     help="gradscope: see where gradients vanish or explode, and why.",
@@ -43,7 +41,7 @@ def _fetch_data(dataset: str, data_root: str | None) -> None:
     checked. Exits 2 with the loader's one-line error where that cannot be done."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from gradscope.data import DataError, ensure_files
+    from gradscope.lab.data import DataError, ensure_files
 
     if dataset not in ("mnist", "fashion-mnist"):
         return  # synthetic, or unknown: the loader says so
@@ -104,10 +102,10 @@ def train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from gradscope.data import DataError, load_dataset
-    from gradscope.models import build_named
-    from gradscope.train import TrainConfig, total_steps
-    from gradscope.train import train as run_training
+    from gradscope.lab.data import DataError, load_dataset
+    from gradscope.lab.models import build_named
+    from gradscope.lab.train import TrainConfig, total_steps
+    from gradscope.lab.train import train as run_training
 
     config = TrainConfig(
         optimizer=optimizer,
@@ -199,7 +197,7 @@ def depth_sweep(
 
     Writes frame.parquet, runs.csv, report.html and config.json, each run saved as it finishes.
     """
-    from gradscope.sweep import SweepConfig, SweepError, default_depths
+    from gradscope.lab.sweep import SweepConfig, SweepError, default_depths
 
     if depths is not None:
         depth_list = sorted(set(_int_list(depths, "--depths")))
@@ -247,19 +245,17 @@ def _run_sweep_cli(
         TimeRemainingColumn,
     )
 
-    from gradscope.data import DataError
-    from gradscope.sweep import SweepError, SweepProgress, run_sweep, run_sweep_ranks
+    from gradscope.lab import sweep_run
+    from gradscope.lab.data import DataError
+    from gradscope.lab.sweep import SweepError
 
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if under_torchrun and os.environ.get("RANK", "0") != "0":
-        # other ranks train their share quietly; rank 0 merges and reports
+    if not sweep_run.reports_here():  # other ranks train their share quietly
         try:
-            run_sweep_ranks(config, target, data_root, resume)
+            sweep_run.run(config, target, data_root, workers, resume)
         except (SweepError, DataError):
             raise typer.Exit(2) from None
         return
     _fetch_data(config.dataset, data_root)
-
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -272,7 +268,7 @@ def _run_sweep_cli(
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("depth sweep", total=None)
 
-        def show(p: SweepProgress) -> None:
+        def show(p: sweep_run.SweepProgress) -> None:
             bar.update(
                 task,
                 total=p.total_work,
@@ -281,10 +277,7 @@ def _run_sweep_cli(
             )
 
         try:
-            if under_torchrun:
-                run_sweep_ranks(config, target, data_root, resume, on_progress=show)
-            else:
-                run_sweep(config, target, data_root, workers, resume, on_progress=show)
+            sweep_run.run(config, target, data_root, workers, resume, on_progress=show)
         except (SweepError, DataError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -302,32 +295,27 @@ def _run_sweep_cli(
 def _write_outputs(target: Path) -> None:
     import pandas as pd
 
+    from gradscope.lab.sweep import deepest_verdicts, write_outputs
     from gradscope.report import render_sweep_report
-    from gradscope.sweep import load_results
 
-    results = load_results(target)
-    frame, runs, _ = results
-    frame.to_parquet(target / "frame.parquet", index=False)
-    runs.to_csv(target / "runs.csv", index=False)
+    results = write_outputs(target)
+    runs = results[1]
     report = render_sweep_report(target, results)
     if len(runs):
-        cols = [
-            "variant",
-            "depth",
-            "test_acc",
-            "grad_ratio_init",
-            "grad_decay_init",
-            "verdicts_init",
-        ]
+        cols = ["variant", "depth", "test_acc", "grad_ratio_init", "grad_decay_init"]
         with pd.option_context("display.width", 160, "display.max_rows", 200):
-            typer.echo(runs[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        deepest = runs.sort_values("depth").groupby("variant", sort=False).tail(1)
-        for phase, title in (("init", "at init"), ("end", "after training")):
-            typer.echo(f"\nverdicts {title}, deepest run of each variant:")
-            for r in deepest.itertuples():
-                path = target / "runs" / f"{r.variant}-d{r.depth}-s{r.seed}.json"
-                for v in json.loads(path.read_text())["details"][phase]:
-                    typer.echo(f"  {r.variant} depth {r.depth}: [{v['severity']}] {v['message']}")
+            typer.echo(
+                runs[[*cols, "verdicts_init"]].to_string(
+                    index=False, float_format=lambda v: f"{v:.3g}"
+                )
+            )
+        titles = {"init": "at init", "end": "after training"}
+        shown = None
+        for phase, variant, depth, v in deepest_verdicts(target, runs):
+            if phase != shown:
+                typer.echo(f"\nverdicts {titles[phase]}, deepest run of each variant:")
+                shown = phase
+            typer.echo(f"  {variant} depth {depth}: [{v['severity']}] {v['message']}")
     typer.echo(f"\nreport: {report}")
 
 
@@ -357,13 +345,19 @@ Quick = Annotated[
 
 
 def _reproduce(
-    name: str, seeds: str, dataset: str, data_root: str | None, out: Path | None, **settings: Any
+    name: str,
+    seeds: str,
+    dataset: str,
+    data_root: str | None,
+    out: Path | None,
+    quick: bool,
+    **settings: Any,
 ) -> None:
-    """Runs gradscope.reproduce.<name>(data, seeds, **settings), saves, reports, prints."""
+    """Runs gradscope.lab.reproduce.<name>(data, seeds, **settings), saves, reports, prints."""
     import pandas as pd
 
-    from gradscope import reproduce as rp
-    from gradscope.data import DataError, load_dataset
+    from gradscope.lab import reproduce as rp
+    from gradscope.lab.data import DataError, load_dataset
     from gradscope.report.reproduce import render_reproduction
 
     seed_list = _int_list(seeds, "--seeds")
@@ -385,6 +379,8 @@ def _reproduce(
         typer.echo(f"[{count['n']}] training {what}", err=True)
 
     try:
+        if quick:
+            settings = rp.quick_settings(name, settings)
         result = getattr(rp, name)(data, seed_list, progress=progress, **settings)
     except ValueError as e:
         fail(str(e))
@@ -414,9 +410,10 @@ def reproduce_journey(
         dataset,
         data_root,
         out,
-        epochs=1 if quick else epochs,
+        quick,
+        epochs=epochs,
         batch_size=batch_size,
-        train_size=5000 if quick else None,
+        train_size=None,
         lr_sgd=lr_sgd,
         lr_adam=lr_adam,
     )
@@ -443,9 +440,10 @@ def reproduce_dropout(
         dataset,
         data_root,
         out,
+        quick,
         epochs=epochs,
         train_size=train_size,
-        also_epochs=() if quick else (50, 100),
+        also_epochs=(50, 100),
     )
 
 
@@ -469,8 +467,9 @@ def reproduce_regularization(
         dataset,
         data_root,
         out,
-        epochs=1 if quick else epochs,
-        train_size=5000 if quick else None,
+        quick,
+        epochs=epochs,
+        train_size=None,
         l1=l1,
         l1_proximal=l1_proximal,
     )
@@ -495,8 +494,9 @@ def reproduce_clipping(
         dataset,
         data_root,
         out,
-        depth=min(depth, 20) if quick else depth,
-        steps=40 if quick else steps,
+        quick,
+        depth=depth,
+        steps=steps,
         lr=lr,
         clip=clip,
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import frame as fr
+from gradscope.schema import Kind, Stat
 
 # Under SGD a layer's step scales with its gradient: 1e-3 means the first layer learns a
 # thousand times slower than the last.
@@ -100,7 +101,7 @@ def _flow_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
 
 
 def _activation_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
-    acts = frame[(frame["kind"] == "activation") & (frame["step"] == step)]
+    acts = fr.select(frame, Kind.ACTIVATION, step=step)
     # units die or saturate in activation functions; a block's output (the stream) is not one
     acts = acts[~acts["layer"].isin(fr.stream_layers(frame))]
     out = []
@@ -140,12 +141,7 @@ def _activation_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
 
 def _update_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
     matrices = set(fr.weight_matrices(frame))
-    rows = frame[
-        (frame["kind"] == "update")
-        & (frame["stat"] == "ratio")
-        & (frame["step"] == step)
-        & frame["layer"].isin(matrices)
-    ]
+    rows = fr.select(frame, Kind.UPDATE, Stat.RATIO, step=step, layers=matrices)
     values = rows["value"].to_numpy()
     values = values[np.isfinite(values)]
     if len(values) == 0:
@@ -191,10 +187,9 @@ def _update_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
 
 def _nonfinite_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
     frame = frame[frame["step"] <= step]
-    origins = frame[frame["kind"] == "nonfinite_origin"]
-    bad = frame[
-        (frame["kind"] == "param_grad") & (frame["stat"] == "nonfinite") & (frame["value"] > 0)
-    ]
+    origins = fr.select(frame, Kind.NONFINITE_ORIGIN)
+    bad = fr.select(frame, Kind.PARAM_GRAD, Stat.NONFINITE)
+    bad = bad[bad["value"] > 0]
     if not len(origins) and not len(bad):
         return []
     steps = sorted(set(origins["step"]) | set(bad["step"]))

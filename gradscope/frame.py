@@ -6,14 +6,48 @@ Pure functions: frames in, frames or numbers out.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
+from gradscope.schema import Kind, Stat
+
+
+def select(
+    frame: pd.DataFrame,
+    kind: Kind | str | None = None,
+    stat: Stat | str | Iterable[str] | None = None,
+    *,
+    step: int | None = None,
+    layers: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """The rows of one kind (and stat, or any of several stats; step; layers).
+
+    Example:
+        >>> rows = [(0, "fc.weight", "param_grad", "norm", 2.0), (0, "fc", "activation", "rms", 1.0)]
+        >>> f = pd.DataFrame(rows, columns=["step", "layer", "kind", "stat", "value"])
+        >>> select(f, Kind.PARAM_GRAD, Stat.NORM)["value"].tolist()
+        [2.0]
+    """
+    keep = np.ones(len(frame), dtype=bool)
+    if kind is not None:
+        keep &= (frame["kind"] == kind).to_numpy()
+    if isinstance(stat, str):
+        keep &= (frame["stat"] == stat).to_numpy()
+    elif stat is not None:
+        keep &= frame["stat"].isin([str(s) for s in stat]).to_numpy()
+    if step is not None:
+        keep &= (frame["step"] == step).to_numpy()
+    if layers is not None:
+        keep &= frame["layer"].isin(list(layers)).to_numpy()
+    return frame[keep]
+
 
 def weight_matrices(frame: pd.DataFrame) -> list[str]:
     """Parameter fqns of weight matrices (ndim >= 2), in the model's parameter order."""
-    rows = frame[(frame["kind"] == "param") & (frame["stat"] == "ndim") & (frame["value"] >= 2)]
+    rows = select(frame, Kind.PARAM, Stat.NDIM)
+    rows = rows[rows["value"] >= 2]
     return list(dict.fromkeys(rows["layer"]))
 
 
@@ -23,7 +57,7 @@ def gradient_profile(frame: pd.DataFrame, step: int | None = None) -> pd.DataFra
     Returns columns `layer, index, norm`, index 0 being the matrix nearest the input.
     """
     layers = weight_matrices(frame)
-    grads = frame[(frame["kind"] == "param_grad") & (frame["stat"] == "norm")]
+    grads = select(frame, Kind.PARAM_GRAD, Stat.NORM)
     if step is None:
         step = int(grads["step"].min()) if len(grads) else 0
     at = grads[grads["step"] == step].set_index("layer")["value"]
@@ -59,7 +93,7 @@ def first_last_ratio(norms: np.ndarray | list[float]) -> float:
 def flow_summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per recorded step: first/last gradient ratio and decay slope over the weight matrices."""
     layers = weight_matrices(frame)
-    grads = frame[(frame["kind"] == "param_grad") & (frame["stat"] == "norm")]
+    grads = select(frame, Kind.PARAM_GRAD, Stat.NORM)
     wide = grads[grads["layer"].isin(layers)].pivot_table(
         index="step", columns="layer", values="value", aggfunc="first"
     )
@@ -75,12 +109,12 @@ def flow_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "grad_ratio", "grad_decay"])
 
 
-def stream_layers(frame: pd.DataFrame, kind: str = "activation") -> list[str]:
+def stream_layers(frame: pd.DataFrame, kind: Kind | str = Kind.ACTIVATION) -> list[str]:
     """The recorded block outputs (the residual stream between blocks), in depth order.
 
     Blocks are what the recorder selects as such (see ``gradscope.recorder.block_fqns``): its
     `block_index` rows give each one's position. Tuple outputs appear as ``fqn[0]``, ...
     """
-    rows = frame[(frame["kind"] == kind) & (frame["stat"] == "block_index")]
+    rows = select(frame, kind, Stat.BLOCK_INDEX)
     order = rows.drop_duplicates("layer").sort_values("value", kind="stable")
     return list(order["layer"])

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gradscope import download, native
-from gradscope.data import load_dataset, resolve_root
+from gradscope import native
+from gradscope.lab import download
+from gradscope.lab.data import load_dataset, resolve_root
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("GRADSCOPE_REQUIRE_DATA") == "1"

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradscope as gs
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 
 
 def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> gs.Recorder:  # type: ignore[no-untyped-def]

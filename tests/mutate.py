@@ -36,9 +36,9 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "activation extremes: the last call wins instead of min/max over calls",
-        "gradscope/recorder.py",
-        "np.fmin.at(lo, label_id, moments[:, 1])\n        np.fmax.at(hi, label_id, moments[:, 2])",
-        "lo[label_id] = moments[:, 1]\n        hi[label_id] = moments[:, 2]",
+        "gradscope/recorder/reduce.py",
+        "np.fmin.at(lows, label_id, lo)\n        np.fmax.at(highs, label_id, hi)",
+        "lows[label_id] = lo\n        highs[label_id] = hi",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
@@ -50,8 +50,8 @@ MUTATIONS = [
     ),
     Mutation(
         "GradScaler: sample_norm of output gradients not unscaled",
-        "gradscope/recorder.py",
-        "per_call[:, 1] /= scale",
+        "gradscope/recorder/reduce.py",
+        "per_call[:, 1] /= scales",
         "per_call[:, 1] /= 1.0",
         (
             "tests/test_recorder_merge.py",
@@ -60,16 +60,16 @@ MUTATIONS = [
     ),
     Mutation(
         "GradScaler: a skipped step's gradients divided by the next step's scale",
-        "gradscope/recorder.py",
-        "scale = np.array([scales[g.scale] if g.scale >= 0 else now for g in grads])",
-        "scale = np.full(len(grads), now)",
+        "gradscope/recorder/capture.py",
+        "np.array([scale_values[g.scale] if g.scale >= 0 else now for g in self.grads])",
+        "np.full(len(self.grads), now)",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
         "a spilling recorder refuses to be re-attached to go on with its recording",
-        "gradscope/recorder.py",
-        "if self.spill_to is not None and not self._parts:",
-        "if self.spill_to is not None:",
+        "gradscope/recorder/rows.py",
+        "if directory is None or self.parts:",
+        "if directory is None:",
         ("tests/test_recorder.py::test_a_spilling_recorder_goes_on_after_reattaching",),
     ),
     Mutation(
@@ -88,7 +88,7 @@ MUTATIONS = [
     ),
     Mutation(
         "--resume compares only depths, variants and width",
-        "gradscope/sweep.py",
+        "gradscope/lab/sweep.py",
         "if saved != config:",
         "if (saved.depths, saved.variants, saved.width) != (config.depths, config.variants, config.width):",
         ("tests/test_sweep.py",),
@@ -102,17 +102,24 @@ MUTATIONS = [
     ),
     Mutation(
         "an all-NaN output keeps min/max at +inf/-inf instead of NaN (C path)",
-        "gradscope/recorder.py",
+        "gradscope/recorder/reduce.py",
         "lo[no_value] = hi[no_value] = np.nan",
         "pass",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
-        "a step whose rows the C kernels wrote alone is dropped",
-        "gradscope/recorder.py",
-        "if not (parts or acts or grads):",
-        "if not parts:",
+        "a step with module outputs but no parameter read is dropped",
+        "gradscope/recorder/capture.py",
+        "return not (self.outputs or self.grads or self.params or self.scalars)",
+        "return not (self.params or self.scalars)",
         ("tests/test_recorder.py::test_models_without_parameters",),
+    ),
+    Mutation(
+        "the packed all-reduce reads every array back from the start of its pack",
+        "gradscope/recorder/merge.py",
+        "                start += size\n",
+        "                start += 0\n",
+        ("tests/test_distributed.py",),
     ),
 ]
 

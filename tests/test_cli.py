@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradscope.cli import app
-from gradscope.sweep import RUN_COLUMNS
+from gradscope.lab.sweep import RUN_COLUMNS
 
 runner = CliRunner()
 TINY = [
@@ -100,7 +100,7 @@ def test_resume_skips_finished_runs(tmp_path):
 
 
 def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
-    from gradscope import sweep
+    from gradscope.lab import sweep_run as sweep
 
     calls = {"n": 0}
     real = sweep._work

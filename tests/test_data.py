@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradscope.data import (
+from gradscope.lab.data import (
     DataError,
     iterate_batches,
     load_dataset,
@@ -31,7 +31,7 @@ def test_mnist_counts_and_label_histogram(mnist):
 
 
 def test_fashion_mnist_from_debian_package():
-    from gradscope.data import DEBIAN_FASHION
+    from gradscope.lab.data import DEBIAN_FASHION
 
     if not DEBIAN_FASHION.exists():
         pytest.skip("dataset-fashion-mnist is not installed")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import gradscope as gs
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

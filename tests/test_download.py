@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gradscope import download
 from gradscope.cli import app
-from gradscope.data import DataError, ensure_files, load_dataset
+from gradscope.lab import download
+from gradscope.lab.data import DataError, ensure_files, load_dataset
 
 NAMES = [r.name for r in download.RESOURCES["mnist"]]
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import gradscope as gs
 from gradscope.frame import decay_slope, first_last_ratio, flow_summary, gradient_profile
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 
 dg = importlib.import_module("gradscope.diagnose")  # the package re-exports the function
 

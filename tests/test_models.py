@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradscope.models import Variant, build_classic, build_model, build_named
+from gradscope.lab.models import Variant, build_classic, build_model, build_named
 
 
 @pytest.mark.parametrize("variant", [v.value for v in Variant])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gradscope as gs
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 
 # every test runs twice: statistics from the C kernels, and from torch ops
 pytestmark = pytest.mark.usefixtures("stats_path")

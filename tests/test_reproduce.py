@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradscope.cli import app
-from gradscope.reproduce import binomial_se, verdict
+from gradscope.lab.reproduce import binomial_se, verdict
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import gradscope as gs
 from gradscope.frame import stream_layers
-from gradscope.models import build_model
+from gradscope.lab.models import build_model
 from gradscope.recorder import block_fqns
 
 pytestmark = pytest.mark.usefixtures("stats_path")

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from gradscope.sweep import SweepConfig, SweepError, prepare_out
+from gradscope.lab.sweep import SweepConfig, SweepError, prepare_out
 
 BASE = SweepConfig(depths=(2, 6), variants=("plain", "preln"))
 # one changed value for every field of SweepConfig

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from gradscope.data import synthetic
-from gradscope.models import build_model
+from gradscope.lab.data import synthetic
+from gradscope.lab.models import build_model
+from gradscope.lab.train import TrainConfig, train
 from gradscope.recorder import Recorder
-from gradscope.train import TrainConfig, train
 
 
 def _run(config, variant="preln", depth=2):

@@ -15,8 +15,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
+from gradscope.lab.reproduce import Reproduction  # noqa: E402
 from gradscope.report.html import Section, figure_html, render_html, table_html  # noqa: E402
-from gradscope.reproduce import Reproduction  # noqa: E402
+from gradscope.schema import Kind, Stat  # noqa: E402
 
 INTRO = {
     "journey": "The teaching text's five-step journey on MNIST, each configuration over several "
@@ -89,11 +90,7 @@ def _gradient_figure(result: Reproduction) -> str:
     for exp, run in frame[frame["seed"] == seed].groupby("experiment", sort=False):
         prof = fr.gradient_profile(run, int(run["step"].min()))
         axes[0].plot(prof["index"], prof["norm"], marker="o", label=exp)
-        ratios = run[
-            (run["kind"] == "update")
-            & (run["stat"] == "ratio")
-            & run["layer"].isin(fr.weight_matrices(run))
-        ]
+        ratios = fr.select(run, Kind.UPDATE, Stat.RATIO, layers=fr.weight_matrices(run))
         med = ratios.groupby("step")["value"].median()
         axes[1].plot(med.index, med.to_numpy(), label=exp)
     axes[0].set(

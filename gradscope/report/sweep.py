@@ -16,9 +16,10 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
-from gradscope.models import Variant  # noqa: E402
+from gradscope.lab.models import Variant  # noqa: E402
+from gradscope.lab.sweep import load_results  # noqa: E402
 from gradscope.report.html import Section, figure_html, render_html, table_html  # noqa: E402
-from gradscope.sweep import load_results  # noqa: E402
+from gradscope.schema import Kind, Stat  # noqa: E402
 
 
 def variant_palette() -> dict[str, Any]:
@@ -31,7 +32,7 @@ def _grad_profiles(frame: pd.DataFrame) -> pd.DataFrame:
     """Weight-matrix gradient norms at the first and last recorded step of every run."""
     out = []
     for (variant, depth, seed), run in frame.groupby(["variant", "depth", "seed"], sort=False):
-        steps = run.loc[run["kind"] == "param_grad", "step"]
+        steps = fr.select(run, Kind.PARAM_GRAD)["step"]
         if steps.empty:
             continue
         for phase, step in (("at init (step 0)", steps.min()), ("after training", steps.max())):
@@ -115,9 +116,7 @@ def _fig_heatmaps(frame: pd.DataFrame, runs: pd.DataFrame, variants: list[str]) 
         d, s = int(deepest.loc[variant, "depth"]), int(deepest.loc[variant, "seed"])
         run = frame[(frame["variant"] == variant) & (frame["depth"] == d) & (frame["seed"] == s)]
         layers = fr.weight_matrices(run)
-        grads = run[
-            (run["kind"] == "param_grad") & (run["stat"] == "norm") & run["layer"].isin(layers)
-        ]
+        grads = fr.select(run, Kind.PARAM_GRAD, Stat.NORM, layers=layers)
         wide = grads.pivot_table(index="layer", columns="step", values="value", aggfunc="first")
         wide = wide.reindex(layers)
         with np.errstate(divide="ignore"):
@@ -145,7 +144,7 @@ def _fig_activations(frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str,
             (frame["variant"] == r.variant)
             & (frame["depth"] == r.depth)
             & (frame["seed"] == r.seed)
-            & (frame["kind"] == "activation")
+            & (frame["kind"] == Kind.ACTIVATION)
         ]
         acts = run[run["layer"].str.endswith(".act")]
         for phase, step in (("init", acts["step"].min()), ("end", acts["step"].max())):

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
-import queue
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +14,12 @@ import pandas as pd
 import torch
 
 from gradscope import frame as fr
-from gradscope.data import Dataset, load_dataset
 from gradscope.diagnose import diagnose
 from gradscope.files import atomic_write
-from gradscope.models import Variant, build_model
+from gradscope.lab.data import Dataset
+from gradscope.lab.models import Variant, build_model
+from gradscope.lab.train import TrainConfig, total_steps, train
 from gradscope.recorder import Recorder
-from gradscope.train import TrainConfig, total_steps, train
 
 DEFAULT_VARIANTS = ("plain", "residual", "preln", "postln", "rmsnorm")
 DEFAULT_DEPTH_COUNT = 6
@@ -277,160 +274,24 @@ def prepare_out(out: Path, config: SweepConfig, resume: bool) -> None:
     config_path.write_text(json.dumps(config.to_json(), indent=2))
 
 
-# -- running -----------------------------------------------------------------------------
-
-# per worker process: the dataset and the progress queue, set once by the pool's initializer
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(dataset: str, data_root: str | None, updates: Any, threads: int) -> None:
-    torch.set_num_threads(threads)
-    _worker["data"] = load_dataset(dataset, data_root)
-    _worker["updates"] = updates
+def write_outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Writes frame.parquet and runs.csv of a sweep folder from its saved runs; returns the
+    merged frame, run table and losses (see load_results)."""
+    results = load_results(out)
+    frame, runs, _ = results
+    frame.to_parquet(out / "frame.parquet", index=False)
+    runs.to_csv(out / "runs.csv", index=False)
+    return results
 
 
-def _work(spec: RunSpec, config: SweepConfig, out: str) -> str:
-    updates = _worker["updates"]
-
-    def progress(step: int, total: int, loss: float) -> None:
-        if step % 10 == 0 or step == total:
-            updates.put((spec.run_id, step, total))
-
-    frame, row = run_one(spec, config, _worker["data"], progress)
-    save_run(Path(out), spec, frame, row)
-    return spec.run_id
-
-
-@dataclass
-class SweepProgress:
-    """What a progress display needs: runs done, work done, in cost units (steps x depth)."""
-
-    total_runs: int
-    total_work: float
-    done_runs: int = 0
-    done_work: float = 0.0
-    current: dict[str, int] = field(default_factory=dict)
-
-
-def run_sweep_ranks(
-    config: SweepConfig,
-    out: Path,
-    data_root: str | None = None,
-    resume: bool = False,
-    on_progress: Callable[[SweepProgress], None] | None = None,
-) -> list[str]:
-    """The sweep under torchrun: rank r trains runs r, r + world, ...; all share `out`.
-
-    Rank 0 prepares the folder; every rank saves its runs as they finish; the call returns
-    on every rank once all runs are done (a barrier), so that rank 0 can merge them.
-    """
-    import torch.distributed as dist
-
-    config.validate()
-    load_dataset(config.dataset, data_root)
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo")
-    try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        error = [""]
-        if rank == 0:
-            try:
-                prepare_out(out, config, resume)
-            except SweepError as e:
-                error[0] = str(e)
-        dist.broadcast_object_list(error, src=0)
-        if error[0]:
-            raise SweepError(error[0])
-        done = finished_runs(out)
-        todo = [r for r in plan_runs(config) if r.run_id not in done]
-        mine = todo[rank::world]
-        updates: queue.Queue[Any] = queue.Queue()
-        _init_worker(config.dataset, data_root, updates, 1)
-        finished = []
-        state = SweepProgress(len(mine), float(len(mine)))
-        for spec in mine:
-            finished.append(_work(spec, config, str(out)))
-            state.done_runs = state.done_work = len(finished)
-            if on_progress is not None and rank == 0:
-                on_progress(state)
-        dist.barrier()
-        return finished
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
-
-
-def run_sweep(
-    config: SweepConfig,
-    out: Path,
-    data_root: str | None = None,
-    workers: int = 2,
-    resume: bool = False,
-    on_progress: Callable[[SweepProgress], None] | None = None,
-) -> list[str]:
-    """Runs every unfinished run of the sweep in worker processes, saving each as it finishes.
-
-    Returns the ids of the runs finished by this call. KeyboardInterrupt stops the workers;
-    the runs finished so far stay on disk.
-    """
-    config.validate()
-    data = load_dataset(config.dataset, data_root)  # fail early and clearly on missing data
-    prepare_out(out, config, resume)
-    done = finished_runs(out)
-    todo = [r for r in plan_runs(config) if r.run_id not in done]
-    n_steps = total_steps(config.train_config(0), len(data.y_train))
-    cost = {r.run_id: float(n_steps * (r.depth + 2)) for r in todo}
-    state = SweepProgress(len(todo), sum(cost.values()))
-    if not todo:
-        return []
-    ctx = mp.get_context("spawn")
-    updates = ctx.Manager().Queue() if workers > 1 else queue.Queue()
-    finished: list[str] = []
-    workers = max(1, min(workers, len(todo)))
-    # one thread per run whatever the worker count: results do not depend on how they were
-    # spread (GEMM rounding depends on the thread count)
-    threads = 1
-
-    def drain() -> None:
-        while True:
-            try:
-                run_id, step, total = updates.get_nowait()
-            except queue.Empty:
-                break
-            state.current[run_id] = step
-        in_flight = sum(cost[r] * s / n_steps for r, s in state.current.items())
-        state.done_work = sum(cost[r] for r in finished) + in_flight
-        if on_progress is not None:
-            on_progress(state)
-
-    def mark(run_id: str) -> None:
-        finished.append(run_id)
-        state.current.pop(run_id, None)
-        state.done_runs += 1
-        drain()
-
-    if workers == 1:
-        _init_worker(config.dataset, data_root, updates, 1)
-        for spec in todo:
-            mark(_work(spec, config, str(out)))
-        return finished
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=_init_worker,
-        initargs=(config.dataset, data_root, updates, threads),
-    ) as pool:
-        pending: set[Future[str]] = {pool.submit(_work, s, config, str(out)) for s in todo}
-        try:
-            while pending:
-                complete, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for fut in complete:
-                    mark(fut.result())
-                drain()
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    return finished
+def deepest_verdicts(out: Path, runs: pd.DataFrame) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """(phase, variant, depth, verdict) of the deepest run of each variant, at init ("init")
+    and after training ("end")."""
+    deepest = runs.sort_values("depth").groupby("variant", sort=False).tail(1)
+    found = []
+    for phase in ("init", "end"):
+        for r in deepest.itertuples():
+            run_id = RunSpec(str(r.variant), int(r.depth), int(r.seed)).run_id
+            details = json.loads((out / "runs" / f"{run_id}.json").read_text())["details"]
+            found += [(phase, str(r.variant), int(r.depth), v) for v in details[phase]]
+    return found

@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradscope.data import Dataset, subset
-from gradscope.models import build_named
+from gradscope import frame as fr
+from gradscope.lab.data import Dataset, subset
+from gradscope.lab.models import build_named
+from gradscope.lab.train import TrainConfig, evaluate, train
 from gradscope.recorder import Recorder
-from gradscope.train import TrainConfig, evaluate, train
+from gradscope.schema import Kind, Stat
 
 Progress = Callable[[str], None]
 NEAR_ZERO = 1e-3  # |w| below this counts as a near-zero weight
@@ -310,7 +312,7 @@ def clipping(
     ]
     result = _reproduce("clipping", experiments, data, seeds, 1, progress)
     frame = result.frame
-    updates = frame[(frame["kind"] == "update") & (frame["stat"] == "norm")]
+    updates = fr.select(frame, Kind.UPDATE, Stat.NORM)
     total = (
         updates.groupby(["experiment", "seed", "step"])["value"]
         .apply(lambda v: float(np.sqrt(np.square(v).sum())))
@@ -337,6 +339,23 @@ def clipping(
     # SGD with momentum m moves by at most lr * clip / (1 - m) once gradients are clipped
     result.settings["update_bound"] = lr * clip / (1 - config.momentum)
     return result
+
+
+# --quick: a short version of each experiment, for tests and demos
+_QUICK: dict[str, dict[str, Any]] = {
+    "journey": {"epochs": 1, "train_size": 5000},
+    "dropout": {"also_epochs": ()},  # the longer comparisons (50, 100 epochs) left out
+    "regularization": {"epochs": 1, "train_size": 5000},
+    "clipping": {"steps": 40},
+}
+
+
+def quick_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings of experiment `name` cut down to its quick version."""
+    quick = {**settings, **_QUICK[name]}
+    if name == "clipping":
+        quick["depth"] = min(int(settings.get("depth", 20)), 20)
+    return quick
 
 
 def save(result: Reproduction, out: Path) -> None:

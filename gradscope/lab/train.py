@@ -11,7 +11,7 @@ from enum import StrEnum
 import torch
 from torch import nn
 
-from gradscope.data import Dataset, iterate_batches, subset
+from gradscope.lab.data import Dataset, iterate_batches, subset
 from gradscope.recorder import Recorder
 
 EVAL_BATCH = 5000
@@ -184,8 +184,8 @@ def train(
     loss)` is called after every step.
 
     Example:
-        >>> from gradscope.data import synthetic
-        >>> from gradscope.models import build_model
+        >>> from gradscope.lab.data import synthetic
+        >>> from gradscope.lab.models import build_model
         >>> r = train(build_model("preln", 2), synthetic(256, 64), TrainConfig(steps=5))
         >>> r.steps
         5

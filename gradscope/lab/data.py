@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gradscope import download
+from gradscope.lab import download
 
 ENV_VAR = "GRADSCOPE_DATA"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -112,7 +112,7 @@ def ensure_files(
     progress: download.Progress | None = None,
 ) -> dict[str, Path]:
     """Finds the four IDX files of MNIST or Fashion-MNIST, each checked by MD5; downloads
-    (see gradscope.download) those that are missing or corrupt into ``<root>/MNIST/raw/``
+    (see gradscope.lab.download) those that are missing or corrupt into ``<root>/MNIST/raw/``
     (``FashionMNIST/raw/``). Found files are never downloaded again.
 
     Raises:

@@ -1,0 +1,209 @@
+"""Running a depth sweep: runs spread over local worker processes or torchrun ranks, each
+saved as it finishes, with progress reported in cost units."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradscope.lab.data import load_dataset
+from gradscope.lab.sweep import (
+    RunSpec,
+    SweepConfig,
+    SweepError,
+    finished_runs,
+    plan_runs,
+    prepare_out,
+    run_one,
+    save_run,
+)
+from gradscope.lab.train import total_steps
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def reports_here() -> bool:
+    """Whether this process reports (rank 0 under torchrun; other ranks train quietly)."""
+    return not under_torchrun() or os.environ.get("RANK", "0") == "0"
+
+
+def run(
+    config: SweepConfig,
+    out: Path,
+    data_root: str | None = None,
+    workers: int = 2,
+    resume: bool = False,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> list[str]:
+    """Runs the sweep's unfinished runs: over the ranks under torchrun, else in `workers`
+    local processes. Returns the ids of the runs this process finished."""
+    if under_torchrun():
+        return run_sweep_ranks(config, out, data_root, resume, on_progress)
+    return run_sweep(config, out, data_root, workers, resume, on_progress)
+
+
+# per worker process: the dataset and the progress queue, set once by the pool's initializer
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(dataset: str, data_root: str | None, updates: Any, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _worker["data"] = load_dataset(dataset, data_root)
+    _worker["updates"] = updates
+
+
+def _work(spec: RunSpec, config: SweepConfig, out: str) -> str:
+    updates = _worker["updates"]
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % 10 == 0 or step == total:
+            updates.put((spec.run_id, step, total))
+
+    frame, row = run_one(spec, config, _worker["data"], progress)
+    save_run(Path(out), spec, frame, row)
+    return spec.run_id
+
+
+@dataclass
+class SweepProgress:
+    """What a progress display needs: runs done, work done, in cost units (steps x depth)."""
+
+    total_runs: int
+    total_work: float
+    done_runs: int = 0
+    done_work: float = 0.0
+    current: dict[str, int] = field(default_factory=dict)
+
+
+def run_sweep_ranks(
+    config: SweepConfig,
+    out: Path,
+    data_root: str | None = None,
+    resume: bool = False,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> list[str]:
+    """The sweep under torchrun: rank r trains runs r, r + world, ...; all share `out`.
+
+    Rank 0 prepares the folder; every rank saves its runs as they finish; the call returns
+    on every rank once all runs are done (a barrier), so that rank 0 can merge them.
+    """
+    import torch.distributed as dist
+
+    config.validate()
+    load_dataset(config.dataset, data_root)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        error = [""]
+        if rank == 0:
+            try:
+                prepare_out(out, config, resume)
+            except SweepError as e:
+                error[0] = str(e)
+        dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise SweepError(error[0])
+        done = finished_runs(out)
+        todo = [r for r in plan_runs(config) if r.run_id not in done]
+        mine = todo[rank::world]
+        updates: queue.Queue[Any] = queue.Queue()
+        _init_worker(config.dataset, data_root, updates, 1)
+        finished = []
+        state = SweepProgress(len(mine), float(len(mine)))
+        for spec in mine:
+            finished.append(_work(spec, config, str(out)))
+            state.done_runs = state.done_work = len(finished)
+            if on_progress is not None and rank == 0:
+                on_progress(state)
+        dist.barrier()
+        return finished
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def run_sweep(
+    config: SweepConfig,
+    out: Path,
+    data_root: str | None = None,
+    workers: int = 2,
+    resume: bool = False,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> list[str]:
+    """Runs every unfinished run of the sweep in worker processes, saving each as it finishes.
+
+    Returns the ids of the runs finished by this call. KeyboardInterrupt stops the workers;
+    the runs finished so far stay on disk.
+    """
+    config.validate()
+    data = load_dataset(config.dataset, data_root)  # fail early and clearly on missing data
+    prepare_out(out, config, resume)
+    done = finished_runs(out)
+    todo = [r for r in plan_runs(config) if r.run_id not in done]
+    n_steps = total_steps(config.train_config(0), len(data.y_train))
+    cost = {r.run_id: float(n_steps * (r.depth + 2)) for r in todo}
+    state = SweepProgress(len(todo), sum(cost.values()))
+    if not todo:
+        return []
+    ctx = mp.get_context("spawn")
+    updates = ctx.Manager().Queue() if workers > 1 else queue.Queue()
+    finished: list[str] = []
+    workers = max(1, min(workers, len(todo)))
+    # one thread per run whatever the worker count: results do not depend on how they were
+    # spread (GEMM rounding depends on the thread count)
+    threads = 1
+
+    def drain() -> None:
+        while True:
+            try:
+                run_id, step, total = updates.get_nowait()
+            except queue.Empty:
+                break
+            state.current[run_id] = step
+        in_flight = sum(cost[r] * s / n_steps for r, s in state.current.items())
+        state.done_work = sum(cost[r] for r in finished) + in_flight
+        if on_progress is not None:
+            on_progress(state)
+
+    def mark(run_id: str) -> None:
+        finished.append(run_id)
+        state.current.pop(run_id, None)
+        state.done_runs += 1
+        drain()
+
+    if workers == 1:
+        _init_worker(config.dataset, data_root, updates, 1)
+        for spec in todo:
+            mark(_work(spec, config, str(out)))
+        return finished
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(config.dataset, data_root, updates, threads),
+    ) as pool:
+        pending: set[Future[str]] = {pool.submit(_work, s, config, str(out)) for s in todo}
+        try:
+            while pending:
+                complete, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in complete:
+                    mark(fut.result())
+                drain()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return finished

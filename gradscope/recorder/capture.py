@@ -1,0 +1,188 @@
+"""One step's calls as typed records: module outputs, output gradients, parameter reads,
+GradScaler scales and logged scalars, held until the step closes; then the step's one
+host transfer and each call's statistics in the backends' common schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from gradscope import stats
+from gradscope.recorder.backends import (
+    ACT_FIELDS,
+    GRAD_FIELDS,
+    Backend,
+    Backends,
+    Reader,
+    cat_float64,
+    stack_float64,
+)
+
+
+class OutputCall(NamedTuple):
+    """One module output seen in forward."""
+
+    label: str
+    numel: int
+    backend: Backend
+
+
+class GradCall(NamedTuple):
+    """One output gradient seen in backward."""
+
+    label: str
+    samples: int
+    backend: Backend
+    # index into the step's GradScaler scales: the scale of the forward this backward
+    # belongs to (-1: no scaler, or no forward seen; the scale at the step's end is used)
+    scale: int
+
+
+class ParamRead(NamedTuple):
+    """The parameter statistics read before the update (on the device until collected)."""
+
+    present: list[int]  # indices of the parameters that had a gradient
+    snapshot: bool  # a pre-update copy was kept, so the update can be measured
+    values: list[torch.Tensor]  # grad sumsq, grad max, nonfinite, param sumsq
+
+
+@dataclass
+class Tables:
+    """A closed step's per-call statistics on the host, each in the common schema."""
+
+    outputs: list[OutputCall]
+    output_stats: np.ndarray  # (calls, ACT_FIELDS)
+    saturated: list[tuple[int, float]]  # (output call, values in the saturation band)
+    grads: list[GradCall]
+    grad_stats: np.ndarray  # (calls, GRAD_FIELDS), unscaled
+    params: ParamRead | None
+    param_values: list[np.ndarray] = field(default_factory=list)  # as ParamRead.values
+    update_sumsq: np.ndarray | None = None
+    scalars: list[tuple[str, float]] = field(default_factory=list)
+
+
+class StepCapture:
+    """Everything one recorded step has seen so far."""
+
+    def __init__(self) -> None:
+        self.backends = Backends()
+        self.reset()
+
+    def reset(self) -> None:
+        self.backends.reset()
+        self.outputs: list[OutputCall] = []
+        self.saturated: list[tuple[int, torch.Tensor]] = []
+        self.grads: list[GradCall] = []
+        # the GradScaler's scale at each recorded forward, as device tensors (no host sync):
+        # a step the scaler skips merges into the next, and each backward's gradients must be
+        # divided by the scale it was made with, not by the next step's
+        self.scales: list[torch.Tensor] = []
+        self.params: ParamRead | None = None
+        self.scalars: list[tuple[str, torch.Tensor | float]] = []
+
+    def output(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
+        numel = tensor.numel()
+        backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
+        if band is not None:
+            self.saturated.append((len(self.outputs), backend.saturated(tensor, band)))
+        backend.moments(tensor)
+        self.outputs.append(OutputCall(label, numel, backend))
+
+    def grad(self, label: str, grad: torch.Tensor) -> None:
+        samples = 1 if grad.dim() == 0 else grad.shape[0]
+        backend = self.backends.for_tensor(grad)
+        backend.grad(grad, samples)
+        self.grads.append(GradCall(label, samples, backend, len(self.scales) - 1))
+
+    def scale(self, scaler: Any) -> None:
+        """Keeps the scaler's current scale for the backward of the forward now starting."""
+        scale = scaler._get_scale_async()  # None until the scaler's first scale()
+        if scale is None:
+            self.scales.append(torch.tensor([float(scaler.get_scale())]))
+        else:
+            self.scales.append(scale.detach().reshape(1).clone())
+
+    def empty(self) -> bool:
+        return not (self.outputs or self.grads or self.params or self.scalars)
+
+    def collect(
+        self, updates: torch.Tensor | None, scaler_scale: float | None
+    ) -> tuple[Tables, np.ndarray | None]:
+        """Moves the step's statistics to the host in one transfer; per-call tables, and the
+        scales of the step's backwards (None without a scaler)."""
+        backends = self.backends.all
+        parts = [part for backend in backends for part in backend.device_parts()]
+        if self.saturated:
+            parts.append(stack_float64([count for _, count in self.saturated]))
+        scales = self.scales if self.grads and scaler_scale is not None else []
+        if scales:
+            parts.append(cat_float64(scales))
+        if self.params is not None:
+            parts += self.params.values
+        if updates is not None:
+            parts.append(updates)
+        if self.scalars:
+            values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
+            parts.append(torch.stack(values))
+        # the one host transfer of the step (none where the C kernels wrote every row)
+        flat = (
+            torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
+            if parts
+            else np.zeros(0)
+        )
+        reader = Reader(flat)
+        act_tables = {id(b): b.activation_table(reader) for b in backends}
+        grad_tables = {id(b): b.grad_table(reader) for b in backends}
+        saturated = reader.take(len(self.saturated))
+        scale_values = reader.take(len(scales))
+        tables = Tables(
+            outputs=self.outputs,
+            output_stats=_in_call_order(self.outputs, act_tables, len(ACT_FIELDS)),
+            saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)],
+            grads=self.grads,
+            grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD_FIELDS)),
+            params=self.params,
+        )
+        if self.params is not None:
+            n = len(self.params.present)
+            tables.param_values = [reader.take(n) for _ in self.params.values]
+        if updates is not None:
+            tables.update_sumsq = reader.take(updates.numel())
+        tables.scalars = [
+            (name, float(v))
+            for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)
+        ]
+        if scaler_scale is None:
+            return tables, None
+        now = scaler_scale  # the scale at the step's end, where no forward was seen
+        per_call = np.array([scale_values[g.scale] if g.scale >= 0 else now for g in self.grads])
+        return tables, per_call
+
+
+def _in_call_order(
+    calls: list[OutputCall] | list[GradCall], tables: dict[int, np.ndarray], width: int
+) -> np.ndarray:
+    """Each backend's rows put back in the order the calls were made."""
+    out = np.empty((len(calls), width))
+    if not calls:
+        return out
+    owner = np.array([id(c.backend) for c in calls])
+    for key, table in tables.items():
+        mine = owner == key
+        if mine.any():
+            out[mine] = table
+    return out
+
+
+def band(module: torch.nn.Module) -> tuple[float, float] | None:
+    """The saturation band of a bounded activation module's outputs, else None."""
+    bounds = stats.activation_bounds(module)
+    return stats.saturation_band(bounds) if bounds is not None else None
+
+
+def strided(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.Embedding(sparse=True)) as the dense tensor it stands for."""
+    return grad if grad.layout == torch.strided else grad.to_dense()

@@ -1,0 +1,429 @@
+"""The Recorder's front: settings, attach/detach, the step schedule, results; and `watch`.
+
+A recorded step flows one way through the package's rooms: hooks.py (module outputs and
+their gradients) and the optimizer hooks here -> capture.py (the step's calls as typed
+records, computed by backends.py: C kernels or torch ops) -> reduce.py (per layer) ->
+merge.py (over ranks) -> rows.py (layouts, spilling, to_frame). The frame's kinds and stats
+are documented in gradscope.schema.
+
+Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
+to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
+(``gradscope.native``, compiled on first use) that accumulate in float64 and count non-finite
+values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
+torch ops, as float32 cascade sums of squares redone in float64 where a square may have
+underflowed or overflowed; for those, module outputs and output gradients are held until the
+recorded step closes so that they can be recounted. ``min`` and ``max`` ignore NaN (counted
+in ``nonfinite``). Statistics of all calls of a module within one step (shared weights,
+micro-batches) are merged from additive moments. Forward passes under ``torch.no_grad()``
+(evaluation) are skipped. Device statistics move to the host once per recorded step. From
+its first recorded step until detach the recorder keeps a copy of the recorded parameters
+(to measure the update) and work buffers (about the parameters' size again, plus the largest
+module output). Steps that are not recorded run no forward hook at all.
+
+Which modules' outputs are recorded: by default every leaf module and every block, a block
+being a composite module that is an element of an ``nn.ModuleList`` or ``nn.Sequential``
+(``blocks.7``, ``transformer.h.3``, ``layers.2``; see ``block_fqns``): their outputs are the
+residual stream. ``include=`` (globs or a predicate) selects any modules instead, leaf or
+composite; ``exclude=`` removes modules. Parameters are recorded once each, under their own
+fqn: those of every selected module and of the modules inside a selected composite one.
+
+Rows are held in memory compactly (see rows.py); for long runs pass ``spill_to=DIR`` and they
+go to Parquet parts there. Under DDP and FSDP2 the statistics are merged over ranks (see
+``Recorder(sync=...)``); compiled models get parameter statistics only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradscope import distributed
+from gradscope.recorder import hooks
+from gradscope.recorder.backends import param_stats, recount_params
+from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
+from gradscope.recorder.errors import NonfiniteEvent, RecorderError
+from gradscope.recorder.merge import StepMerge
+from gradscope.recorder.reduce import ParamLayout, Reducer
+from gradscope.recorder.rows import RowStore
+
+
+class Recorder:
+    """Records gradient-flow statistics of one model; see gradscope.schema for the frame.
+
+    Args:
+        every: record every n-th step (an int >= 1) or the steps where `every(step)` is true.
+        include: module fqn globs or a predicate `(fqn, module) -> bool` selecting any module,
+            leaf or composite; default every leaf and every block (see the module docstring).
+        exclude: the same, removing modules (and their parameters) from the selection.
+        activations: record forward statistics of module outputs (default: yes, except on
+            compiled models, whose modules run inside the compiled graph).
+        activation_grads: record gradients w.r.t. module outputs (same default).
+        allow_multiple: allow another recorder on the same model.
+        sync: merge statistics over ranks (default: yes for DDP and FSDP2 models in an
+            initialized process group). Rank 0 keeps the rows; other ranks keep none.
+        grad_scaler: the torch.amp.GradScaler of the loop, if any: output gradients are then
+            divided by the scale their backward was made with (parameter gradients need
+            nothing: the scaler unscales them before the optimizer steps). A step the scaler
+            skips (inf/NaN found) runs no optimizer hook; its statistics merge into the next
+            recorded step.
+        spill_to: a directory for long runs: rows go to Parquet parts there instead of
+            accumulating in memory (it must not hold another recording's parts).
+        spill_rows: how many rows are held in memory before they are written out.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with watch(model, optimizer=opt) as rec:
+        ...     model(torch.randn(8, 4)).sum().backward()
+        ...     opt.step()
+        >>> sorted(rec.to_frame()["kind"].unique())[:2]
+        ['activation', 'activation_grad']
+    """
+
+    def __init__(
+        self,
+        every: int | Callable[[int], bool] = 1,
+        include: hooks.Selector = None,
+        exclude: hooks.Selector = None,
+        activations: bool | None = None,
+        activation_grads: bool | None = None,
+        allow_multiple: bool = False,
+        sync: bool | None = None,
+        grad_scaler: Any = None,
+        spill_to: str | os.PathLike[str] | None = None,
+        spill_rows: int = 200_000,
+    ) -> None:
+        if not callable(every) and (isinstance(every, bool) or int(every) < 1):
+            raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
+        self.every = every
+        self.include = include
+        self.exclude = exclude
+        self.activations = activations
+        self.activation_grads = activation_grads
+        self.allow_multiple = allow_multiple
+        self.sync = sync
+        self.grad_scaler = grad_scaler
+        self.nonfinite: list[NonfiniteEvent] = []
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._store = RowStore(Path(spill_to) if spill_to is not None else None, spill_rows)
+        self._capture = StepCapture()
+        self._reducer = Reducer({})
+        self._handles: list[RemovableHandle] = []
+        self._outputs: hooks.OutputHooks | None = None
+        self._watched_root: nn.Module | None = None
+        self._params: list[tuple[str, nn.Parameter]] = []
+        self._param_layout = ParamLayout([], np.zeros(0), np.zeros(0, dtype=bool))
+        # parameter statistics (with their buffers), from the first recorded read
+        self._flat: Any = None
+        self._sync = False
+        # a parameter (or its gradient) as this rank holds it: the local shard of an FSDP2
+        # DTensor, else the tensor itself (decided at attach, so plain models pay nothing)
+        self._as_local: Callable[[torch.Tensor], torch.Tensor] = _same
+        self._step = 0
+        self._recording = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self.model is not None
+
+    @property
+    def recording(self) -> bool:
+        """Whether the step now being run is recorded."""
+        return self._recording
+
+    @property
+    def step_index(self) -> int:
+        """The index of the step now being run (0 before the first update)."""
+        return self._step
+
+    @property
+    def spill_to(self) -> Path | None:
+        return self._store.spill_to
+
+    @property
+    def rows_held(self) -> int:
+        """Rows held in memory (not yet spilled)."""
+        return self._store.rows_held
+
+    def record_now(self) -> None:
+        """Records the current step even where `every` skips it.
+
+        Hooks are armed from now on: statistics of a forward pass already run in this step
+        are not recovered, so call this before the forward (the training loop reruns the
+        forward of a step whose loss came out non-finite).
+        """
+        if not self.attached:
+            raise RecorderError("record_now() on a detached recorder; attach() it first")
+        self._capture.reset()
+        self._set_recording(True)
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Recorder:
+        """Registers the hooks; every registration is kept as a removable handle."""
+        if self.attached:
+            raise RecorderError("this recorder is already attached; detach() it first")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+        if not self.allow_multiple and hooks.is_watched(model):
+            raise RecorderError(
+                "another gradscope Recorder is attached to this model; detach it first, "
+                "or pass allow_multiple=True"
+            )
+        self._store.check_spill_dir()
+        outer = model
+        model, kind = distributed.unwrap(model)
+        compiled = kind == "compiled" or distributed.has_compiled_parts(model)
+        if compiled and (self.activations or self.activation_grads):
+            raise RecorderError(
+                "activation statistics need eager modules, and this model is compiled: pass "
+                "activations=False, activation_grads=False (parameter statistics stay exact, "
+                "read at optimizer time), or record activations on an uncompiled copy"
+            )
+        record_acts = not compiled if self.activations is None else self.activations
+        record_grads = not compiled if self.activation_grads is None else self.activation_grads
+        self._params = [
+            (name, p)
+            for name, p in model.named_parameters()
+            if p.requires_grad and self._param_selected(name.rpartition(".")[0], model)
+        ]
+        if optimizer is not None and not self._params:
+            raise RecorderError(
+                "the model has no trainable parameters, so there is nothing for the optimizer "
+                "to update; watch it without an optimizer to record activations only"
+            )
+        sharded = np.array([distributed.is_sharded(p) for _, p in self._params], dtype=bool)
+        dtensors = any(distributed.local(p) is not p for _, p in self._params)
+        self._as_local = distributed.local if dtensors else _same
+        self._sync = (
+            self.sync
+            if self.sync is not None
+            else distributed.world_size() > 1 and (kind == "ddp" or bool(sharded.any()))
+        )
+        self._param_layout = ParamLayout(
+            [name for name, _ in self._params],
+            np.array([float(p.dim()) for _, p in self._params]),
+            sharded & self._sync,
+        )
+        blocks = hooks.block_fqns(model)
+        modules = [
+            (fqn or type(module).__name__, module)
+            for fqn, module in (model.named_modules() if not compiled else ())
+            if self._watched(fqn, module, set(blocks))
+        ]
+        watched = {label for label, _ in modules}
+        self._reducer = Reducer(
+            {b: float(i) for i, b in enumerate(x for x in blocks if x in watched)}
+        )
+        self._outputs = hooks.OutputHooks(
+            [(label, module, band(module)) for label, module in modules],
+            self._on_output if record_acts else None,
+            self._on_output_grad if record_grads else None,
+        )
+        self.model, self.optimizer = outer, optimizer
+        hooks.register(outer, self)
+        self._watched_root = outer
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled() and record_grads:
+            self._handles.append(outer.register_forward_pre_hook(self._on_root_forward))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._set_recording(self._should_record(self._step))
+        return self
+
+    def detach(self) -> None:
+        """Removes every hook and buffer; the recorded rows stay. Safe to call twice."""
+        self._set_recording(False)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._watched_root is not None:
+            hooks.unregister(self._watched_root, self)
+            self._watched_root = None
+        self._capture.reset()
+        self._capture.backends.torch.clear()
+        self._store.spill()
+        self.model, self.optimizer = None, None
+        self._params = []
+        self._outputs = None
+        self._flat = None
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _set_recording(self, on: bool) -> None:
+        """Arms the forward hooks for a recorded step and removes them after it."""
+        self._recording = on
+        if self._outputs is not None:
+            self._outputs.arm(on)
+
+    def _watched(self, fqn: str, module: nn.Module, blocks: set[str]) -> bool:
+        """Whether a module's outputs are recorded: by default each leaf and each block (see
+        block_fqns); with `include`, the modules it matches, leaf or composite."""
+        if self.include is None:
+            chosen = next(module.children(), None) is None or fqn in blocks
+        else:
+            chosen = hooks.matches(self.include, fqn, module)
+        return chosen and not hooks.matches(self.exclude, fqn, module)
+
+    def _param_selected(self, owner: str, model: nn.Module) -> bool:
+        """Whether the parameters of module `owner` are recorded: those of every module the
+        selection covers (a selected composite module covers its submodules' parameters),
+        unless `exclude` matches their own module."""
+        module = model.get_submodule(owner) if owner else model
+        if hooks.matches(self.exclude, owner, module):
+            return False
+        if self.include is None:
+            return True
+        parts = owner.split(".") if owner else []
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), -1, -1)]  # owner ... root
+        return any(hooks.matches(self.include, p, model.get_submodule(p)) for p in prefixes)
+
+    def _should_record(self, step: int) -> bool:
+        if callable(self.every):
+            return bool(self.every(step))
+        return step % int(self.every) == 0
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _on_root_forward(self, module: nn.Module, args: Any) -> None:
+        if self._recording and torch.is_grad_enabled():
+            self._capture.scale(self.grad_scaler)
+
+    def _on_output(self, label: str, band: tuple[float, float] | None, t: torch.Tensor) -> None:
+        self._capture.output(label, band, t)
+
+    def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
+        if self._recording:
+            self._capture.grad(label, grad)
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._recording:
+            self._read_params(snapshot=True)
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._close_step()
+
+    def step(self) -> None:
+        """Closes a step in loops without an optimizer: reads parameter gradients now."""
+        if not self.attached:
+            raise RecorderError("step() on a detached recorder; attach() it first")
+        if self.optimizer is not None:
+            raise RecorderError("an optimizer is attached: its step() closes each step")
+        if self._recording:
+            self._read_params(snapshot=False)
+        self._close_step()
+
+    def log_scalar(self, stat: str, value: torch.Tensor | float) -> None:
+        """Logs a scalar (the loss, a pre-clip norm) for the current step, if it is recorded."""
+        if self._recording:
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self._capture.scalars.append((stat, value))
+
+    # -- step bookkeeping ------------------------------------------------------------------
+
+    def _read_params(self, snapshot: bool) -> None:
+        """Gradient and parameter sums of squares (and a pre-update copy), on the device."""
+        # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
+        local = self._as_local
+        present, grads, params = [], [], []
+        for i, (_, p) in enumerate(self._params):
+            if p.grad is not None:
+                present.append(i)
+                grads.append(strided(local(p.grad)))
+                params.append(local(p))
+        if not present:
+            return
+        if self._flat is not None and not self._flat.fits(present, params):
+            self._flat = None  # parameters resized, retyped or moved since: new buffers
+        if self._flat is None:
+            self._flat = param_stats([local(p) for _, p in self._params])
+        with torch.no_grad():
+            values = self._flat.read(present, grads, params, snapshot)
+        self._capture.params = ParamRead(present, snapshot, values)
+
+    def _close_step(self) -> None:
+        if self._recording and not self._capture.empty():
+            self._collect(self._step)
+        self._capture.reset()
+        self._step += 1
+        self._set_recording(self._should_record(self._step))
+
+    def _collect(self, step: int) -> None:
+        """One step's statistics: to the host, per layer, merged over ranks, into rows."""
+        read = self._capture.params
+        updates = None
+        present_params: list[torch.Tensor] = []
+        if read is not None:
+            # read again after the step: a DTensor's local shard may be a new tensor
+            present_params = [self._as_local(self._params[i][1]) for i in read.present]
+            if read.snapshot:
+                with torch.no_grad():
+                    updates = self._flat.updates(read.present, present_params)
+        scaler = self.grad_scaler
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        tables, scales = self._capture.collect(updates, scale)
+        if read is not None:
+            grads = [
+                strided(self._as_local(self._params[i][1].grad))  # type: ignore[arg-type]
+                for i in read.present
+            ]
+            recount_params(
+                self._flat, read.present, present_params, grads, tables.param_values,
+                tables.update_sumsq,
+            )  # fmt: skip
+        world = distributed.world_size() if self._sync else 1
+        merge = StepMerge(self._sync)
+        rows, origins = self._reducer.reduce(tables, scales, self._param_layout, merge, world)
+        for phase, layer in origins.items():
+            self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
+        if not self._sync or distributed.rank() == 0:
+            self._store.append(step, rows)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def to_frame(self) -> pd.DataFrame:
+        """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
+        return self._store.to_frame()
+
+    def diagnose(self) -> list[Any]:
+        """Verdicts over everything recorded so far (see gradscope.diagnose)."""
+        from gradscope.diagnose import diagnose
+
+        return diagnose(self.to_frame())
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    every: int | Callable[[int], bool] = 1,
+    **kwargs: Any,
+) -> Recorder:
+    """Creates a Recorder and attaches it; use as a context manager to detach on exit.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with watch(model, optimizer=opt, every=1) as rec:
+        ...     model(torch.randn(5, 3)).sum().backward()
+        ...     opt.step()
+        >>> list(rec.to_frame().columns)
+        ['step', 'layer', 'kind', 'stat', 'value']
+    """
+    return Recorder(every=every, **kwargs).attach(model, optimizer)

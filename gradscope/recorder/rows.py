@@ -1,0 +1,151 @@
+"""The row store: each recorded step's values against a shared layout, spilling, to_frame().
+
+Rows are held compactly: a step's values (8 bytes a row) and the index of its layout (the
+layer, kind and stat of each row, shared by all steps that record the same); nothing else
+grows with the number of steps. With a spill directory, whenever `spill_rows` rows are held
+they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon as it is
+written), and `to_frame()` reads the parts back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradscope.files import atomic_write
+from gradscope.recorder.errors import RecorderError
+
+
+class SpillError(RecorderError):
+    """A spill directory that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The layer, kind and stat of each row of a step: shared by steps that record the same."""
+
+    layer: np.ndarray
+    kind: np.ndarray
+    stat: np.ndarray
+    blocks: list[tuple[list[str], str, list[str]]]  # as StepRows.add received them
+
+
+class StepRows:
+    """One step's rows as column blocks, turned into a layout and a value vector at the end."""
+
+    __slots__ = ("blocks", "values")
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[list[str], str, list[str]]] = []
+        self.values: list[np.ndarray] = []
+
+    def add(
+        self, layers: Sequence[str], kind: str, stat: str | Sequence[str], values: np.ndarray
+    ) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        # plain str, not the schema's StrEnum members: frames and Parquet files hold strings
+        stat_column = [str(stat)] * len(values) if isinstance(stat, str) else list(map(str, stat))
+        self.blocks.append((list(layers), str(kind), stat_column))
+        self.values.append(values)
+
+    def finish(self, previous: Layout | None) -> tuple[Layout, np.ndarray]:
+        """The step's layout (`previous` itself where it is the same) and its values."""
+        values = np.concatenate(self.values) if self.values else np.zeros(0, dtype=np.float64)
+        if previous is not None and previous.blocks == self.blocks:  # the usual case: cheap
+            return previous, values
+        as_array = functools.partial(np.asarray, dtype=object)
+        layer = [name for block in self.blocks for name in block[0]]
+        kind = [block[1] for block in self.blocks for _ in block[0]]
+        stat = [name for block in self.blocks for name in block[2]]
+        return Layout(as_array(layer), as_array(kind), as_array(stat), self.blocks), values
+
+
+class RowStore:
+    """Recorded steps held in memory or spilled to Parquet parts."""
+
+    def __init__(self, spill_to: Path | None, spill_rows: int) -> None:
+        if spill_rows < 1:
+            raise ValueError(f"spill_rows must be >= 1, got {spill_rows}")
+        self.spill_to = spill_to
+        self.spill_rows = spill_rows
+        self.parts: list[Path] = []
+        self._steps: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
+        self._layouts: list[Layout] = []
+        self.rows_held = 0
+
+    def check_spill_dir(self) -> None:
+        """Refuses a spill directory that is a file or holds another recording's parts (a
+        store that has written parts goes on writing them there)."""
+        directory = self.spill_to
+        if directory is None or self.parts:
+            return
+        if directory.exists() and not directory.is_dir():
+            raise SpillError(f"spill_to={str(directory)!r} is a file, not a directory")
+        if directory.is_dir() and any(directory.glob("part-*.parquet")):
+            raise SpillError(
+                f"spill_to={str(directory)!r} already holds another recording's parts; "
+                "give each recording its own directory"
+            )
+
+    def append(self, step: int, rows: StepRows) -> None:
+        layout, values = rows.finish(self._layouts[-1] if self._layouts else None)
+        if not self._layouts or layout is not self._layouts[-1]:
+            self._layouts.append(layout)
+        self._steps.append((step, len(self._layouts) - 1, values))
+        self.rows_held += len(values)
+        if self.rows_held >= self.spill_rows:
+            self.spill()
+
+    def spill(self) -> None:
+        """Writes the rows held in memory to the next Parquet part and forgets them."""
+        if self.spill_to is None or not self.rows_held:
+            return
+        self.spill_to.mkdir(parents=True, exist_ok=True)
+        path = self.spill_to / f"part-{len(self.parts):06d}.parquet"
+        frame = self.held_frame()
+        atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+        self.parts.append(path)
+        self._steps.clear()
+        self.rows_held = 0
+
+    def held_frame(self) -> pd.DataFrame:
+        """The steps held in memory as one long-form frame."""
+        steps, layouts = self._steps, self._layouts
+        if not steps:
+            return empty_frame()
+        used = [layouts[i] for _, i, _ in steps]
+        return pd.DataFrame(
+            {
+                "step": np.repeat([s for s, _, _ in steps], [len(v) for _, _, v in steps]),
+                "layer": np.concatenate([u.layer for u in used]),
+                "kind": np.concatenate([u.kind for u in used]),
+                "stat": np.concatenate([u.stat for u in used]),
+                "value": np.concatenate([v for _, _, v in steps]),
+            }
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """All recorded steps, spilled and held, as one long-form frame."""
+        held = self.held_frame()
+        if not self.parts:
+            return held
+        spilled = [pd.read_parquet(part) for part in self.parts]
+        return pd.concat([*spilled, held] if len(held) else spilled, ignore_index=True)
+
+
+def empty_frame() -> pd.DataFrame:
+    """A frame with the schema's columns and dtypes and no rows."""
+    return pd.DataFrame(
+        {
+            "step": pd.Series(dtype="int64"),
+            "layer": pd.Series(dtype=object),
+            "kind": pd.Series(dtype=object),
+            "stat": pd.Series(dtype=object),
+            "value": pd.Series(dtype="float64"),
+        }
+    )
