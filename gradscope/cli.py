@@ -249,6 +249,11 @@ def _run_sweep_cli(
     from gradscope.lab.data import DataError
     from gradscope.lab.sweep import SweepError
 
+    if resume and sweep_run.reports_here():
+        from gradscope.lab.sweep import scan_runs
+
+        for problem in scan_runs(target)[1].values():
+            typer.echo(f"{problem}: running it again", err=True)
     if not sweep_run.reports_here():  # other ranks train their share quietly
         try:
             sweep_run.run(config, target, data_root, workers, resume)
@@ -320,11 +325,70 @@ def _write_outputs(target: Path) -> None:
 
 
 @app.command()
-def report(folder: Annotated[Path, typer.Argument(help="A depth-sweep output folder.")]) -> None:
-    """Re-render the report (and tables) of a depth-sweep folder from its saved runs."""
+def report(
+    folder: Annotated[Path, typer.Argument(help="A run folder (rec.save) or a sweep folder.")],
+) -> None:
+    """Re-render the report of a run folder, or of a depth-sweep folder from its saved runs."""
+    from gradscope.lab.sweep import SweepError
+    from gradscope.runs import RunError, is_run_folder, load_run
+
+    if is_run_folder(folder):
+        from gradscope.report.run import render_run_report
+
+        try:
+            run = load_run(folder)
+        except RunError as e:
+            fail(str(e))
+        for v in run.verdicts:
+            typer.echo(f"[{v.severity}] {v.id}: {v.message}")
+        typer.echo(f"report: {render_run_report(run)}")
+        return
     if not (folder / "config.json").is_file() or not (folder / "runs").is_dir():
-        fail(f"{folder} is not a depth-sweep folder (no config.json and runs/)")
-    _write_outputs(folder)
+        fail(
+            f"{folder} is neither a run folder (run.json, frame.parquet) nor a depth-sweep "
+            "folder (config.json, runs/)"
+        )
+    try:
+        _write_outputs(folder)
+    except SweepError as e:
+        fail(str(e))
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        fail(f"{folder / 'config.json'} is damaged ({e})")
+
+
+@app.command()
+def diff(
+    run_a: Annotated[Path, typer.Argument(help="The run folder to compare against.")],
+    run_b: Annotated[Path, typer.Argument(help="The run folder being checked.")],
+    rows: Annotated[int, typer.Option(help="How many of the largest changes to print.")] = 20,
+) -> None:
+    """Compare two saved runs layer by layer; exit 1 when B has a warning or error A had not.
+
+    Exit codes: 0 B is not worse than A, 1 a verdict of severity warning or error appears in
+    B, 2 bad input. Runs are aligned by layer name at their last common recorded step.
+    """
+    import pandas as pd
+
+    from gradscope.runs import RunError, diff_runs, load_run
+
+    try:
+        result = diff_runs(load_run(run_a), load_run(run_b))
+    except RunError as e:
+        fail(str(e))
+    typer.echo(f"{run_a} -> {run_b}, at step {result.step}")
+    if len(result.changes):
+        typer.echo(f"statistics that changed more than 2x ({len(result.changes)}; largest first):")
+        with pd.option_context("display.width", 160):
+            typer.echo(
+                result.changes.head(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}")
+            )
+    else:
+        typer.echo("no statistic changed by more than 2x")
+    for title, verdicts in (("appears in B", result.appeared), ("gone in B", result.disappeared)):
+        for v in verdicts:
+            typer.echo(f"{title}: [{v.severity}] {v.id}: {v.message}")
+    if result.worse:
+        raise typer.Exit(1)
 
 
 reproduce_app = typer.Typer(

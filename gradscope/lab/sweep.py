@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from gradscope import frame as fr
@@ -223,15 +225,42 @@ def save_run(out: Path, spec: RunSpec, frame: pd.DataFrame, row: dict[str, Any])
     )
 
 
+def scan_runs(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The finished runs of a sweep folder (id -> its row), and the damaged ones (id -> what
+    is wrong, naming the file): a row that is not JSON, or a run file that cannot be read."""
+    finished, damaged = {}, {}
+    for path in sorted((out / "runs").glob("*.json")):
+        run_id = path.name[: -len(".json")]
+        try:
+            row = json.loads(path.read_text())
+            if not isinstance(row, dict) or not {"variant", "depth", "seed"} <= set(row):
+                raise ValueError("not a run's row")
+            for part in (f"{run_id}.parquet", f"{run_id}.loss.parquet"):
+                pq.read_metadata(out / "runs" / part)
+        except (ValueError, UnicodeDecodeError, OSError, pa.ArrowException) as e:
+            damaged[run_id] = f"{path.parent / run_id}.* is damaged ({e})"
+            continue
+        finished[run_id] = row
+    return finished, damaged
+
+
 def finished_runs(out: Path) -> set[str]:
-    return {p.name[: -len(".json")] for p in (out / "runs").glob("*.json")}
+    """Ids of the runs saved whole (damaged ones are run again on resume)."""
+    return set(scan_runs(out)[0])
 
 
 def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The merged frame, run table and losses of every finished run in a sweep folder."""
+    """The merged frame, run table and losses of every finished run in a sweep folder.
+
+    Raises:
+        SweepError: a run's files are damaged; the message names them.
+    """
     runs_dir = out / "runs"
-    ids = sorted(finished_runs(out))
-    rows = [json.loads((runs_dir / f"{i}.json").read_text()) for i in ids]
+    found, damaged = scan_runs(out)
+    if damaged:
+        raise SweepError("; ".join(damaged.values()) + f"; rerun with --resume {out} to redo")
+    ids = sorted(found)
+    rows = [found[i] for i in ids]
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
     frames = [pd.read_parquet(runs_dir / f"{i}.parquet") for i in ids]
     frames = [f for f in frames if len(f)]
@@ -254,7 +283,10 @@ def prepare_out(out: Path, config: SweepConfig, resume: bool) -> None:
     if resume:
         if not config_path.is_file():
             raise SweepError(f"{out} holds no config.json: not a sweep folder to resume")
-        saved = SweepConfig.from_json(json.loads(config_path.read_text()))
+        try:
+            saved = SweepConfig.from_json(json.loads(config_path.read_text()))
+        except (ValueError, TypeError, KeyError) as e:
+            raise SweepError(f"{config_path} is damaged ({e}); start a new --out") from None
         if saved != config:
             diff = [k for k in config.to_json() if getattr(saved, k) != getattr(config, k)]
             raise SweepError(

@@ -35,6 +35,8 @@ go to Parquet parts there. Under DDP and FSDP2 the statistics are merged over ra
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed
@@ -129,7 +135,14 @@ class Recorder:
         # DTensor, else the tensor itself (decided at attach, so plain models pay nothing)
         self._as_local: Callable[[torch.Tensor], torch.Tensor] = _same
         self._step = 0
+        self._attach_step = 0
         self._recording = False
+        # without optimizer=: the optimizer found stepping the model's parameters, and which
+        # optimizers were checked (a weak map: optimizers come and go)
+        self._param_ids: set[int] = set()
+        self._checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._found: Any = None
+        self._summary: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -230,6 +243,15 @@ class Recorder:
             self._on_output_grad if record_grads else None,
         )
         self.model, self.optimizer = outer, optimizer
+        self._summary = {
+            "class": type(model).__name__,
+            "wrapper": kind,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "recorded_parameters": len(self._params),
+            "watched_modules": len(modules),
+            "blocks": len(self._reducer.block_index),
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+        }
         hooks.register(outer, self)
         self._watched_root = outer
         if self.grad_scaler is not None and self.grad_scaler.is_enabled() and record_grads:
@@ -237,11 +259,25 @@ class Recorder:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        else:  # any optimizer, wherever it is made (inside trainer.fit(), Trainer.train(), ...)
+            self._param_ids = {id(p) for _, p in self._params}
+            self._handles.append(register_optimizer_step_pre_hook(self._any_optimizer_pre))
+            self._handles.append(register_optimizer_step_post_hook(self._any_optimizer_post))
+        self._attach_step = self._step
         self._set_recording(self._should_record(self._step))
         return self
 
     def detach(self) -> None:
-        """Removes every hook and buffer; the recorded rows stay. Safe to call twice."""
+        """Removes every hook and buffer; the recorded rows stay. Safe to call twice.
+
+        Warns (RuntimeWarning) when nothing at all has been recorded, saying why.
+        """
+        if self.attached and self._store.empty:
+            warnings.warn(
+                f"gradscope: nothing was recorded: {self._why_empty()}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._set_recording(False)
         for handle in self._handles:
             handle.remove()
@@ -256,6 +292,28 @@ class Recorder:
         self._params = []
         self._outputs = None
         self._flat = None
+        self._found = None
+        self._checked = weakref.WeakKeyDictionary()
+
+    def _why_empty(self) -> str:
+        steps = self._step - self._attach_step
+        if steps == 0:
+            if not self._params:
+                return (
+                    "no step was closed, and the model has no trainable parameters for an "
+                    "optimizer to step: call rec.step() after each forward"
+                )
+            return (
+                "no step was closed: no optimizer stepped this model's parameters and "
+                "rec.step() was never called (pass optimizer=, build the optimizer over "
+                "model.parameters(), or call rec.step() after each backward)"
+            )
+        if not any(self._should_record(s) for s in range(self._attach_step, self._step)):
+            return f"{steps} step(s) were closed but every={self.every!r} recorded none of them"
+        return (
+            f"{steps} step(s) were closed, but no forward pass with gradients enabled ran "
+            "through the model's modules and no parameter had a gradient"
+        )
 
     def __enter__(self) -> Recorder:
         return self
@@ -309,9 +367,59 @@ class Recorder:
         if self._recording:
             self._capture.grad(label, grad)
 
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._recording:
-            self._read_params(snapshot=True)
+    def _any_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        if optimizer is self._found:
+            return self._before_optimizer_step(optimizer, args, kwargs)
+        if self._steps_our_params(optimizer):
+            if self._found is None:  # the first optimizer over the model's parameters
+                self._found = self.optimizer = optimizer
+                self._summary["optimizer"] = type(optimizer).__name__
+                return self._before_optimizer_step(optimizer, args, kwargs)
+            else:
+                warnings.warn(
+                    f"gradscope: a second optimizer ({type(optimizer).__name__}) steps this "
+                    f"model's parameters; steps are closed by the first one "
+                    f"({type(self._found).__name__}). Pass optimizer= to choose, or watch "
+                    "each network (e.g. a GAN's generator and discriminator) separately",
+                    stacklevel=2,
+                )
+
+    def _any_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer is self._found:
+            self._after_optimizer_step(optimizer, args, kwargs)
+
+    def _steps_our_params(self, optimizer: Any) -> bool:
+        """Whether the optimizer updates any of the recorded parameters (checked once; the
+        answer is True at most once per optimizer after the first, for the warning)."""
+        known = self._checked.get(optimizer)
+        if known is None:
+            ids = self._param_ids
+            known = any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+            self._checked[optimizer] = False  # warn once about a second optimizer
+            return known
+        return False
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        # args are step()'s own: (optimizer, closure?)
+        closure = kwargs.get("closure") if kwargs else None
+        if closure is None and len(args) > 1 and callable(args[1]):
+            closure = args[1]
+        if closure is None:
+            if self._recording:
+                self._read_params(snapshot=True)
+            return None
+
+        # step(closure) (Lightning, LBFGS): the closure makes the gradients inside step(), so
+        # they are read when it returns, just before the update uses them
+        def read_after(*a: Any, **kw: Any) -> Any:
+            loss = closure(*a, **kw)
+            if self._recording:
+                self._read_params(snapshot=True)
+            return loss
+
+        if kwargs and "closure" in kwargs:
+            return args, {**kwargs, "closure": read_after}
+        return (args[0], read_after, *args[2:]), kwargs
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._close_step()
@@ -322,6 +430,8 @@ class Recorder:
             raise RecorderError("step() on a detached recorder; attach() it first")
         if self.optimizer is not None:
             raise RecorderError("an optimizer is attached: its step() closes each step")
+        # (where no optimizer was given, one found stepping the model's parameters becomes
+        # self.optimizer and closes the steps from then on)
         if self._recording:
             self._read_params(snapshot=False)
         self._close_step()
@@ -397,6 +507,52 @@ class Recorder:
     def to_frame(self) -> pd.DataFrame:
         """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
         return self._store.to_frame()
+
+    def last_step_frame(self) -> pd.DataFrame:
+        """The last recorded step's rows (cheap: for logging headlines while training)."""
+        return self._store.last_frame()
+
+    def held_frame(self) -> pd.DataFrame:
+        """The steps held in memory (not yet spilled) as a frame."""
+        return self._store.held_frame()
+
+    @property
+    def spill_parts(self) -> list[Path]:
+        """The Parquet parts written so far (spill_to only), in order."""
+        return list(self._store.parts)
+
+    @property
+    def model_summary(self) -> dict[str, Any]:
+        """The watched model as it was at the last attach: class, sizes, what is recorded."""
+        return dict(self._summary)
+
+    def settings(self) -> dict[str, Any]:
+        """The recorder's settings, as text where they are callables."""
+        return {
+            "every": self.every if isinstance(self.every, int) else repr(self.every),
+            "include": repr(self.include) if callable(self.include) else self.include,
+            "exclude": repr(self.exclude) if callable(self.exclude) else self.exclude,
+            "activations": self.activations,
+            "activation_grads": self.activation_grads,
+            "sync": self._sync,
+            "optimizer": self._summary.get("optimizer"),
+        }
+
+    def save(self, path: str | os.PathLike[str], name: str | None = None) -> Path:
+        """Writes the run folder (frame.parquet, run.json, report.html); see gradscope.runs.
+
+        Example:
+            >>> import tempfile
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+            >>> with watch(model) as rec:
+            ...     model(torch.randn(8, 4)).sum().backward()
+            ...     rec.step()
+            >>> rec.save(tempfile.mkdtemp()).joinpath("run.json").is_file()
+            True
+        """
+        from gradscope.runs import save_run  # plotting and reports load only when saving
+
+        return save_run(self, Path(path), name)
 
     def diagnose(self) -> list[Any]:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""

@@ -77,6 +77,27 @@ class RowStore:
         self._steps: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
         self._layouts: list[Layout] = []
         self.rows_held = 0
+        self._last: tuple[int, Layout, np.ndarray] | None = None
+
+    def last_frame(self) -> pd.DataFrame:
+        """The last recorded step alone (held or spilled), as a frame."""
+        if self._last is None:
+            return empty_frame()
+        step, layout, values = self._last
+        return pd.DataFrame(
+            {
+                "step": np.full(len(values), step, dtype=np.int64),
+                "layer": layout.layer,
+                "kind": layout.kind,
+                "stat": layout.stat,
+                "value": values,
+            }
+        )
+
+    @property
+    def empty(self) -> bool:
+        """Whether no step has been recorded at all."""
+        return not self._steps and not self.parts
 
     def check_spill_dir(self) -> None:
         """Refuses a spill directory that is a file or holds another recording's parts (a
@@ -97,6 +118,7 @@ class RowStore:
         if not self._layouts or layout is not self._layouts[-1]:
             self._layouts.append(layout)
         self._steps.append((step, len(self._layouts) - 1, values))
+        self._last = (step, layout, values)
         self.rows_held += len(values)
         if self.rows_held >= self.spill_rows:
             self.spill()

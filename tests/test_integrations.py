@@ -1,0 +1,155 @@
+"""Trainers that build their own optimizer: Lightning and the transformers Trainer, with
+nothing but gs.watch(model) around them, and gradscope's callbacks for each."""
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import gradscope as gs
+from gradscope.runs import load_run
+
+pl = pytest.importorskip("lightning.pytorch")
+transformers = pytest.importorskip("transformers")
+
+
+def _grad_norms(frame):
+    rows = frame[(frame.kind == "param_grad") & (frame.stat == "norm") & (frame.layer != "*")]
+    return {(int(r.step), r.layer): r.value for r in rows.itertuples()}
+
+
+class _Digits(pl.LightningModule):
+    """A small classifier; keeps the float64 gradient norms each optimizer step will use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.seen: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.seen.append({n: float(p.grad.double().norm()) for n, p in self.named_parameters()})
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _trainer(tmp_path, steps=6, **kwargs):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 20), torch.randint(0, 4, (64,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=str(tmp_path),
+        **kwargs,
+    )
+    return trainer, loader
+
+
+def test_lightning_fit_is_recorded_with_nothing_but_watch(tmp_path):
+    trainer, loader = _trainer(tmp_path, logger=False)
+    module = _Digits()
+    with gs.watch(module) as rec:
+        trainer.fit(module, loader)
+    frame = rec.to_frame()
+    got = _grad_norms(frame)
+    assert sorted(frame.step.unique()) == list(range(6)) and len(module.seen) == 6
+    for step, ref in enumerate(module.seen):
+        for name, value in ref.items():
+            assert got[(step, name)] == pytest.approx(value, rel=1e-6), (step, name)
+    assert {"activation", "activation_grad", "update"} <= set(frame.kind)
+
+
+def test_lightning_callback_logs_headlines_and_saves_the_run(tmp_path):
+    from gradscope.integrations.lightning import GradscopeCallback
+
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="logs")
+    callback = GradscopeCallback(tmp_path / "run", every=2)
+    trainer, loader = _trainer(tmp_path, logger=logger, callbacks=[callback])
+    trainer.fit(_Digits(), loader)
+    metrics = pd.read_csv(f"{logger.log_dir}/metrics.csv")
+    logged = metrics.dropna(subset=["gradscope/grad_norm"])
+    assert len(logged) == 3  # steps 0, 2, 4
+    run = load_run(tmp_path / "run")
+    total = run.frame[(run.frame.layer == "*") & (run.frame.kind == "param_grad")]
+    assert logged["gradscope/grad_norm"].tolist() == pytest.approx(total.value.tolist())
+    assert set(logged["gradscope/worst_severity"]) <= {0.0, 1.0, 2.0, 3.0}
+    assert (tmp_path / "run" / "report.html").is_file()
+
+
+class _Reference(transformers.TrainerCallback):
+    """The float64 gradient norms the optimizer is about to use (after clipping)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.seen.append(
+            {n: float(p.grad.double().norm()) for n, p in model.named_parameters()
+             if p.grad is not None}
+        )  # fmt: skip
+
+
+def _hf_trainer(tmp_path, callbacks):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=64, use_cache=False
+    )
+    model = transformers.GPT2LMHeadModel(config)  # from a config: nothing downloaded
+    ids = torch.randint(0, 64, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    return model, trainer
+
+
+def test_hf_trainer_is_recorded_with_nothing_but_watch(tmp_path):
+    reference = _Reference()
+    model, trainer = _hf_trainer(tmp_path, [reference])
+    with gs.watch(model) as rec:
+        trainer.train()
+    frame = rec.to_frame()
+    assert sorted(frame.step.unique()) == [0, 1, 2, 3] and len(reference.seen) == 4
+    got = _grad_norms(frame)
+    for step, ref in enumerate(reference.seen):
+        for name, value in ref.items():
+            assert got[(step, name)] == pytest.approx(value, rel=1e-6), (step, name)
+    blocks = frame[(frame.kind == "activation") & (frame.stat == "block_index")]
+    assert {layer.partition("[")[0] for layer in blocks.layer} == {
+        "transformer.h.0",
+        "transformer.h.1",
+    }
+
+
+def test_hf_callback_logs_headlines_and_saves_the_run(tmp_path):
+    from gradscope.integrations.transformers import GradscopeTrainerCallback
+
+    callback = GradscopeTrainerCallback(tmp_path / "run", every=1)
+    _, trainer = _hf_trainer(tmp_path, [callback])
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "gradscope/grad_norm" in h]
+    assert len(history) >= 4
+    run = load_run(tmp_path / "run")
+    total = run.frame[(run.frame.layer == "*") & (run.frame.kind == "param_grad")]
+    by_step = {h["step"]: h["gradscope/grad_norm"] for h in history if "loss" not in h}
+    assert list(by_step.values()) == pytest.approx(total.value.tolist())
+    assert run.info["model"]["class"] == "GPT2LMHeadModel"
