@@ -9,6 +9,7 @@ from gradscope.diagnose import Verdict, diagnose
 from gradscope.lab.data import DataError, Dataset, load_dataset
 from gradscope.lab.models import build_model, build_named
 from gradscope.recorder import NonfiniteEvent, Recorder, RecorderError, watch
+from gradscope.runs import Run, RunError, load_run
 
 __all__ = [
     "DataError",
@@ -16,11 +17,14 @@ __all__ = [
     "NonfiniteEvent",
     "Recorder",
     "RecorderError",
+    "Run",
+    "RunError",
     "Verdict",
     "build_model",
     "build_named",
     "diagnose",
     "load_dataset",
+    "load_run",
     "watch",
 ]
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
 from gradscope import frame as fr
+from gradscope import timeline
 from gradscope.schema import Kind, Stat
+from gradscope.verdict import SEVERITIES, Verdict
+from gradscope.verdict import fmt as _fmt
 
 # Under SGD a layer's step scales with its gradient: 1e-3 means the first layer learns a
 # thousand times slower than the last.
@@ -26,32 +27,6 @@ SATURATED_FRAC = 0.5
 # Karpathy's rule of thumb puts healthy update/weight ratios near 1e-3 per step.
 UPDATE_RATIO_LOW = 1e-5
 UPDATE_RATIO_HIGH = 1e-1
-
-SEVERITIES = ("ok", "info", "warning", "error")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One finding: what, how bad, where, the measured numbers and what to do."""
-
-    id: str
-    severity: str
-    message: str
-    suggestion: str
-    layers: list[str] = field(default_factory=list)
-    evidence: dict[str, Any] = field(default_factory=dict)
-    threshold: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        text = f"[{self.severity}] {self.id}: {self.message}"
-        return f"{text}. {self.suggestion}" if self.suggestion else text
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
 def _flow_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
@@ -219,9 +194,14 @@ def _nonfinite_verdicts(frame: pd.DataFrame, step: int) -> list[Verdict]:
 
 
 def diagnose(frame: pd.DataFrame, step: int | None = None) -> list[Verdict]:
-    """Verdicts over a recorder frame at one step (default: the last recorded step).
+    """Verdicts over a recorder frame: by default over the whole recording, with `step` at
+    that one step.
 
-    Non-finite values are looked for over all steps up to that one. Returns a `healthy`
+    Over the whole recording: the single-step rules (gradient flow, dead or saturated units,
+    update size) at the last step, non-finite values over all steps, and the rules over time
+    (gradient and loss spikes, gradient growth, frozen layers, dead units accumulating, a
+    loss that does not decrease; see gradscope.timeline). Each verdict says over which steps
+    it holds (`first_step`, `last_step`). Sorted by severity, then by first step. A `healthy`
     verdict when no rule fires.
 
     Example:
@@ -230,31 +210,65 @@ def diagnose(frame: pd.DataFrame, step: int | None = None) -> list[Verdict]:
     """
     if len(frame) == 0:
         return [Verdict("healthy", "ok", "nothing was recorded, so nothing is wrong", "")]
-    if step is None:
-        step = int(frame["step"].max())
+    at = int(frame["step"].max()) if step is None else step
     verdicts = (
-        _nonfinite_verdicts(frame, step)
-        + _flow_verdicts(frame, step)
-        + _activation_verdicts(frame, step)
-        + _update_verdicts(frame, step)
+        _nonfinite_verdicts(frame, at)
+        + _flow_verdicts(frame, at)
+        + _activation_verdicts(frame, at)
+        + _update_verdicts(frame, at)
     )
+    if step is None:
+        verdicts = [_over_run(v, frame, at) for v in verdicts]
+        verdicts += timeline.spike_verdicts(frame) + timeline.trend_verdicts(
+            frame, UPDATE_RATIO_LOW
+        )
+    else:
+        verdicts = [
+            replace(v, first_step=v.evidence.get("first_step", at), last_step=at) for v in verdicts
+        ]
     if not verdicts:
-        profile = fr.gradient_profile(frame, step)
+        profile = fr.gradient_profile(frame, at)
         norms = profile["norm"].to_numpy()
         evidence = {
-            "step": step,
+            "step": at,
             "first_last_ratio": fr.first_last_ratio(norms),
             "decades_per_layer": fr.decay_slope(norms),
         }
+        first = int(frame["step"].min()) if step is None else at
+        span = f"steps {first} to {at}" if first != at else f"step {at}"
         verdicts = [
             Verdict(
                 "healthy",
                 "ok",
                 f"gradients flow (first/last ratio {_fmt(evidence['first_last_ratio'])}), "
-                f"no dead or saturated layers, no non-finite values at step {step}",
+                f"no dead or saturated layers, no non-finite values, no spikes or trends over "
+                f"{span}"
+                if step is None
+                else f"gradients flow (first/last ratio {_fmt(evidence['first_last_ratio'])}), "
+                f"no dead or saturated layers, no non-finite values at step {at}",
                 "",
                 [],
                 evidence,
+                None,
+                first,
+                at,
             )
         ]
-    return sorted(verdicts, key=lambda v: -SEVERITIES.index(v.severity))
+    return sorted(verdicts, key=lambda v: (-SEVERITIES.index(v.severity), v.first_step or 0, v.id))
+
+
+def _over_run(verdict: Verdict, frame: pd.DataFrame, last: int) -> Verdict:
+    """A last-step verdict with the steps it holds over: for gradient flow, back from the
+    last step for as long as the ratio stayed past the threshold."""
+    first = verdict.evidence.get("first_step", last)
+    if verdict.id in ("vanishing_gradients", "exploding_gradients"):
+        flow = fr.flow_summary(frame).set_index("step")["grad_ratio"]
+        holds = (
+            flow < VANISHING_RATIO
+            if verdict.id == "vanishing_gradients"
+            else flow > EXPLODING_RATIO
+        )
+        since = holds[::-1].cumprod()[::-1]  # true from the last break on
+        steps = since.index[since.to_numpy().astype(bool)]
+        first = int(steps[0]) if len(steps) else last
+    return replace(verdict, first_step=int(first), last_step=last)

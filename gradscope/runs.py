@@ -50,18 +50,16 @@ class Run:
 def save_run(recorder: Any, path: str | Path, name: str | None = None, report: bool = True) -> Path:
     """Writes a recorder's run folder (see the module docstring); returns its path.
 
-    A spilled recording is copied part by part into frame.parquet, never held in memory as a
-    whole; verdicts are those of its last recorded step.
+    A spilled recording is copied part by part into frame.parquet; the verdicts are over the
+    whole recording (gradscope.diagnose).
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     parts = list(getattr(recorder, "spill_parts", []))
     held = recorder.held_frame() if parts else recorder.to_frame()
     _write_frame(out / "frame.parquet", parts, held)
-    last = held if len(held) else (pd.read_parquet(parts[-1]) if parts else held)
-    if len(last):
-        last = last[last["step"] == last["step"].max()]
-    verdicts = diagnose(last) if len(last) else []
+    whole = pd.read_parquet(out / "frame.parquet") if parts else held
+    verdicts = diagnose(whole) if len(whole) else []
     model = recorder.model_summary
     info = {
         "format": FORMAT,

@@ -8,6 +8,39 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 - reduce.py    per-layer reduction of a step's calls, and the derived rows
 - merge.py     merging over ranks: one packed all-reduce per reduction
 - rows.py      layouts, spilling to Parquet, to_frame()
+- optimizers.py  the optimizer given, or found stepping the model; gradients read before
+               the update (after the closure for step(closure))
+
+A recorded step flows one way through the package's rooms: hooks.py (module outputs and
+their gradients) and the optimizer hooks here -> capture.py (the step's calls as typed
+records, computed by backends.py: C kernels or torch ops) -> reduce.py (per layer) ->
+merge.py (over ranks) -> rows.py (layouts, spilling, to_frame). The frame's kinds and stats
+are documented in gradscope.schema.
+
+Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
+to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
+(``gradscope.native``, compiled on first use) that accumulate in float64 and count non-finite
+values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
+torch ops, as float32 cascade sums of squares redone in float64 where a square may have
+underflowed or overflowed; for those, module outputs and output gradients are held until the
+recorded step closes so that they can be recounted. ``min`` and ``max`` ignore NaN (counted
+in ``nonfinite``). Statistics of all calls of a module within one step (shared weights,
+micro-batches) are merged from additive moments. Forward passes under ``torch.no_grad()``
+(evaluation) are skipped. Device statistics move to the host once per recorded step. From
+its first recorded step until detach the recorder keeps a copy of the recorded parameters
+(to measure the update) and work buffers (about the parameters' size again, plus the largest
+module output). Steps that are not recorded run no forward hook at all.
+
+Which modules' outputs are recorded: by default every leaf module and every block, a block
+being a composite module that is an element of an ``nn.ModuleList`` or ``nn.Sequential``
+(``blocks.7``, ``transformer.h.3``, ``layers.2``; see ``block_fqns``): their outputs are the
+residual stream. ``include=`` (globs or a predicate) selects any modules instead, leaf or
+composite; ``exclude=`` removes modules. Parameters are recorded once each, under their own
+fqn: those of every selected module and of the modules inside a selected composite one.
+
+Rows are held in memory compactly (see rows.py); for long runs pass ``spill_to=DIR`` and they
+go to Parquet parts there. Under DDP and FSDP2 the statistics are merged over ranks (see
+``Recorder(sync=...)``); compiled models get parameter statistics only.
 """
 
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError

@@ -46,6 +46,32 @@ def matches(selector: Selector, fqn: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
 
 
+def watched(
+    include: Selector, exclude: Selector, fqn: str, module: nn.Module, blocks: set[str]
+) -> bool:
+    """Whether a module's outputs are recorded: by default each leaf and each block (see
+    block_fqns); with `include`, the modules it matches, leaf or composite."""
+    if include is None:
+        chosen = next(module.children(), None) is None or fqn in blocks
+    else:
+        chosen = matches(include, fqn, module)
+    return chosen and not matches(exclude, fqn, module)
+
+
+def param_selected(include: Selector, exclude: Selector, owner: str, model: nn.Module) -> bool:
+    """Whether the parameters of module `owner` are recorded: those of every module the
+    selection covers (a selected composite module covers its submodules' parameters), unless
+    `exclude` matches their own module."""
+    module = model.get_submodule(owner) if owner else model
+    if matches(exclude, owner, module):
+        return False
+    if include is None:
+        return True
+    parts = owner.split(".") if owner else []
+    prefixes = [".".join(parts[:i]) for i in range(len(parts), -1, -1)]  # owner ... root
+    return any(matches(include, p, model.get_submodule(p)) for p in prefixes)
+
+
 def block_fqns(model: nn.Module) -> list[str]:
     """The blocks of a network, in module order: each composite module that is an element of
     an nn.ModuleList or nn.Sequential (``blocks.7``, ``transformer.h.3``, ``layers.2``).

@@ -1,42 +1,14 @@
 """The Recorder's front: settings, attach/detach, the step schedule, results; and `watch`.
 
-A recorded step flows one way through the package's rooms: hooks.py (module outputs and
-their gradients) and the optimizer hooks here -> capture.py (the step's calls as typed
-records, computed by backends.py: C kernels or torch ops) -> reduce.py (per layer) ->
-merge.py (over ranks) -> rows.py (layouts, spilling, to_frame). The frame's kinds and stats
-are documented in gradscope.schema.
-
-Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
-to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
-(``gradscope.native``, compiled on first use) that accumulate in float64 and count non-finite
-values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
-torch ops, as float32 cascade sums of squares redone in float64 where a square may have
-underflowed or overflowed; for those, module outputs and output gradients are held until the
-recorded step closes so that they can be recounted. ``min`` and ``max`` ignore NaN (counted
-in ``nonfinite``). Statistics of all calls of a module within one step (shared weights,
-micro-batches) are merged from additive moments. Forward passes under ``torch.no_grad()``
-(evaluation) are skipped. Device statistics move to the host once per recorded step. From
-its first recorded step until detach the recorder keeps a copy of the recorded parameters
-(to measure the update) and work buffers (about the parameters' size again, plus the largest
-module output). Steps that are not recorded run no forward hook at all.
-
-Which modules' outputs are recorded: by default every leaf module and every block, a block
-being a composite module that is an element of an ``nn.ModuleList`` or ``nn.Sequential``
-(``blocks.7``, ``transformer.h.3``, ``layers.2``; see ``block_fqns``): their outputs are the
-residual stream. ``include=`` (globs or a predicate) selects any modules instead, leaf or
-composite; ``exclude=`` removes modules. Parameters are recorded once each, under their own
-fqn: those of every selected module and of the modules inside a selected composite one.
-
-Rows are held in memory compactly (see rows.py); for long runs pass ``spill_to=DIR`` and they
-go to Parquet parts there. Under DDP and FSDP2 the statistics are merged over ranks (see
-``Recorder(sync=...)``); compiled models get parameter statistics only.
+How a recorded step flows through the package, what is exact and what is held: see the
+package docstring (gradscope/recorder/__init__.py).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,10 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.optim.optimizer import (
-    register_optimizer_step_post_hook,
-    register_optimizer_step_pre_hook,
-)
 from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed
@@ -57,6 +25,8 @@ from gradscope.recorder.backends import param_stats, recount_params
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError
 from gradscope.recorder.merge import StepMerge
+from gradscope.recorder.optimizers import OptimizerHooks
+from gradscope.recorder.plan import plan_model
 from gradscope.recorder.reduce import ParamLayout, Reducer
 from gradscope.recorder.rows import RowStore
 
@@ -83,6 +53,12 @@ class Recorder:
         spill_to: a directory for long runs: rows go to Parquet parts there instead of
             accumulating in memory (it must not hold another recording's parts).
         spill_rows: how many rows are held in memory before they are written out.
+        on_verdict: called with each new warning or error (gradscope.Verdict) as training
+            goes, e.g. to stop or checkpoint: after each recorded step the diagnosis runs
+            over the last `diagnose_window` recorded steps (spikes, non-finite values, the
+            gradient flow), and a verdict id is reported once. Costs a few ms per recorded
+            step, so it is off unless given.
+        diagnose_window: recorded steps the online diagnosis looks back over.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -106,6 +82,8 @@ class Recorder:
         grad_scaler: Any = None,
         spill_to: str | os.PathLike[str] | None = None,
         spill_rows: int = 200_000,
+        on_verdict: Callable[[Any], object] | None = None,
+        diagnose_window: int = 32,
     ) -> None:
         if not callable(every) and (isinstance(every, bool) or int(every) < 1):
             raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
@@ -137,12 +115,11 @@ class Recorder:
         self._step = 0
         self._attach_step = 0
         self._recording = False
-        # without optimizer=: the optimizer found stepping the model's parameters, and which
-        # optimizers were checked (a weak map: optimizers come and go)
-        self._param_ids: set[int] = set()
-        self._checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-        self._found: Any = None
+        self._optimizer_hooks: OptimizerHooks | None = None
         self._summary: dict[str, Any] = {}
+        self.on_verdict = on_verdict
+        self._window: collections.deque[pd.DataFrame] = collections.deque(maxlen=diagnose_window)
+        self._announced: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -204,39 +181,16 @@ class Recorder:
             )
         record_acts = not compiled if self.activations is None else self.activations
         record_grads = not compiled if self.activation_grads is None else self.activation_grads
-        self._params = [
-            (name, p)
-            for name, p in model.named_parameters()
-            if p.requires_grad and self._param_selected(name.rpartition(".")[0], model)
-        ]
-        if optimizer is not None and not self._params:
+        plan = plan_model(model, kind, compiled, self.include, self.exclude, self.sync)
+        if optimizer is not None and not plan.params:
             raise RecorderError(
                 "the model has no trainable parameters, so there is nothing for the optimizer "
                 "to update; watch it without an optimizer to record activations only"
             )
-        sharded = np.array([distributed.is_sharded(p) for _, p in self._params], dtype=bool)
-        dtensors = any(distributed.local(p) is not p for _, p in self._params)
-        self._as_local = distributed.local if dtensors else _same
-        self._sync = (
-            self.sync
-            if self.sync is not None
-            else distributed.world_size() > 1 and (kind == "ddp" or bool(sharded.any()))
-        )
-        self._param_layout = ParamLayout(
-            [name for name, _ in self._params],
-            np.array([float(p.dim()) for _, p in self._params]),
-            sharded & self._sync,
-        )
-        blocks = hooks.block_fqns(model)
-        modules = [
-            (fqn or type(module).__name__, module)
-            for fqn, module in (model.named_modules() if not compiled else ())
-            if self._watched(fqn, module, set(blocks))
-        ]
-        watched = {label for label, _ in modules}
-        self._reducer = Reducer(
-            {b: float(i) for i, b in enumerate(x for x in blocks if x in watched)}
-        )
+        self._params, self._param_layout, self._sync = plan.params, plan.layout, plan.sync
+        self._as_local = distributed.local if plan.dtensors else _same
+        modules = plan.modules
+        self._reducer = Reducer(plan.block_index)
         self._outputs = hooks.OutputHooks(
             [(label, module, band(module)) for label, module in modules],
             self._on_output if record_acts else None,
@@ -256,13 +210,10 @@ class Recorder:
         self._watched_root = outer
         if self.grad_scaler is not None and self.grad_scaler.is_enabled() and record_grads:
             self._handles.append(outer.register_forward_pre_hook(self._on_root_forward))
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        else:  # any optimizer, wherever it is made (inside trainer.fit(), Trainer.train(), ...)
-            self._param_ids = {id(p) for _, p in self._params}
-            self._handles.append(register_optimizer_step_pre_hook(self._any_optimizer_pre))
-            self._handles.append(register_optimizer_step_post_hook(self._any_optimizer_post))
+        # the given optimizer, or any, wherever it is made (in trainer.fit(), Trainer.train())
+        self._optimizer_hooks = OptimizerHooks(
+            optimizer, (p for _, p in self._params), self._before_update, self._close_step
+        )
         self._attach_step = self._step
         self._set_recording(self._should_record(self._step))
         return self
@@ -279,6 +230,9 @@ class Recorder:
                 stacklevel=2,
             )
         self._set_recording(False)
+        if self._optimizer_hooks is not None:
+            self._optimizer_hooks.remove()
+            self._optimizer_hooks = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -292,8 +246,6 @@ class Recorder:
         self._params = []
         self._outputs = None
         self._flat = None
-        self._found = None
-        self._checked = weakref.WeakKeyDictionary()
 
     def _why_empty(self) -> str:
         steps = self._step - self._attach_step
@@ -327,28 +279,6 @@ class Recorder:
         if self._outputs is not None:
             self._outputs.arm(on)
 
-    def _watched(self, fqn: str, module: nn.Module, blocks: set[str]) -> bool:
-        """Whether a module's outputs are recorded: by default each leaf and each block (see
-        block_fqns); with `include`, the modules it matches, leaf or composite."""
-        if self.include is None:
-            chosen = next(module.children(), None) is None or fqn in blocks
-        else:
-            chosen = hooks.matches(self.include, fqn, module)
-        return chosen and not hooks.matches(self.exclude, fqn, module)
-
-    def _param_selected(self, owner: str, model: nn.Module) -> bool:
-        """Whether the parameters of module `owner` are recorded: those of every module the
-        selection covers (a selected composite module covers its submodules' parameters),
-        unless `exclude` matches their own module."""
-        module = model.get_submodule(owner) if owner else model
-        if hooks.matches(self.exclude, owner, module):
-            return False
-        if self.include is None:
-            return True
-        parts = owner.split(".") if owner else []
-        prefixes = [".".join(parts[:i]) for i in range(len(parts), -1, -1)]  # owner ... root
-        return any(hooks.matches(self.include, p, model.get_submodule(p)) for p in prefixes)
-
     def _should_record(self, step: int) -> bool:
         if callable(self.every):
             return bool(self.every(step))
@@ -367,62 +297,13 @@ class Recorder:
         if self._recording:
             self._capture.grad(label, grad)
 
-    def _any_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
-        if optimizer is self._found:
-            return self._before_optimizer_step(optimizer, args, kwargs)
-        if self._steps_our_params(optimizer):
-            if self._found is None:  # the first optimizer over the model's parameters
-                self._found = self.optimizer = optimizer
-                self._summary["optimizer"] = type(optimizer).__name__
-                return self._before_optimizer_step(optimizer, args, kwargs)
-            else:
-                warnings.warn(
-                    f"gradscope: a second optimizer ({type(optimizer).__name__}) steps this "
-                    f"model's parameters; steps are closed by the first one "
-                    f"({type(self._found).__name__}). Pass optimizer= to choose, or watch "
-                    "each network (e.g. a GAN's generator and discriminator) separately",
-                    stacklevel=2,
-                )
-
-    def _any_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if optimizer is self._found:
-            self._after_optimizer_step(optimizer, args, kwargs)
-
-    def _steps_our_params(self, optimizer: Any) -> bool:
-        """Whether the optimizer updates any of the recorded parameters (checked once; the
-        answer is True at most once per optimizer after the first, for the warning)."""
-        known = self._checked.get(optimizer)
-        if known is None:
-            ids = self._param_ids
-            known = any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
-            self._checked[optimizer] = False  # warn once about a second optimizer
-            return known
-        return False
-
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
-        # args are step()'s own: (optimizer, closure?)
-        closure = kwargs.get("closure") if kwargs else None
-        if closure is None and len(args) > 1 and callable(args[1]):
-            closure = args[1]
-        if closure is None:
-            if self._recording:
-                self._read_params(snapshot=True)
-            return None
-
-        # step(closure) (Lightning, LBFGS): the closure makes the gradients inside step(), so
-        # they are read when it returns, just before the update uses them
-        def read_after(*a: Any, **kw: Any) -> Any:
-            loss = closure(*a, **kw)
-            if self._recording:
-                self._read_params(snapshot=True)
-            return loss
-
-        if kwargs and "closure" in kwargs:
-            return args, {**kwargs, "closure": read_after}
-        return (args[0], read_after, *args[2:]), kwargs
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._close_step()
+    def _before_update(self) -> None:
+        hooks = self._optimizer_hooks
+        if hooks is not None and self.optimizer is None:  # found: it closes the steps now
+            self.optimizer = hooks.optimizer
+            self._summary["optimizer"] = type(hooks.optimizer).__name__
+        if self._recording:
+            self._read_params(snapshot=True)
 
     def step(self) -> None:
         """Closes a step in loops without an optimizer: reads parameter gradients now."""
@@ -430,8 +311,6 @@ class Recorder:
             raise RecorderError("step() on a detached recorder; attach() it first")
         if self.optimizer is not None:
             raise RecorderError("an optimizer is attached: its step() closes each step")
-        # (where no optimizer was given, one found stepping the model's parameters becomes
-        # self.optimizer and closes the steps from then on)
         if self._recording:
             self._read_params(snapshot=False)
         self._close_step()
@@ -501,6 +380,18 @@ class Recorder:
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
         if not self._sync or distributed.rank() == 0:
             self._store.append(step, rows)
+            if self.on_verdict is not None:
+                self._diagnose_online()
+
+    def _diagnose_online(self) -> None:
+        from gradscope.diagnose import diagnose
+
+        self._window.append(self._store.last_frame())
+        for verdict in diagnose(pd.concat(self._window, ignore_index=True)):
+            if verdict.severity in ("warning", "error") and verdict.id not in self._announced:
+                self._announced.add(verdict.id)
+                assert self.on_verdict is not None
+                self.on_verdict(verdict)
 
     # -- results ---------------------------------------------------------------------------
 

@@ -200,7 +200,8 @@ def _verdicts_html(run: Run) -> str:
         )
         parts.append(
             f'<p class="verdict sev-{html.escape(v.severity)}">[{html.escape(v.severity)}] '
-            f"<b>{html.escape(v.id)}</b>: {html.escape(v.message)}. "
+            f"<b>{html.escape(v.id)}</b> (steps {v.first_step} to {v.last_step}): "
+            f"{html.escape(v.message)}. "
             f"{html.escape(v.suggestion)} <small>(evidence: {html.escape(evidence)}; "
             f"threshold {v.threshold})</small></p>"
         )
@@ -228,7 +229,11 @@ def render_run_report(run: Run) -> Any:
     layers = fr.weight_matrices(frame)
     grouped = len(set(layer_groups(frame, layers).values())) < len(layers)
     sections = [
-        Section("What is wrong", "Verdicts at the last recorded step.", [_verdicts_html(run)]),
+        Section(
+            "What is wrong",
+            "Verdicts over the whole recording, worst first, each with the steps it holds over.",
+            [_verdicts_html(run)],
+        ),
         Section(
             "Gradient norm over training",
             "Each row a weight matrix"

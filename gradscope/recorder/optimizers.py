@@ -1,0 +1,104 @@
+"""The optimizer's side of a step: read the gradients just before the update, close the step
+after it. The optimizer is the one given, or the first found stepping the model's parameters
+through torch's global optimizer step hooks (wherever a trainer creates it)."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils.hooks import RemovableHandle
+
+
+class OptimizerHooks:
+    """Calls `before()` when the gradients an update will use are there and `after()` when
+    the update is done, for one optimizer: `optimizer`, or else the first one found that
+    steps any of `params`. A second optimizer over the same parameters is warned about once;
+    optimizers over other parameters are ignored."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        params: Iterable[torch.Tensor],
+        before: Callable[[], None],
+        after: Callable[[], None],
+    ) -> None:
+        self.optimizer = optimizer
+        self._before, self._after = before, after
+        self._param_ids = {id(p) for p in params}
+        self._checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        if optimizer is not None:
+            self.handles: list[RemovableHandle] = [
+                optimizer.register_step_pre_hook(self._pre),
+                optimizer.register_step_post_hook(self._post),
+            ]
+        else:
+            self.handles = [
+                register_optimizer_step_pre_hook(self._any_pre),
+                register_optimizer_step_post_hook(self._any_post),
+            ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _any_pre(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        if optimizer is self.optimizer:
+            return self._pre(optimizer, args, kwargs)
+        if not self._steps_our_params(optimizer):
+            return None
+        if self.optimizer is None:  # the first optimizer over the model's parameters
+            self.optimizer = optimizer
+            return self._pre(optimizer, args, kwargs)
+        warnings.warn(
+            f"gradscope: a second optimizer ({type(optimizer).__name__}) steps this model's "
+            f"parameters; steps are closed by the first one ({type(self.optimizer).__name__})."
+            " Pass optimizer= to choose, or watch each network (e.g. a GAN's generator and "
+            "discriminator) separately",
+            stacklevel=2,
+        )
+        return None
+
+    def _any_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer is self.optimizer:
+            self._post(optimizer, args, kwargs)
+
+    def _steps_our_params(self, optimizer: Any) -> bool:
+        """Whether an optimizer not seen before updates any of the parameters (each one is
+        answered once: after that, False)."""
+        if optimizer in self._checked:
+            return False
+        self._checked[optimizer] = True
+        ids = self._param_ids
+        return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        # args are step()'s own: (optimizer, closure?)
+        closure = kwargs.get("closure") if kwargs else None
+        if closure is None and len(args) > 1 and callable(args[1]):
+            closure = args[1]
+        if closure is None:
+            self._before()
+            return None
+
+        # step(closure) (Lightning, LBFGS): the closure makes the gradients inside step(), so
+        # they are read when it returns, just before the update uses them
+        def read_after(*a: Any, **kw: Any) -> Any:
+            loss = closure(*a, **kw)
+            self._before()
+            return loss
+
+        if kwargs and "closure" in kwargs:
+            return args, {**kwargs, "closure": read_after}
+        return (args[0], read_after, *args[2:]), kwargs
+
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._after()

@@ -1,0 +1,68 @@
+"""What a recorder watches in a model, decided once at attach: the recorded parameters and
+their layout, the modules whose outputs are recorded, the blocks of the stream, and whether
+statistics are merged over ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from gradscope import distributed
+from gradscope.recorder import hooks
+from gradscope.recorder.reduce import ParamLayout
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    params: list[tuple[str, nn.Parameter]]
+    layout: ParamLayout
+    sync: bool
+    dtensors: bool  # FSDP2 parameters: statistics of each rank's local shard
+    modules: list[tuple[str, nn.Module]]  # (label, module) whose outputs are recorded
+    block_index: dict[str, float]  # each watched block's position in the stream
+
+
+def plan_model(
+    model: nn.Module,
+    kind: str,
+    compiled: bool,
+    include: hooks.Selector,
+    exclude: hooks.Selector,
+    sync: bool | None,
+) -> ModelPlan:
+    """The plan for `model` (unwrapped; `kind` is what wrapped it: eager, ddp, compiled)."""
+    params = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+        and hooks.param_selected(include, exclude, name.rpartition(".")[0], model)
+    ]
+    sharded = np.array([distributed.is_sharded(p) for _, p in params], dtype=bool)
+    merged = (
+        sync
+        if sync is not None
+        else distributed.world_size() > 1 and (kind == "ddp" or bool(sharded.any()))
+    )
+    layout = ParamLayout(
+        [name for name, _ in params],
+        np.array([float(p.dim()) for _, p in params]),
+        sharded & merged,
+    )
+    blocks = hooks.block_fqns(model)
+    modules = [
+        (fqn or type(module).__name__, module)
+        for fqn, module in (model.named_modules() if not compiled else ())
+        if hooks.watched(include, exclude, fqn, module, set(blocks))
+    ]
+    watched = {label for label, _ in modules}
+    block_index = {b: float(i) for i, b in enumerate(x for x in blocks if x in watched)}
+    return ModelPlan(
+        params,
+        layout,
+        merged,
+        any(distributed.local(p) is not p for _, p in params),
+        modules,
+        block_index,
+    )

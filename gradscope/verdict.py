@@ -1,0 +1,38 @@
+"""One finding of the diagnosis: what, how bad, where, over which steps, the evidence."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("ok", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One finding: what, how bad, where, the measured numbers and what to do.
+
+    `first_step` and `last_step` say over which recorded steps it holds.
+    """
+
+    id: str
+    severity: str
+    message: str
+    suggestion: str
+    layers: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        text = f"[{self.severity}] {self.id}: {self.message}"
+        return f"{text}. {self.suggestion}" if self.suggestion else text
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
