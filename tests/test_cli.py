@@ -57,6 +57,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     # at depth 6 stays near chance (10%), its gradients shrinking towards the input
     assert acc["preln", 2] > 0.9 and acc["preln", 6] > 0.9 and acc["plain", 6] < 0.2
     assert runs.set_index(["variant", "depth"]).grad_decay_init["plain", 6] > 0
+    theory = runs.set_index(["variant", "depth"]).grad_decay_theory  # ReLU, default init
+    assert theory["plain", 6] == pytest.approx(0.389, abs=0.001) and theory.isna()["preln", 6]
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html and "<link" not in html
     assert html.count("data:image/png;base64,") >= 5

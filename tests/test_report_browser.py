@@ -52,6 +52,12 @@ def test_report_renders_in_chromium(tmp_path, chromium):
     images = int(re.search(r'data-images="(\d+)"', dom.stdout).group(1))
     broken = int(re.search(r'data-broken-images="(\d+)"', dom.stdout).group(1))
     assert images >= 5 and broken == 0
+    # the first section is the answer: the trainability map and sentences, before any figure
+    first = dom.stdout.index("<h2>The answer</h2>")
+    assert (
+        first < dom.stdout.index("<h2>1. Gradient norm") and 'alt="trainability map' in dom.stdout
+    )
+    assert dom.stdout.index("<li>", first) < dom.stdout.index("<h2>1. Gradient norm")
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console == []
     shot = tmp_path / "report.png"
@@ -61,7 +67,7 @@ def test_report_renders_in_chromium(tmp_path, chromium):
             *FLAGS,
             f"--user-data-dir={tmp_path / 'profile2'}",
             f"--screenshot={shot}",
-            "--window-size=1280,4000",
+            "--window-size=1280,800",  # the first screen
             url,
         ],
         capture_output=True,

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gradscope import frame as fr
+from gradscope import theory
 from gradscope.diagnose import diagnose
 from gradscope.files import atomic_write
 from gradscope.lab.data import Dataset
@@ -45,6 +46,7 @@ RUN_COLUMNS = [
     "grad_ratio_end",
     "grad_decay_init",
     "grad_decay_end",
+    "grad_decay_theory",
     "diverged",
     "seconds",
     "verdicts_init",
@@ -193,6 +195,12 @@ def run_one(
         "grad_ratio_end": last["grad_ratio"] if last is not None else math.nan,
         "grad_decay_init": first["grad_decay"] if first is not None else math.nan,
         "grad_decay_end": last["grad_decay"] if last is not None else math.nan,
+        # the mean-field prediction for plain stacks (gradscope.theory); none for residual ones
+        "grad_decay_theory": theory.decay_per_layer(
+            config.activation, config.init, config.width, "param_grad"
+        )
+        if spec.variant == Variant.PLAIN
+        else math.nan,
         "diverged": result.diverged,
         "seconds": result.seconds,
         "verdicts_init": ";".join(v.id for v in init),

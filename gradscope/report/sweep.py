@@ -19,6 +19,7 @@ from gradscope import frame as fr  # noqa: E402
 from gradscope.lab.models import Variant  # noqa: E402
 from gradscope.lab.sweep import load_results  # noqa: E402
 from gradscope.report.html import Section, figure_html, render_html, table_html  # noqa: E402
+from gradscope.report.summary import story, story_html, trainability_map  # noqa: E402
 from gradscope.schema import Kind, Stat  # noqa: E402
 
 
@@ -104,6 +105,17 @@ def _fig_ratio_and_slope(runs: pd.DataFrame, palette: dict[str, Any]) -> str:
         ylabel="decades lost per layer (>0 vanishing)",
     )
     axes[2].axhline(0.0, color="grey", lw=0.8, ls="--")
+    theory = runs["grad_decay_theory"] if "grad_decay_theory" in runs else pd.Series(dtype=float)
+    predicted = theory[runs["variant"] == "plain"].dropna()
+    if len(predicted):  # the mean-field prediction for the plain stack (gradscope.theory)
+        axes[2].axhline(
+            float(predicted.iloc[0]),
+            color=palette.get("plain", "black"),
+            lw=1.2,
+            ls=":",
+            label=f"plain, theory ({float(predicted.iloc[0]):.3g})",
+        )
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     return figure_html(fig, "gradient ratio and decay slope against depth")
 
@@ -259,6 +271,14 @@ def render_sweep_report(
         f"{config['batch_size']}, recorded every {config['every']} steps."
     )
     sections = []
+    if len(runs):
+        sections.append(
+            Section(
+                "The answer",
+                "",
+                [trainability_map(runs, variants), story_html(story(runs, config))],
+            )
+        )
     if len(runs) and len(frame):
         profiles = _grad_profiles(frame)
         sections += [
