@@ -148,6 +148,44 @@ def _fig_heatmaps(frame: pd.DataFrame, runs: pd.DataFrame, variants: list[str]) 
     return figure_html(fig, "layer by step heatmap of gradient norm")
 
 
+def _fig_signal_propagation(
+    frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str, Any]
+) -> str:
+    """Brock et al. (2021)'s signal propagation plots at init, deepest run of each variant:
+    per block, the stream's rms, the residual branch's rms and the gradient at the block."""
+    deepest = runs.sort_values("depth").groupby("variant").tail(1)
+    rows = []
+    for r in deepest.itertuples():
+        run = frame[
+            (frame["variant"] == r.variant)
+            & (frame["depth"] == r.depth)
+            & (frame["seed"] == r.seed)
+        ]
+        run = run[run["step"] == run["step"].min()]
+        stream = fr.stream_layers(run)
+        index = {name: i for i, name in enumerate(stream)}
+        for kind, stat, what, layers in (
+            (Kind.ACTIVATION, Stat.RMS, "stream rms", stream),
+            (Kind.ACTIVATION, Stat.RMS, "branch rms", [f"{b}.fc2" for b in stream]),
+            (Kind.ACTIVATION_GRAD, Stat.NORM, "gradient at the block", stream),
+        ):
+            part = fr.select(run, kind, stat, layers=layers)
+            block = part["layer"].str.removesuffix(".fc2").map(index)
+            rows.append(part.assign(block=block, what=what, variant=r.variant))
+    data = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if data.empty:
+        return ""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, what in zip(axes, ("stream rms", "branch rms", "gradient at the block"), strict=True):
+        part = data[(data["what"] == what) & (data["value"] > 0)]
+        if len(part):
+            sns.lineplot(data=part, x="block", y="value", hue="variant", palette=palette, ax=ax)
+        ax.set(yscale="log", title=f"{what.capitalize()} at init", xlabel="block (0 = input side)")
+    fig.suptitle("Signal propagation at init, deepest run of each variant")
+    fig.tight_layout()
+    return figure_html(fig, "signal propagation at init: stream, branch and gradient per block")
+
+
 def _fig_activations(frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str, Any]) -> str:
     deepest = runs.sort_values("depth").groupby("variant").tail(1)
     rows = []
@@ -218,9 +256,10 @@ def _fig_accuracy(
         )
         sns.lineplot(data=keep, x="step", y="smooth", hue="variant", palette=palette, ax=axes[1])
     axes[1].set(
-        title="Training loss of the deepest run (10-step mean)",
+        yscale="log",  # a diverged run's loss (1e4) would flatten every other curve
+        title="Training loss of the deepest run (10-step mean; diverged runs end early)",
         xlabel="step",
-        ylabel="cross-entropy loss",
+        ylabel="cross-entropy loss (log scale)",
     )
     fig.tight_layout()
     return figure_html(fig, "test accuracy against depth and loss curves")
@@ -302,6 +341,14 @@ def render_sweep_report(
                 [_fig_activations(frame, runs, palette)],
             ),
             Section("6. Accuracy and loss", "", [_fig_accuracy(runs, loss, palette, variants)]),
+            Section(
+                "Signal propagation at init",
+                "Per block of the deepest run: the residual stream's rms, the rms of what "
+                "each block adds (its branch), and the gradient norm at the block's output. "
+                "Pre-LN streams grow with depth while their branches stay put; an "
+                "unnormalized residual stream grows until it overflows.",
+                [_fig_signal_propagation(frame, runs, palette)],
+            ),
         ]
     sections += [
         Section("7. Verdicts (deepest run of each variant)", "", [_verdict_html(details, runs)]),
