@@ -12,6 +12,8 @@ Reference rows put the recorder's cost in context:
 - "parameters only": the recorder with activations=False, activation_grads=False.
 - "leaves only": everything but the blocks' outputs (the residual stream), which the default
   selection adds: the difference to "everything, every 1" is what the stream costs.
+- "no geometry": everything but the update's cosine with the gradient, its step size and
+  the optimizer's second-moment norm.
 
     python benchmarks/overhead.py [--repeats 30] [--models mlp,relu32,preln32]
 """
@@ -92,6 +94,7 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, torch.optim.Optimizer], object], 
         lambda m, o: gs.watch(m, optimizer=o, include=lambda fqn, mod: _leaf(mod)),
         None,
     ),
+    "everything, no geometry": (lambda m, o: gs.watch(m, optimizer=o, geometry=False), None),
     "everything, every 1": (lambda m, o: gs.watch(m, optimizer=o, every=1), None),
     "everything, every 10": (lambda m, o: gs.watch(m, optimizer=o, every=10), None),
 }

@@ -9,7 +9,11 @@ A frame has exactly the columns ``step, layer, kind, stat, value``. Kinds and th
   One extra row ``layer="*"``, ``stat="norm"``: the total L2 norm over all recorded parameters.
 - ``param``: ``norm`` of the parameter before the update, ``ndim`` (2 for a weight matrix).
 - ``update`` (only with an optimizer): ``norm`` of the update the optimizer applied
-  (parameter after the step minus before), ``ratio`` = update norm / parameter norm.
+  (parameter after the step minus before), ``ratio`` = update norm / parameter norm;
+  ``cos_grad``, the cosine between the update and the negative gradient (1 for plain SGD),
+  and ``step_size`` = update norm / gradient norm (the effective learning rate).
+- ``optimizer_state`` (Adam-like optimizers): ``exp_avg_sq_norm``, the L2 norm of the
+  second-moment estimate of each parameter.
 - ``activation`` (layer = module fqn; ``fqn[i]`` / ``fqn[key]`` for tuple or dict outputs):
   ``mean``, ``std``, ``rms``, ``zero_frac`` (exact zeros: dead ReLU outputs), ``min``,
   ``max``, ``nonfinite``; ``saturated_frac`` for bounded activations (tanh, sigmoid,
@@ -43,6 +47,7 @@ class Kind(StrEnum):
     ACTIVATION_GRAD = "activation_grad"
     NONFINITE_ORIGIN = "nonfinite_origin"
     SCALAR = "scalar"
+    OPTIMIZER_STATE = "optimizer_state"
 
 
 class Stat(StrEnum):
@@ -62,6 +67,9 @@ class Stat(StrEnum):
     SATURATED_FRAC = "saturated_frac"
     SAMPLE_NORM = "sample_norm"
     BLOCK_INDEX = "block_index"
+    COS_GRAD = "cos_grad"
+    STEP_SIZE = "step_size"
+    EXP_AVG_SQ_NORM = "exp_avg_sq_norm"
     FORWARD = "forward"
     BACKWARD = "backward"
     LOSS = "loss"

@@ -61,6 +61,8 @@ class Tables:
     params: ParamRead | None
     param_values: list[np.ndarray] = field(default_factory=list)  # as ParamRead.values
     update_sumsq: np.ndarray | None = None
+    update_dot: np.ndarray | None = None  # update . gradient, per present parameter
+    state_sumsq: np.ndarray | None = None  # the optimizer's second moment (NaN: none)
     scalars: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -109,7 +111,10 @@ class StepCapture:
         return not (self.outputs or self.grads or self.params or self.scalars)
 
     def collect(
-        self, updates: torch.Tensor | None, scaler_scale: float | None
+        self,
+        updates: torch.Tensor | None,
+        scaler_scale: float | None,
+        geometry: torch.Tensor | None = None,
     ) -> tuple[Tables, np.ndarray | None]:
         """Moves the step's statistics to the host in one transfer; per-call tables, and the
         scales of the step's backwards (None without a scaler)."""
@@ -124,6 +129,8 @@ class StepCapture:
             parts += self.params.values
         if updates is not None:
             parts.append(updates)
+        if geometry is not None:
+            parts.append(geometry)
         if self.scalars:
             values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
             parts.append(torch.stack(values))
@@ -151,6 +158,8 @@ class StepCapture:
             tables.param_values = [reader.take(n) for _ in self.params.values]
         if updates is not None:
             tables.update_sumsq = reader.take(updates.numel())
+        if geometry is not None:
+            tables.update_dot, tables.state_sumsq = reader.take(geometry.numel()).reshape(2, -1)
         tables.scalars = [
             (name, float(v))
             for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed
 from gradscope.recorder import hooks
-from gradscope.recorder.backends import param_stats, recount_params
+from gradscope.recorder.backends import param_stats, recount_params, update_geometry
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError
 from gradscope.recorder.merge import StepMerge
@@ -59,6 +59,8 @@ class Recorder:
             gradient flow), and a verdict id is reported once. Costs a few ms per recorded
             step, so it is off unless given.
         diagnose_window: recorded steps the online diagnosis looks back over.
+        geometry: with an optimizer, also the update's cosine with the negative gradient, its
+            step size and Adam's second-moment norm (one more pass over each parameter).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -84,6 +86,7 @@ class Recorder:
         spill_rows: int = 200_000,
         on_verdict: Callable[[Any], object] | None = None,
         diagnose_window: int = 32,
+        geometry: bool = True,
     ) -> None:
         if not callable(every) and (isinstance(every, bool) or int(every) < 1):
             raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
@@ -118,6 +121,7 @@ class Recorder:
         self._optimizer_hooks: OptimizerHooks | None = None
         self._summary: dict[str, Any] = {}
         self.on_verdict = on_verdict
+        self.geometry = geometry
         self._window: collections.deque[pd.DataFrame] = collections.deque(maxlen=diagnose_window)
         self._announced: set[str] = set()
 
@@ -363,7 +367,10 @@ class Recorder:
                     updates = self._flat.updates(read.present, present_params)
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-        tables, scales = self._capture.collect(updates, scale)
+        geometry = None
+        if updates is not None and self.geometry and read is not None:
+            geometry = self._geometry(read.present, present_params)
+        tables, scales = self._capture.collect(updates, scale, geometry)
         if read is not None:
             grads = [
                 strided(self._as_local(self._params[i][1].grad))  # type: ignore[arg-type]
@@ -382,6 +389,17 @@ class Recorder:
             self._store.append(step, rows)
             if self.on_verdict is not None:
                 self._diagnose_online()
+
+    def _geometry(self, present: list[int], params: list[torch.Tensor]) -> torch.Tensor:
+        """The update . gradient dot products and the optimizer's second-moment sums of
+        squares of the present parameters (see backends.update_geometry)."""
+        state = getattr(self.optimizer, "state", {})
+        originals = [self._params[i][1] for i in present]
+        grads = [strided(self._as_local(p.grad)) for p in originals]  # type: ignore[arg-type]
+        second = [state.get(p, {}).get("exp_avg_sq") for p in originals]
+        second = [self._as_local(s) if isinstance(s, torch.Tensor) else None for s in second]
+        with torch.no_grad():
+            return update_geometry(self._flat, present, params, grads, second)
 
     def _diagnose_online(self) -> None:
         from gradscope.diagnose import diagnose

@@ -200,27 +200,15 @@ def _params(tables: Tables, layout: ParamLayout, merge: StepMerge) -> Callable[[
         names = [layout.names[i] for i in present]
         ndims, sharded = layout.ndims[present], layout.sharded[present]
     grad_sumsq, grad_max, nonfinite, param_sumsq = tables.param_values
-    update_sumsq = tables.update_sumsq
-    handles = []
-    if sharded.any():  # a shard's squares and counts are part of the whole tensor's
-        handles = [
-            merge.add(values[sharded], op)
-            for values, op in (
-                (grad_sumsq, "sum"),
-                (param_sumsq, "sum"),
-                (nonfinite, "sum"),
-                (grad_max, "max"),
-                (update_sumsq if update_sumsq is not None else np.zeros(0), "sum"),
-            )
-        ]
+    update_sumsq, dot, state = tables.update_sumsq, tables.update_dot, tables.state_sumsq
+    # a shard's squares, counts and dot products are part of the whole tensor's
+    merged = [(grad_sumsq, "sum"), (param_sumsq, "sum"), (nonfinite, "sum"), (grad_max, "max")]
+    merged += [(v, "sum") for v in (update_sumsq, dot, state) if v is not None]
+    handles = [merge.add(values[sharded], op) for values, op in merged] if sharded.any() else []
 
     def add(rows: StepRows) -> None:
-        if handles:
-            targets = [grad_sumsq, param_sumsq, nonfinite, grad_max]
-            if update_sumsq is not None:
-                targets.append(update_sumsq)
-            for values, handle in zip(targets, handles, strict=False):
-                values[sharded] = merge.get(handle)
+        for (values, _), handle in zip(merged, handles, strict=False):
+            values[sharded] = merge.get(handle)
         grad_norm, param_norm = np.sqrt(grad_sumsq), np.sqrt(param_sumsq)
         rows.add(names, Kind.PARAM_GRAD, Stat.NORM, grad_norm)
         rows.add(names, Kind.PARAM_GRAD, Stat.MAX_ABS, grad_max)
@@ -233,6 +221,22 @@ def _params(tables: Tables, layout: ParamLayout, merge: StepMerge) -> Callable[[
                 ratio = np.where(param_norm > 0, update_norm / param_norm, np.nan)
             rows.add(names, Kind.UPDATE, Stat.NORM, update_norm)
             rows.add(names, Kind.UPDATE, Stat.RATIO, ratio)
+            if dot is not None and state is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    cos = np.where(
+                        update_norm * grad_norm > 0, -dot / (update_norm * grad_norm), np.nan
+                    )
+                    step = np.where(grad_norm > 0, update_norm / grad_norm, np.nan)
+                rows.add(names, Kind.UPDATE, Stat.COS_GRAD, np.clip(cos, -1.0, 1.0))
+                rows.add(names, Kind.UPDATE, Stat.STEP_SIZE, step)
+                adam = np.isfinite(state)
+                if adam.any():
+                    rows.add(
+                        [n for n, a in zip(names, adam, strict=True) if a],
+                        Kind.OPTIMIZER_STATE,
+                        Stat.EXP_AVG_SQ_NORM,
+                        np.sqrt(state[adam]),
+                    )
         total = np.sqrt(np.square(grad_norm).sum(keepdims=True))
         rows.add([TOTAL], Kind.PARAM_GRAD, Stat.NORM, total)
 
