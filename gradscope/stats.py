@@ -226,14 +226,31 @@ class FlatStats:
         rows = torch.tensor(present, device=sumsq.device)
         return [sumsq[rows], largest[rows], torch.zeros_like(sumsq[rows]), param_sumsq[rows]]
 
-    def updates(self, present: list[int], params: list[torch.Tensor]) -> torch.Tensor:
-        """Sums of squares of params - the copy kept by `read()` (the applied update)."""
+    def updates(
+        self,
+        present: list[int],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Sums of squares of params - the copy kept by `read()` (the applied update); with
+        `grads`, a second row: each update's dot product with its gradient, in float64."""
         sumsq = self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, params)):
                 seg.work.sub_(seg.before).square_()
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        return sumsq[torch.tensor(present, device=sumsq.device)]
+        sumsq = sumsq[torch.tensor(present, device=sumsq.device)]
+        if grads is None:
+            return sumsq
+        dots = []
+        for i, p, g in zip(present, params, grads, strict=True):
+            before = self.before(i)
+            if before is None:
+                dots.append(torch.zeros((), dtype=torch.float64, device=sumsq.device))
+                continue
+            update = p.detach().double().flatten() - before.double().flatten()
+            dots.append(torch.dot(update, g.detach().double().flatten()).to(sumsq.device))
+        return torch.stack([sumsq, torch.stack(dots)])
 
     def _spread(self, present: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         full: list[torch.Tensor | None] = [None] * self.n

@@ -209,8 +209,15 @@ def test_param_passes_split_over_threads(threads):
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
         update_sumsq = stats.updates(present, params)
+        both = stats.updates(present, params, grads)  # with each update's dot with its gradient
+        finite = [torch.nan_to_num(g, nan=0.0, posinf=0.0) for g in grads]
+        both_finite = stats.updates(present, params, finite)
         for i in present:
-            ref = float((params[i].double() - before_copy[i].double()).square().sum())
+            update = params[i].double() - before_copy[i].double()
+            ref = float(update.square().sum())
             assert update_sumsq[i] == pytest.approx(ref, rel=1e-12)
+            assert both[0, i] == update_sumsq[i]
+            dot = float(update @ finite[i].double())
+            assert both_finite[1, i] == pytest.approx(dot, rel=1e-10, abs=1e-12)
     finally:
         torch.set_num_threads(before)

@@ -43,7 +43,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "saturated": ([_PTR, _I64, ctypes.c_double, ctypes.c_double], ctypes.c_double),
     "grad_rows": ([_PTR, _I64, _I64, _PTR], None),
     "param_read": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
-    "diff_sumsq": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
+    "diff_sumsq": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR], ctypes.c_int),
 }
 
 
@@ -227,23 +227,32 @@ class ParamStats:
         )
         return list(torch.from_numpy(out))
 
-    def updates(self, present: list[int], params: list[torch.Tensor]) -> torch.Tensor:
-        """Sums of squares of params - the copy kept by `read()` (the applied update)."""
+    def updates(
+        self,
+        present: list[int],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Sums of squares of params - the copy kept by `read()` (the applied update); with
+        `grads`, a second row: the update's dot product with each gradient (one pass)."""
         idx = np.asarray(present, dtype=np.int64)
-        out = np.empty(len(idx))
+        out = np.empty((2 if grads is not None else 1, len(idx)))
         keep: list[torch.Tensor] = []
         after_at = _addresses(params, keep)
+        grad_at = _addresses(grads, keep) if grads is not None else None
         before_at, sizes = self._before_at[idx], self._sizes[idx]
         _check(
             _fn("diff_sumsq", self.dtype)(
                 after_at.ctypes.data,
                 before_at.ctypes.data,
+                grad_at.ctypes.data if grad_at is not None else None,
                 sizes.ctypes.data,
                 len(idx),
-                out.ctypes.data,
+                out[0].ctypes.data,
+                out[1].ctypes.data if grads is not None else None,
             )
         )
-        return torch.from_numpy(out)
+        return torch.from_numpy(out if grads is not None else out[0])
 
     def before(self, i: int) -> torch.Tensor | None:
         return self._before[i]

@@ -183,37 +183,53 @@ GRAD_ROWS(grad_rows_f64, double)
 PARAM_READ(param_read_f32, float, count_nonfinite_f32)
 PARAM_READ(param_read_f64, double, count_nonfinite_f64)
 
-/* for each of k pairs: sum of squares of x - y, each difference taken in double (exact),
- * split over threads as above. Returns 0, or -1 where no memory was left. */
+/* for each of k pairs: sum of squares of x - y, each difference taken in double (exact), and
+ * where gs is not NULL the dot product of x - y with g (the update with the gradient), split
+ * over threads as above. Returns 0, or -1 where no memory was left. */
 #define DIFF_SUMSQ(NAME, T)                                                                 \
-    int NAME(const T* const* xs, const T* const* ys, const int64_t* sizes, int64_t k,       \
-             double* sumsq) {                                                               \
+    int NAME(const T* const* xs, const T* const* ys, const T* const* gs, const int64_t* sizes, \
+             int64_t k, double* sumsq, double* dots) {                                      \
         int64_t total = total_of(sizes, k);                                                 \
         int threads = threads_for(total);                                                   \
-        double* part = (double*)calloc((size_t)threads * k + 1, sizeof(double));            \
+        double* part = (double*)calloc((size_t)threads * 2 * k + 1, sizeof(double));        \
         if (!part) return -1;                                                               \
         _Pragma("omp parallel num_threads(threads)")                                        \
         {                                                                                   \
-            double* mine = part + (size_t)omp_get_thread_num() * k;                         \
+            double* mine = part + (size_t)omp_get_thread_num() * 2 * k;                     \
             int64_t lo, hi, a, b, start = 0;                                                \
             my_share(total, &lo, &hi);                                                      \
             for (int64_t j = 0; j < k && start < hi; start += sizes[j++]) {                 \
                 if (!slice_of(start, sizes[j], lo, hi, &a, &b)) continue;                   \
                 const T* x = xs[j] + a;                                                     \
                 const T* y = ys[j] + a;                                                     \
-                double ss = 0.0;                                                            \
-                _Pragma("omp simd simdlen(16) reduction(+ : ss)")                           \
-                for (int64_t i = 0; i < b - a; ++i) {                                       \
-                    double d = (double)x[i] - (double)y[i];                                 \
-                    ss += d * d;                                                            \
+                double ss = 0.0, dot = 0.0;                                                 \
+                if (gs) {                                                                   \
+                    const T* g = gs[j] + a;                                                 \
+                    _Pragma("omp simd simdlen(16) reduction(+ : ss, dot)")                  \
+                    for (int64_t i = 0; i < b - a; ++i) {                                   \
+                        double d = (double)x[i] - (double)y[i];                             \
+                        ss += d * d;                                                        \
+                        dot += d * (double)g[i];                                            \
+                    }                                                                       \
+                } else {                                                                    \
+                    _Pragma("omp simd simdlen(16) reduction(+ : ss)")                       \
+                    for (int64_t i = 0; i < b - a; ++i) {                                   \
+                        double d = (double)x[i] - (double)y[i];                             \
+                        ss += d * d;                                                        \
+                    }                                                                       \
                 }                                                                           \
                 mine[j] += ss;                                                              \
+                mine[k + j] += dot;                                                         \
             }                                                                               \
         }                                                                                   \
         for (int64_t j = 0; j < k; ++j) {                                                   \
-            double ss = 0.0;                                                                \
-            for (int t = 0; t < threads; ++t) ss += part[(size_t)t * k + j];                \
+            double ss = 0.0, dot = 0.0;                                                     \
+            for (int t = 0; t < threads; ++t) {                                             \
+                ss += part[(size_t)t * 2 * k + j];                                          \
+                dot += part[(size_t)t * 2 * k + k + j];                                     \
+            }                                                                               \
             sumsq[j] = ss;                                                                  \
+            if (dots) dots[j] = dot;                                                        \
         }                                                                                   \
         free(part);                                                                         \
         return 0;                                                                           \

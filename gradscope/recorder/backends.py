@@ -209,30 +209,17 @@ def recount_params(
             update_sumsq[k] = float(stats.exact_norm(diff)) ** 2
 
 
-def update_geometry(
-    flat: stats.FlatStats | native.ParamStats,
-    present: list[int],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    states: list[torch.Tensor | None],
-) -> torch.Tensor:
-    """Per present parameter, on the device in float64 (exact: the update is taken in float64
-    from the float32 values): the dot product of the applied update with the gradient, and
-    the sum of squares of the optimizer's second-moment state (NaN where it has none)."""
-    dots, state_sumsq = [], []
-    nan = torch.tensor(math.nan, dtype=torch.float64)
-    for i, p, g, state in zip(present, params, grads, states, strict=True):
-        before = flat.before(i)
-        if before is None or p.numel() == 0:
-            dots.append(torch.zeros((), dtype=torch.float64, device=p.device))
-        else:
-            update = p.detach().double().flatten() - before.double().flatten()
-            dots.append(torch.dot(update, g.detach().double().flatten()))
-        if state is None:
-            state_sumsq.append(nan.to(p.device))
-        else:
-            state_sumsq.append(torch.linalg.vector_norm(state, dtype=torch.float64) ** 2)
-    return torch.stack([torch.stack(dots), torch.stack(state_sumsq).to(dots[0].device)])
+def second_moments(states: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """Sums of squares of the optimizer's second-moment states, in float64 (NaN: none)."""
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+    return torch.stack(
+        [
+            torch.linalg.vector_norm(s, dtype=torch.float64).to(device) ** 2
+            if s is not None
+            else nan
+            for s in states
+        ]
+    )
 
 
 class _HostRows:

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed
 from gradscope.recorder import hooks
-from gradscope.recorder.backends import param_stats, recount_params, update_geometry
+from gradscope.recorder.backends import param_stats, recount_params, second_moments
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError
 from gradscope.recorder.merge import StepMerge
@@ -363,19 +363,18 @@ class Recorder:
             # read again after the step: a DTensor's local shard may be a new tensor
             present_params = [self._as_local(self._params[i][1]) for i in read.present]
             if read.snapshot:
+                grads = self._present_grads(read.present) if self.geometry else None
                 with torch.no_grad():
-                    updates = self._flat.updates(read.present, present_params)
+                    updates = self._flat.updates(read.present, present_params, grads)
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         geometry = None
-        if updates is not None and self.geometry and read is not None:
-            geometry = self._geometry(read.present, present_params)
+        if updates is not None and updates.dim() == 2 and read is not None:  # with dots
+            states = self._second_moments(read.present, updates.device)
+            updates, geometry = updates[0], torch.stack([updates[1], states])
         tables, scales = self._capture.collect(updates, scale, geometry)
         if read is not None:
-            grads = [
-                strided(self._as_local(self._params[i][1].grad))  # type: ignore[arg-type]
-                for i in read.present
-            ]
+            grads = self._present_grads(read.present)
             recount_params(
                 self._flat, read.present, present_params, grads, tables.param_values,
                 tables.update_sumsq,
@@ -390,16 +389,19 @@ class Recorder:
             if self.on_verdict is not None:
                 self._diagnose_online()
 
-    def _geometry(self, present: list[int], params: list[torch.Tensor]) -> torch.Tensor:
-        """The update . gradient dot products and the optimizer's second-moment sums of
-        squares of the present parameters (see backends.update_geometry)."""
+    def _present_grads(self, present: list[int]) -> list[torch.Tensor]:
+        return [
+            strided(self._as_local(self._params[i][1].grad))  # type: ignore[arg-type]
+            for i in present
+        ]
+
+    def _second_moments(self, present: list[int], device: torch.device) -> torch.Tensor:
+        """Adam-like optimizers' second-moment states of the present parameters."""
         state = getattr(self.optimizer, "state", {})
-        originals = [self._params[i][1] for i in present]
-        grads = [strided(self._as_local(p.grad)) for p in originals]  # type: ignore[arg-type]
-        second = [state.get(p, {}).get("exp_avg_sq") for p in originals]
-        second = [self._as_local(s) if isinstance(s, torch.Tensor) else None for s in second]
+        second = [state.get(self._params[i][1], {}).get("exp_avg_sq") for i in present]
+        local = [self._as_local(s) if isinstance(s, torch.Tensor) else None for s in second]
         with torch.no_grad():
-            return update_geometry(self._flat, present, params, grads, second)
+            return second_moments(local, device)
 
     def _diagnose_online(self) -> None:
         from gradscope.diagnose import diagnose

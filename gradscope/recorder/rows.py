@@ -32,37 +32,56 @@ class Layout:
     layer: np.ndarray
     kind: np.ndarray
     stat: np.ndarray
-    blocks: list[tuple[list[str], str, list[str]]]  # as StepRows.add received them
+    blocks: list[tuple[Sequence[str], str, str | tuple[str, ...]]]  # as StepRows.add got them
 
 
 class StepRows:
-    """One step's rows as column blocks, turned into a layout and a value vector at the end."""
+    """One step's rows as column blocks, turned into a layout and a value vector at the end.
+
+    Blocks keep the layer lists they were given (callers reuse the same list objects while a
+    model records the same things), so a step whose blocks are those of the previous step
+    costs a few identity checks, not a comparison of every row's labels.
+    """
 
     __slots__ = ("blocks", "values")
 
     def __init__(self) -> None:
-        self.blocks: list[tuple[list[str], str, list[str]]] = []
+        self.blocks: list[tuple[Sequence[str], str, str | tuple[str, ...]]] = []
         self.values: list[np.ndarray] = []
 
     def add(
         self, layers: Sequence[str], kind: str, stat: str | Sequence[str], values: np.ndarray
     ) -> None:
-        values = np.asarray(values, dtype=np.float64)
+        """Rows for `layers` (not to be changed afterwards), one stat or one stat each."""
         # plain str, not the schema's StrEnum members: frames and Parquet files hold strings
-        stat_column = [str(stat)] * len(values) if isinstance(stat, str) else list(map(str, stat))
-        self.blocks.append((list(layers), str(kind), stat_column))
-        self.values.append(values)
+        stats = str(stat) if isinstance(stat, str) else tuple(map(str, stat))
+        self.blocks.append((layers, str(kind), stats))
+        self.values.append(np.asarray(values, dtype=np.float64))
 
     def finish(self, previous: Layout | None) -> tuple[Layout, np.ndarray]:
         """The step's layout (`previous` itself where it is the same) and its values."""
         values = np.concatenate(self.values) if self.values else np.zeros(0, dtype=np.float64)
-        if previous is not None and previous.blocks == self.blocks:  # the usual case: cheap
+        if previous is not None and _same_blocks(previous.blocks, self.blocks):
             return previous, values
         as_array = functools.partial(np.asarray, dtype=object)
         layer = [name for block in self.blocks for name in block[0]]
         kind = [block[1] for block in self.blocks for _ in block[0]]
-        stat = [name for block in self.blocks for name in block[2]]
-        return Layout(as_array(layer), as_array(kind), as_array(stat), self.blocks), values
+        stat = [
+            name
+            for layers, _, stats in self.blocks
+            for name in ([stats] * len(layers) if isinstance(stats, str) else stats)
+        ]
+        return Layout(as_array(layer), as_array(kind), as_array(stat), list(self.blocks)), values
+
+
+def _same_blocks(
+    old: list[tuple[Sequence[str], str, str | tuple[str, ...]]],
+    new: list[tuple[Sequence[str], str, str | tuple[str, ...]]],
+) -> bool:
+    return len(old) == len(new) and all(
+        (a[0] is b[0] or list(a[0]) == list(b[0])) and a[1] == b[1] and a[2] == b[2]
+        for a, b in zip(old, new, strict=True)
+    )
 
 
 class RowStore:
