@@ -115,6 +115,27 @@ MUTATIONS = [
         ("tests/test_recorder.py::test_models_without_parameters",),
     ),
     Mutation(
+        "C diff_sumsq: the update's dot with the gradient drops the update",
+        "gradscope/native/kernels.c",
+        "dot += d * (double)g[i];",
+        "dot += (double)g[i];",
+        ("tests/test_native.py", "tests/test_geometry.py"),
+    ),
+    Mutation(
+        "geometry: cos_grad against the gradient instead of the negative gradient",
+        "gradscope/recorder/reduce.py",
+        "-dot / (update_norm * grad_norm)",
+        "dot / (update_norm * grad_norm)",
+        ("tests/test_geometry.py",),
+    ),
+    Mutation(
+        "spikes: the robust deviation threshold ignored",
+        "gradscope/timeline.py",
+        "fired = (change - usual > SPIKE_Z * scale) & (above > floor) & level.notna()",
+        "fired = (above > floor) & level.notna()",
+        ("tests/test_timeline.py",),
+    ),
+    Mutation(
         "the packed all-reduce reads every array back from the start of its pack",
         "gradscope/recorder/merge.py",
         "                start += size\n",

@@ -179,3 +179,11 @@ def test_healthy_runs_give_no_warning_over_the_whole_run(mnist, name, optimizer,
     verdicts = rec.diagnose()
     assert [v.id for v in verdicts if v.severity in ("warning", "error")] == [], verdicts
     assert result.test_acc > 0.85
+
+
+def test_a_noisy_series_fires_only_on_a_jump_beyond_its_own_noise():
+    noisy = _noise(200, 21, sd=0.3)  # often 3x above its median: noise, not spikes
+    assert (noisy > 3 * np.median(noisy)).sum() > 5
+    assert timeline.spikes(pd.DataFrame({"x": noisy})).empty
+    noisy[150:] *= 1e4  # four decades: far beyond its step-to-step changes
+    assert timeline.spikes(pd.DataFrame({"x": noisy}))["step"].tolist() == [150]
