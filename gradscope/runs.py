@@ -115,7 +115,15 @@ def is_run_folder(path: Path) -> bool:
 
 
 def _write_frame(path: Path, parts: list[Path], held: pd.DataFrame) -> None:
-    schema = pa.Schema.from_pandas(held if len(held) else _typed_empty(), preserve_index=False)
+    schema = pa.schema(
+        [
+            ("step", pa.int64()),
+            ("layer", pa.string()),
+            ("kind", pa.string()),
+            ("stat", pa.string()),
+            ("value", pa.float64()),
+        ]
+    )
 
     def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
@@ -126,18 +134,6 @@ def _write_frame(path: Path, parts: list[Path], held: pd.DataFrame) -> None:
                 writer.write_table(pa.Table.from_pandas(held, schema, preserve_index=False))
 
     atomic_write(path, write)
-
-
-def _typed_empty() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "step": pd.Series(dtype="int64"),
-            "layer": pd.Series(dtype=str),
-            "kind": pd.Series(dtype=str),
-            "stat": pd.Series(dtype=str),
-            "value": pd.Series(dtype="float64"),
-        }
-    )
 
 
 def _steps(path: Path) -> dict[str, int]:

@@ -1,0 +1,188 @@
+"""gradscope reproduce: the teaching text's MNIST experiments against its numbers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from gradscope.cli.common import DataRoot, app, fail, fetch_data, int_list
+
+if TYPE_CHECKING:
+    pass
+
+reproduce_app = typer.Typer(
+    help="Rerun the teaching text's MNIST experiments and check its numbers.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(reproduce_app, name="reproduce")
+
+Seeds = Annotated[str, typer.Option(help="Comma-separated seeds.")]
+Dataset = Annotated[str, typer.Option(help="mnist, fashion-mnist, synthetic.")]
+Out = Annotated[
+    Path | None, typer.Option(help="Output folder; default reports/reproduce-<name>-<time>/.")
+]
+Quick = Annotated[
+    bool, typer.Option(help="A short version for tests and demos (fewer epochs/steps).")
+]
+
+
+def _reproduce(
+    name: str,
+    seeds: str,
+    dataset: str,
+    data_root: str | None,
+    out: Path | None,
+    quick: bool,
+    **settings: Any,
+) -> None:
+    """Runs gradscope.lab.reproduce.<name>(data, seeds, **settings), saves, reports, prints."""
+    import pandas as pd
+
+    from gradscope.lab import reproduce as rp
+    from gradscope.lab.data import DataError, load_dataset
+    from gradscope.report.reproduce import render_reproduction
+
+    seed_list = int_list(seeds, "--seeds")
+    target = out or Path("reports") / f"reproduce-{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    fetch_data(dataset, data_root)
+    try:
+        data = load_dataset(dataset, data_root)
+        if target.exists() and any(target.iterdir()):
+            fail(f"{target} exists and is not empty; choose a new --out")
+        target.mkdir(parents=True, exist_ok=True)
+    except DataError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write to {target}: {e.strerror or e}")
+    count = {"n": 0}
+
+    def progress(what: str) -> None:
+        count["n"] += 1
+        typer.echo(f"[{count['n']}] training {what}", err=True)
+
+    try:
+        if quick:
+            settings = rp.quick_settings(name, settings)
+        result = getattr(rp, name)(data, seed_list, progress=progress, **settings)
+    except ValueError as e:
+        fail(str(e))
+    rp.save(result, target)
+    report = render_reproduction(result, target)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        typer.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    typer.echo(f"\nreport: {report}")
+
+
+@reproduce_app.command("journey")
+def reproduce_journey(
+    seeds: Seeds = "0,1,2",
+    epochs: Annotated[int, typer.Option()] = 5,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    lr_sgd: Annotated[float, typer.Option(help="Learning rate of the SGD row.")] = 0.01,
+    lr_adam: Annotated[float, typer.Option(help="Learning rate of the Adam/AdamW rows.")] = 1e-3,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """digit with SGD, Adam, AdamW, AdamW + cosine, and deep-digit: against 93.6 ... 98.1%."""
+    _reproduce(
+        "journey",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        quick,
+        epochs=epochs,
+        batch_size=batch_size,
+        train_size=None,
+        lr_sgd=lr_sgd,
+        lr_adam=lr_adam,
+    )
+
+
+@reproduce_app.command("dropout")
+def reproduce_dropout(
+    seeds: Seeds = "0,1,2",
+    epochs: Annotated[int, typer.Option()] = 20,
+    train_size: Annotated[int, typer.Option()] = 1000,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """1,000 training examples with and without dropout 0.2: train/test accuracy and the gap.
+
+    The comparison is repeated at 50 and 100 epochs (not with --quick): the effect fades
+    with longer training.
+    """
+    _reproduce(
+        "dropout",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        quick,
+        epochs=epochs,
+        train_size=train_size,
+        also_epochs=(50, 100),
+    )
+
+
+@reproduce_app.command("regularization")
+def reproduce_regularization(
+    seeds: Seeds = "0,1,2",
+    epochs: Annotated[int, typer.Option()] = 5,
+    l1: Annotated[float, typer.Option(help="L1 penalty strength (in the loss).")] = 1e-4,
+    l1_proximal: Annotated[
+        float, typer.Option(help="L1 proximal strength (threshold lr * this).")
+    ] = 0.1,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """L2 (AdamW weight decay) against L1 (penalty and proximal): weight norms and zeros."""
+    _reproduce(
+        "regularization",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        quick,
+        epochs=epochs,
+        train_size=None,
+        l1=l1,
+        l1_proximal=l1_proximal,
+    )
+
+
+@reproduce_app.command("clipping")
+def reproduce_clipping(
+    seeds: Seeds = "0,1,2",
+    depth: Annotated[int, typer.Option(help="Residual blocks (no normalization).")] = 50,
+    steps: Annotated[int, typer.Option()] = 300,
+    lr: Annotated[float, typer.Option()] = 0.05,
+    clip: Annotated[float, typer.Option()] = 1.0,
+    quick: Quick = False,
+    dataset: Dataset = "mnist",
+    data_root: DataRoot = None,
+    out: Out = None,
+) -> None:
+    """A residual stack with exploding gradients, trained with and without clipping at 1.0."""
+    _reproduce(
+        "clipping",
+        seeds,
+        dataset,
+        data_root,
+        out,
+        quick,
+        depth=depth,
+        steps=steps,
+        lr=lr,
+        clip=clip,
+    )
