@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import replace
 
 import numpy as np
@@ -272,3 +273,22 @@ def _over_run(verdict: Verdict, frame: pd.DataFrame, last: int) -> Verdict:
         steps = since.index[since.to_numpy().astype(bool)]
         first = int(steps[0]) if len(steps) else last
     return replace(verdict, first_step=int(first), last_step=last)
+
+
+class OnlineDiagnosis:
+    """The diagnosis while training: over the last `window` recorded steps, each new warning
+    or error id reported once (gradscope.Recorder's on_verdict)."""
+
+    def __init__(self, window: int = 32) -> None:
+        self._steps: collections.deque[pd.DataFrame] = collections.deque(maxlen=window)
+        self._announced: set[str] = set()
+
+    def update(self, step_frame: pd.DataFrame) -> list[Verdict]:
+        """Adds one recorded step's rows; returns the verdicts not reported before."""
+        self._steps.append(step_frame)
+        new = []
+        for verdict in diagnose(pd.concat(self._steps, ignore_index=True)):
+            if verdict.severity in ("warning", "error") and verdict.id not in self._announced:
+                self._announced.add(verdict.id)
+                new.append(verdict)
+        return new

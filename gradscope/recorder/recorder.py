@@ -6,7 +6,6 @@ package docstring (gradscope/recorder/__init__.py).
 
 from __future__ import annotations
 
-import collections
 import os
 import warnings
 from collections.abc import Callable
@@ -20,10 +19,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed
+from gradscope.diagnose import OnlineDiagnosis
 from gradscope.recorder import hooks
 from gradscope.recorder.backends import param_stats, recount_params, second_moments
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
-from gradscope.recorder.errors import NonfiniteEvent, RecorderError
+from gradscope.recorder.errors import NonfiniteEvent, RecorderError, why_nothing_recorded
 from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.optimizers import OptimizerHooks
 from gradscope.recorder.plan import plan_model
@@ -122,8 +122,7 @@ class Recorder:
         self._summary: dict[str, Any] = {}
         self.on_verdict = on_verdict
         self.geometry = geometry
-        self._window: collections.deque[pd.DataFrame] = collections.deque(maxlen=diagnose_window)
-        self._announced: set[str] = set()
+        self._online = OnlineDiagnosis(diagnose_window) if on_verdict is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -229,7 +228,13 @@ class Recorder:
         """
         if self.attached and self._store.empty:
             warnings.warn(
-                f"gradscope: nothing was recorded: {self._why_empty()}",
+                "gradscope: nothing was recorded: "
+                + why_nothing_recorded(
+                    self._step - self._attach_step,
+                    bool(self._params),
+                    any(self._should_record(s) for s in range(self._attach_step, self._step)),
+                    self.every,
+                ),
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -250,26 +255,6 @@ class Recorder:
         self._params = []
         self._outputs = None
         self._flat = None
-
-    def _why_empty(self) -> str:
-        steps = self._step - self._attach_step
-        if steps == 0:
-            if not self._params:
-                return (
-                    "no step was closed, and the model has no trainable parameters for an "
-                    "optimizer to step: call rec.step() after each forward"
-                )
-            return (
-                "no step was closed: no optimizer stepped this model's parameters and "
-                "rec.step() was never called (pass optimizer=, build the optimizer over "
-                "model.parameters(), or call rec.step() after each backward)"
-            )
-        if not any(self._should_record(s) for s in range(self._attach_step, self._step)):
-            return f"{steps} step(s) were closed but every={self.every!r} recorded none of them"
-        return (
-            f"{steps} step(s) were closed, but no forward pass with gradients enabled ran "
-            "through the model's modules and no parameter had a gradient"
-        )
 
     def __enter__(self) -> Recorder:
         return self
@@ -386,8 +371,9 @@ class Recorder:
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
         if not self._sync or distributed.rank() == 0:
             self._store.append(step, rows)
-            if self.on_verdict is not None:
-                self._diagnose_online()
+            if self._online is not None and self.on_verdict is not None:
+                for verdict in self._online.update(self._store.last_frame()):
+                    self.on_verdict(verdict)
 
     def _present_grads(self, present: list[int]) -> list[torch.Tensor]:
         return [
@@ -402,16 +388,6 @@ class Recorder:
         local = [self._as_local(s) if isinstance(s, torch.Tensor) else None for s in second]
         with torch.no_grad():
             return second_moments(local, device)
-
-    def _diagnose_online(self) -> None:
-        from gradscope.diagnose import diagnose
-
-        self._window.append(self._store.last_frame())
-        for verdict in diagnose(pd.concat(self._window, ignore_index=True)):
-            if verdict.severity in ("warning", "error") and verdict.id not in self._announced:
-                self._announced.add(verdict.id)
-                assert self.on_verdict is not None
-                self.on_verdict(verdict)
 
     # -- results ---------------------------------------------------------------------------
 
