@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
+from gradscope import theory  # noqa: E402
 from gradscope.lab.models import Variant  # noqa: E402
 from gradscope.lab.sweep import load_results  # noqa: E402
 from gradscope.report.html import Section, figure_html, render_html, table_html  # noqa: E402
@@ -49,7 +50,7 @@ def _grad_profiles(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fig_profiles(profiles: pd.DataFrame, variants: list[str]) -> str:
-    data = profiles[profiles["seed"] == profiles["seed"].min()].copy()
+    data = profiles.copy()  # several seeds: the band around each line
     data["norm"] = data["norm"].where(data["norm"] > 0)
     grid = sns.relplot(
         data=data,
@@ -148,14 +149,21 @@ def _fig_heatmaps(frame: pd.DataFrame, runs: pd.DataFrame, variants: list[str]) 
     return figure_html(fig, "layer by step heatmap of gradient norm")
 
 
+def _deepest(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every seed's run at each variant's largest depth."""
+    return runs[runs["depth"] == runs.groupby("variant")["depth"].transform("max")]
+
+
 def _fig_signal_propagation(
-    frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str, Any]
+    frame: pd.DataFrame,
+    runs: pd.DataFrame,
+    palette: dict[str, Any],
+    config: dict[str, Any] | None = None,
 ) -> str:
     """Brock et al. (2021)'s signal propagation plots at init, deepest run of each variant:
     per block, the stream's rms, the residual branch's rms and the gradient at the block."""
-    deepest = runs.sort_values("depth").groupby("variant").tail(1)
     rows = []
-    for r in deepest.itertuples():
+    for r in _deepest(runs).itertuples():
         run = frame[
             (frame["variant"] == r.variant)
             & (frame["depth"] == r.depth)
@@ -181,15 +189,27 @@ def _fig_signal_propagation(
         if len(part):
             sns.lineplot(data=part, x="block", y="value", hue="variant", palette=palette, ax=ax)
         ax.set(yscale="log", title=f"{what.capitalize()} at init", xlabel="block (0 = input side)")
-    fig.suptitle("Signal propagation at init, deepest run of each variant")
+    preln = data[(data["variant"] == "preln") & (data["what"] == "stream rms")]
+    if len(preln) and config is not None:  # Xiong et al. 2020: linear growth of the square
+        growth = theory.preln_stream_growth(config["activation"], config["init"], config["width"])
+        blocks = np.arange(int(preln["block"].max()) + 1)
+        start = float(np.square(preln[preln["block"] == 0]["value"]).mean())
+        axes[0].plot(
+            blocks,
+            np.sqrt(start + growth * blocks),
+            color="black",
+            ls=":",
+            label=f"Pre-LN theory: +{growth:.3g} mean square per block",
+        )
+        axes[0].legend(fontsize=8)
+    fig.suptitle("Signal propagation at init, deepest runs of each variant (bands: seeds)")
     fig.tight_layout()
     return figure_html(fig, "signal propagation at init: stream, branch and gradient per block")
 
 
 def _fig_activations(frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str, Any]) -> str:
-    deepest = runs.sort_values("depth").groupby("variant").tail(1)
     rows = []
-    for r in deepest.itertuples():
+    for r in _deepest(runs).itertuples():
         run = frame[
             (frame["variant"] == r.variant)
             & (frame["depth"] == r.depth)
@@ -206,27 +226,25 @@ def _fig_activations(frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str,
         return ""
     data = pd.concat(rows, ignore_index=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    std = data[(data["stat"] == "std") & (data["phase"] == "init")]
-    sns.lineplot(
-        data=std[std["value"] > 0], x="index", y="value", hue="variant", palette=palette, ax=axes[0]
-    )
-    axes[0].set(
-        yscale="log",
-        title="Activation std at init (deepest runs)",
-        xlabel="activation layer (0 = input side)",
-        ylabel="std (log scale)",
-    )
-    for ax, phase in ((axes[1], "init"), (axes[2], "end")):
-        sub = data[(data["stat"].isin(["zero_frac", "saturated_frac"])) & (data["phase"] == phase)]
-        sns.lineplot(
-            data=sub, x="index", y="value", hue="variant", style="stat", palette=palette, ax=ax
-        )
+    for ax, phase in ((axes[0], "init"), (axes[1], "end")):
+        rms = data[(data["stat"] == Stat.RMS) & (data["phase"] == phase) & (data["value"] > 0)]
+        sns.lineplot(data=rms, x="index", y="value", hue="variant", palette=palette, ax=ax)
         ax.set(
-            ylim=(-0.02, 1.02),
-            title=f"Dead (zero) / saturated fraction, {phase}",
+            yscale="log",
+            title=f"Activation rms per layer, {'at init' if phase == 'init' else 'after training'}",
             xlabel="activation layer (0 = input side)",
-            ylabel="fraction of outputs",
+            ylabel="rms (log scale)",
         )
+    sub = data[(data["stat"].isin(["zero_frac", "saturated_frac"])) & (data["phase"] == "end")]
+    sns.lineplot(
+        data=sub, x="index", y="value", hue="variant", style="stat", palette=palette, ax=axes[2]
+    )
+    axes[2].set(
+        ylim=(-0.02, 1.02),
+        title="Dead (zero) / saturated fraction after training",
+        xlabel="activation layer (0 = input side)",
+        ylabel="fraction of outputs",
+    )
     fig.tight_layout()
     return figure_html(fig, "activation statistics against layer")
 
@@ -245,12 +263,11 @@ def _fig_accuracy(
         xlabel="depth (log scale)",
         ylabel="test accuracy",
     )
-    deepest = runs.sort_values("depth").groupby("variant").tail(1)
-    keep = loss.merge(deepest[["variant", "depth", "seed"]], on=["variant", "depth", "seed"])
+    keep = loss.merge(_deepest(runs)[["variant", "depth", "seed"]], on=["variant", "depth", "seed"])
     keep = keep[np.isfinite(keep["loss"])]
     if len(keep):
         keep = keep.assign(
-            smooth=keep.groupby("variant")["loss"].transform(
+            smooth=keep.groupby(["variant", "seed"])["loss"].transform(
                 lambda s: s.rolling(10, min_periods=1).mean()
             )
         )
@@ -336,8 +353,8 @@ def render_sweep_report(
             Section("4. Gradient norm over training", "", [_fig_heatmaps(frame, runs, variants)]),
             Section(
                 "5. Activations",
-                "Std of each activation output and the fraction of dead "
-                "(exactly zero) or saturated outputs.",
+                "Rms of each activation output at init and after training (what separates "
+                "the variants), and the fraction of dead (exactly zero) or saturated outputs.",
                 [_fig_activations(frame, runs, palette)],
             ),
             Section("6. Accuracy and loss", "", [_fig_accuracy(runs, loss, palette, variants)]),
@@ -347,7 +364,7 @@ def render_sweep_report(
                 "each block adds (its branch), and the gradient norm at the block's output. "
                 "Pre-LN streams grow with depth while their branches stay put; an "
                 "unnormalized residual stream grows until it overflows.",
-                [_fig_signal_propagation(frame, runs, palette)],
+                [_fig_signal_propagation(frame, runs, palette, config)],
             ),
         ]
     sections += [
