@@ -141,3 +141,24 @@ def preln_stream_growth(activation: str = "relu", init: str = "xavier", width: i
     sw, sb = weight_and_bias_variance(activation, init, width)
     hidden = sw * 1.0 + sb  # fc1 on unit-variance inputs
     return sw * _expect(lambda x: phi(x) ** 2, hidden) + sb
+
+
+def residual_stream(
+    activation: str, init: str, width: int, start: float, blocks: int
+) -> np.ndarray:
+    """Mean square of an unnormalized residual stream, block by block from `start`: each
+    block adds its branch fc2(phi(fc1(x))), whose variance for a stream of mean square q is
+    sigma_w^2 E[phi(sqrt(sigma_w^2 q + sigma_b^2) z)^2] + sigma_b^2. With a variance-preserving
+    branch (ReLU, kaiming fc1 and a fc2 of gain 1) the stream doubles per block; under
+    PyTorch's default init it grows by about 1/18 per block."""
+    phi, _ = _phi(activation)
+    sw, sb = weight_and_bias_variance(activation, init, width)
+    out = np.empty(blocks)
+    q = start
+    for i in range(blocks):
+        out[i] = q
+        q = q + sw * _expect(lambda x: phi(x) ** 2, sw * q + sb) + sb
+        if not math.isfinite(q):
+            out[i + 1 :] = math.inf
+            break
+    return out

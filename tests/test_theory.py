@@ -44,3 +44,25 @@ def test_theory_matches_measured_plain_stacks_at_init(activation, init):
     measured = decay_slope(norms[1:-1])  # the 784-wide input and 10-wide output layers apart
     predicted = theory.decay_per_layer(activation, init, width=128, quantity="param_grad")
     assert measured == pytest.approx(predicted, abs=0.03)
+
+
+def test_residual_stream_growth():
+    # kaiming on both maps of a ReLU branch (sigma_w^2 = 2 each) adds twice the stream's
+    # mean square per block: the stream triples (a variance-preserving branch would double it)
+    ms = theory.residual_stream("relu", "kaiming", 128, 1.0, 5)
+    assert ms.tolist() == pytest.approx([1.0, 3.0, 9.0, 27.0, 81.0])
+    # PyTorch's default init: about 1/18 more per block (biases add a little)
+    default = theory.residual_stream("relu", "default", 128, 1.0, 3)
+    assert default[1] / default[0] == pytest.approx(1 + 1 / 18, abs=0.01)
+
+
+def test_residual_stream_theory_matches_a_measured_stack():
+    torch.manual_seed(0)
+    model = build_model("residual", 12, width=128)
+    outs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, a, o: outs.append(float(o.double().square().mean())))
+    with torch.no_grad():
+        model(torch.randn(512, 784))
+    predicted = theory.residual_stream("relu", "default", 128, outs[0], len(outs))
+    assert outs == pytest.approx(predicted.tolist(), rel=0.05)

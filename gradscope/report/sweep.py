@@ -202,6 +202,15 @@ def _fig_signal_propagation(
             label=f"Pre-LN theory: +{growth:.3g} mean square per block",
         )
         axes[0].legend(fontsize=8)
+    residual = data[(data["variant"] == "residual") & (data["what"] == "stream rms")]
+    if len(residual) and config is not None:  # the block-by-block variance map
+        count = int(residual["block"].max()) + 1
+        start = float(np.square(residual[residual["block"] == 0]["value"]).mean())
+        ms = theory.residual_stream(
+            config["activation"], config["init"], config["width"], start, count
+        )
+        axes[0].plot(np.arange(count), np.sqrt(ms), color="grey", ls=":", label="residual theory")
+        axes[0].legend(fontsize=8)
     fig.suptitle("Signal propagation at init, deepest runs of each variant (bands: seeds)")
     fig.tight_layout()
     return figure_html(fig, "signal propagation at init: stream, branch and gradient per block")
