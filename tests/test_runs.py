@@ -63,12 +63,38 @@ def test_watch_without_optimizer_finds_the_one_stepping_the_model():
 
 
 def _step_after_found(model, opt):
-    rec = gs.watch(model)
+    rec = gs.watch(model, optimizer=opt)
     try:
-        _plain_loop(model, opt, 1, torch.randn(4, 784), torch.zeros(4, dtype=torch.long))
-        rec.step()  # the optimizer found closes the steps: a manual step is a mistake
+        rec.step()  # the optimizer given closes the steps: a manual step is a mistake
     finally:
         rec.detach()
+
+
+def test_a_loop_that_calls_rec_step_keeps_its_own_clock():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    grads = []
+    with gs.watch(model) as rec, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: rec.step() comes first
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            grads.append(float(model.weight.grad.double().norm()))
+            rec.step()
+            opt.step()
+    frame = rec.to_frame()
+    assert [_norms(frame, s)["weight"] for s in range(3)] == pytest.approx(grads, rel=1e-6)
+    assert "update" not in set(frame.kind)  # no optimizer followed
+    # the other order: the optimizer is found first, then rec.step() takes over, warned
+    with gs.watch(model) as rec, pytest.warns(RuntimeWarning, match="no longer followed"):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+            rec.step()
+    assert rec.optimizer is None and len(rec.to_frame().step.unique()) >= 3
 
 
 def test_a_second_optimizer_over_the_model_is_warned_about_once():

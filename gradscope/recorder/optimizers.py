@@ -31,6 +31,7 @@ class OptimizerHooks:
         after: Callable[[], None],
     ) -> None:
         self.optimizer = optimizer
+        self.searching = optimizer is None  # looking for (or following) one found
         self._before, self._after = before, after
         self._param_ids = {id(p) for p in params}
         self._checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()

@@ -295,9 +295,24 @@ class Recorder:
             self._read_params(snapshot=True)
 
     def step(self) -> None:
-        """Closes a step in loops without an optimizer: reads parameter gradients now."""
+        """Closes a step in loops without an optimizer: reads parameter gradients now.
+
+        Where no optimizer was given, calling step() makes the loop's own steps the clock:
+        optimizers are no longer looked for (one already found is let go, with a warning).
+        """
         if not self.attached:
             raise RecorderError("step() on a detached recorder; attach() it first")
+        hooks_ = self._optimizer_hooks
+        if hooks_ is not None and hooks_.searching:
+            if self.optimizer is not None:
+                warnings.warn(
+                    "gradscope: rec.step() closes the steps from now on; the optimizer found "
+                    "stepping the model is no longer followed (call one or the other)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            hooks_.remove()
+            self._optimizer_hooks, self.optimizer = None, None
         if self.optimizer is not None:
             raise RecorderError("an optimizer is attached: its step() closes each step")
         if self._recording:
