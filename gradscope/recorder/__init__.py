@@ -10,6 +10,8 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 - rows.py      layouts, spilling to Parquet, to_frame()
 - optimizers.py  the optimizer given, or found stepping the model; gradients read before
                the update (after the closure for step(closure))
+- plan.py      what is watched in a model, decided once at attach
+- results.py   what a recorder gives back: frames, settings, the run folder, the diagnosis
 
 A recorded step flows one way through the package's rooms: hooks.py (module outputs and
 their gradients) and the optimizer hooks here -> capture.py (the step's calls as typed

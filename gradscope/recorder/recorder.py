@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -28,10 +27,11 @@ from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.optimizers import OptimizerHooks
 from gradscope.recorder.plan import plan_model
 from gradscope.recorder.reduce import ParamLayout, Reducer
+from gradscope.recorder.results import RecorderResults
 from gradscope.recorder.rows import RowStore
 
 
-class Recorder:
+class Recorder(RecorderResults):
     """Records gradient-flow statistics of one model; see gradscope.schema for the frame.
 
     Args:
@@ -403,64 +403,6 @@ class Recorder:
         local = [self._as_local(s) if isinstance(s, torch.Tensor) else None for s in second]
         with torch.no_grad():
             return second_moments(local, device)
-
-    # -- results ---------------------------------------------------------------------------
-
-    def to_frame(self) -> pd.DataFrame:
-        """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
-        return self._store.to_frame()
-
-    def last_step_frame(self) -> pd.DataFrame:
-        """The last recorded step's rows (cheap: for logging headlines while training)."""
-        return self._store.last_frame()
-
-    def held_frame(self) -> pd.DataFrame:
-        """The steps held in memory (not yet spilled) as a frame."""
-        return self._store.held_frame()
-
-    @property
-    def spill_parts(self) -> list[Path]:
-        """The Parquet parts written so far (spill_to only), in order."""
-        return list(self._store.parts)
-
-    @property
-    def model_summary(self) -> dict[str, Any]:
-        """The watched model as it was at the last attach: class, sizes, what is recorded."""
-        return dict(self._summary)
-
-    def settings(self) -> dict[str, Any]:
-        """The recorder's settings, as text where they are callables."""
-        return {
-            "every": self.every if isinstance(self.every, int) else repr(self.every),
-            "include": repr(self.include) if callable(self.include) else self.include,
-            "exclude": repr(self.exclude) if callable(self.exclude) else self.exclude,
-            "activations": self.activations,
-            "activation_grads": self.activation_grads,
-            "sync": self._sync,
-            "optimizer": self._summary.get("optimizer"),
-        }
-
-    def save(self, path: str | os.PathLike[str], name: str | None = None) -> Path:
-        """Writes the run folder (frame.parquet, run.json, report.html); see gradscope.runs.
-
-        Example:
-            >>> import tempfile
-            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-            >>> with watch(model) as rec:
-            ...     model(torch.randn(8, 4)).sum().backward()
-            ...     rec.step()
-            >>> rec.save(tempfile.mkdtemp()).joinpath("run.json").is_file()
-            True
-        """
-        from gradscope.runs import save_run  # plotting and reports load only when saving
-
-        return save_run(self, Path(path), name)
-
-    def diagnose(self) -> list[Any]:
-        """Verdicts over everything recorded so far (see gradscope.diagnose)."""
-        from gradscope.diagnose import diagnose
-
-        return diagnose(self.to_frame())
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

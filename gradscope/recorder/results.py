@@ -1,0 +1,84 @@
+"""What a recorder gives back: its frame, the last step, its settings and model summary, the
+run folder (gradscope.runs) and the diagnosis. Reads only the recorder's row store and the
+summary it made at attach."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch  # noqa: F401  (the doctest below)
+
+from gradscope.recorder.rows import RowStore
+
+
+class RecorderResults:
+    """The results side of gradscope.Recorder."""
+
+    _store: RowStore
+    _summary: dict[str, Any]
+    _sync: bool
+    every: Any
+    include: Any
+    exclude: Any
+    activations: bool | None
+    activation_grads: bool | None
+
+    def to_frame(self) -> pd.DataFrame:
+        """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
+        return self._store.to_frame()
+
+    def last_step_frame(self) -> pd.DataFrame:
+        """The last recorded step's rows (cheap: for logging headlines while training)."""
+        return self._store.last_frame()
+
+    def held_frame(self) -> pd.DataFrame:
+        """The steps held in memory (not yet spilled) as a frame."""
+        return self._store.held_frame()
+
+    @property
+    def spill_parts(self) -> list[Path]:
+        """The Parquet parts written so far (spill_to only), in order."""
+        return list(self._store.parts)
+
+    @property
+    def model_summary(self) -> dict[str, Any]:
+        """The watched model as it was at the last attach: class, sizes, what is recorded."""
+        return dict(self._summary)
+
+    def settings(self) -> dict[str, Any]:
+        """The recorder's settings, as text where they are callables."""
+        return {
+            "every": self.every if isinstance(self.every, int) else repr(self.every),
+            "include": repr(self.include) if callable(self.include) else self.include,
+            "exclude": repr(self.exclude) if callable(self.exclude) else self.exclude,
+            "activations": self.activations,
+            "activation_grads": self.activation_grads,
+            "sync": self._sync,
+            "optimizer": self._summary.get("optimizer"),
+        }
+
+    def save(self, path: str | os.PathLike[str], name: str | None = None) -> Path:
+        """Writes the run folder (frame.parquet, run.json, report.html); see gradscope.runs.
+
+        Example:
+            >>> import tempfile
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+            >>> from gradscope import watch
+            >>> with watch(model) as rec:
+            ...     model(torch.randn(8, 4)).sum().backward()
+            ...     rec.step()
+            >>> rec.save(tempfile.mkdtemp()).joinpath("run.json").is_file()
+            True
+        """
+        from gradscope.runs import save_run  # plotting and reports load only when saving
+
+        return save_run(self, Path(path), name)
+
+    def diagnose(self) -> list[Any]:
+        """Verdicts over everything recorded so far (see gradscope.diagnose)."""
+        from gradscope.diagnose import diagnose
+
+        return diagnose(self.to_frame())
