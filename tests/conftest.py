@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,36 @@ def kernels() -> None:
     """The C kernels, built (required in CI)."""
     if native.library() is None:
         _need("no C compiler: the kernels cannot be built")
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
+
+
+def rendered_page(chromium: str, page: Path, profile: Path, min_images: int) -> str:
+    """The DOM of a report after Chromium loaded it, checked: it rendered, at least
+    `min_images` figures, every one decoded, no console errors."""
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    images = re.search(r'data-images="(\d+)"', dom.stdout)
+    broken = re.search(r'data-broken-images="(\d+)"', dom.stdout)
+    assert images is not None and broken is not None, "the page's load script did not run"
+    assert int(images.group(1)) >= min_images and int(broken.group(1)) == 0
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    return dom.stdout

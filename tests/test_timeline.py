@@ -11,6 +11,7 @@ import gradscope as gs
 from gradscope import timeline
 from gradscope.lab.models import build_model, build_named
 from gradscope.lab.train import TrainConfig, train
+from gradscope.verdict import SEVERITIES
 
 
 def _frame(series: dict[tuple[str, str, str], np.ndarray], matrices=("a.weight", "b.weight")):
@@ -101,8 +102,7 @@ def test_trend_rules_fire_and_stay_quiet():
     assert verdicts["loss_not_decreasing"].severity == "warning"
     assert all(v.last_step == 199 for v in verdicts.values())
     # sorted by severity, then by the step each finding starts
-    order = [(-gs.diagnose.__globals__["SEVERITIES"].index(v.severity), v.first_step)
-             for v in gs.diagnose(frame)]  # fmt: skip
+    order = [(-SEVERITIES.index(v.severity), v.first_step) for v in gs.diagnose(frame)]
     assert order == sorted(order)
 
 

@@ -4,6 +4,7 @@ series, but the numbers that say whether gradients flow."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 
@@ -43,3 +44,18 @@ def headline(step_frame: pd.DataFrame) -> dict[str, float]:
     verdicts = diagnose(step_frame, step)
     out[PREFIX + "worst_severity"] = max(SEVERITY_LEVEL[v.severity] for v in verdicts)
     return out
+
+
+class NewHeadlines:
+    """The headline of a recorder's newest recorded step, once per step: what a trainer
+    callback logs after each batch (None when no new step was recorded since)."""
+
+    def __init__(self) -> None:
+        self._logged_step = -1
+
+    def __call__(self, recorder: Any) -> dict[str, float] | None:
+        last = recorder.last_step_frame()
+        if last.empty or int(last["step"].iloc[0]) == self._logged_step:
+            return None
+        self._logged_step = int(last["step"].iloc[0])
+        return headline(last)

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from gradscope.integrations.headline import headline
+from gradscope.integrations.headline import NewHeadlines
 from gradscope.recorder import Recorder
 
 
@@ -32,7 +32,7 @@ class GradscopeCallback(pl.Callback):
     ) -> None:
         self.out = Path(out) if out is not None else None
         self.recorder = Recorder(every=every, **recorder_kwargs)
-        self._logged_step = -1
+        self._new_headlines = NewHeadlines()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.recorder.attached:
@@ -41,11 +41,9 @@ class GradscopeCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        last = self.recorder.last_step_frame()
-        if last.empty or int(last["step"].iloc[0]) == self._logged_step:
+        metrics = self._new_headlines(self.recorder)
+        if metrics is None:
             return
-        self._logged_step = int(last["step"].iloc[0])
-        metrics = headline(last)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

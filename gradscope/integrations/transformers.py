@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from gradscope.integrations.headline import headline
+from gradscope.integrations.headline import NewHeadlines
 from gradscope.recorder import Recorder
 
 
@@ -34,7 +34,7 @@ class GradscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         self.out = Path(out) if out is not None else None
         self.recorder = Recorder(every=every, **recorder_kwargs)
-        self._logged_step = -1
+        self._new_headlines = NewHeadlines()
         self._latest: dict[str, float] = {}
 
     def on_train_begin(
@@ -44,11 +44,10 @@ class GradscopeTrainerCallback(TrainerCallback):  # type: ignore[misc]
             self.recorder.attach(model)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        last = self.recorder.last_step_frame()
-        if last.empty or int(last["step"].iloc[0]) == self._logged_step:
+        metrics = self._new_headlines(self.recorder)
+        if metrics is None:
             return
-        self._logged_step = int(last["step"].iloc[0])
-        self._latest = headline(last)
+        self._latest = metrics
         state.log_history.append({**self._latest, "step": state.global_step})
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:

@@ -359,13 +359,16 @@ class Recorder(RecorderResults):
         read = self._capture.params
         updates = None
         present_params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
         if read is not None:
             # read again after the step: a DTensor's local shard may be a new tensor
             present_params = [self._as_local(self._params[i][1]) for i in read.present]
+            grads = self._present_grads(read.present)
             if read.snapshot:
-                grads = self._present_grads(read.present) if self.geometry else None
                 with torch.no_grad():
-                    updates = self._flat.updates(read.present, present_params, grads)
+                    updates = self._flat.updates(
+                        read.present, present_params, grads if self.geometry else None
+                    )
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         geometry = None
@@ -374,7 +377,6 @@ class Recorder(RecorderResults):
             updates, geometry = updates[0], torch.stack([updates[1], states])
         tables, scales = self._capture.collect(updates, scale, geometry)
         if read is not None:
-            grads = self._present_grads(read.present)
             recount_params(
                 self._flat, read.present, present_params, grads, tables.param_values,
                 tables.update_sumsq,

@@ -13,7 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
 
 
 @dataclass
@@ -32,6 +34,21 @@ def figure_html(fig: plt.Figure, alt: str) -> str:
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def log_norm_heatmap(ax: plt.Axes, wide: pd.DataFrame, y_labels: int, x_labels: int) -> None:
+    """A row x step table of gradient norms as a log10 heatmap (zeros left blank), with
+    about `y_labels` row and `x_labels` step labels."""
+    with np.errstate(divide="ignore"):
+        logs = np.log10(wide.where(wide > 0))
+    sns.heatmap(
+        logs,
+        ax=ax,
+        cmap="magma",
+        cbar_kws={"label": "log10 gradient norm"},
+        yticklabels=max(1, len(wide) // y_labels),
+        xticklabels=max(1, wide.shape[1] // x_labels),
+    )
 
 
 def table_html(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:

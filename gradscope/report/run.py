@@ -18,13 +18,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
 from gradscope.diagnose import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW  # noqa: E402
-from gradscope.report.html import Section, figure_html, render_html, table_html  # noqa: E402
+from gradscope.report.html import (  # noqa: E402
+    Section,
+    figure_html,
+    log_norm_heatmap,
+    render_html,
+    table_html,
+)
 from gradscope.runs import Run  # noqa: E402
 from gradscope.schema import Kind, Stat  # noqa: E402
+from gradscope.verdict import Verdict  # noqa: E402
 
 MAX_ROWS = 48  # layer rows in a figure before they are grouped by block
 
@@ -57,16 +63,7 @@ def _fig_heatmap(frame: pd.DataFrame, layers: list[str]) -> str:
         return ""
     rows = len(wide)
     fig, ax = plt.subplots(figsize=(11, max(3.0, min(7.0, 0.2 * rows + 1.5))))
-    with np.errstate(divide="ignore"):
-        logs = np.log10(wide.where(wide > 0))
-    sns.heatmap(
-        logs,
-        ax=ax,
-        cmap="magma",
-        cbar_kws={"label": "log10 gradient norm"},
-        yticklabels=max(1, rows // 40),
-        xticklabels=max(1, wide.shape[1] // 12),
-    )
+    log_norm_heatmap(ax, wide, y_labels=40, x_labels=12)
     grouped = rows < len(layers)
     ax.set(
         title="Gradient norm per " + ("block" if grouped else "weight matrix") + " over steps",
@@ -200,12 +197,21 @@ def _verdicts_html(run: Run) -> str:
         )
         parts.append(
             f'<p class="verdict sev-{html.escape(v.severity)}">[{html.escape(v.severity)}] '
-            f"<b>{html.escape(v.id)}</b> (steps {v.first_step} to {v.last_step}): "
+            f"<b>{html.escape(v.id)}</b>{_span(v)}: "
             f"{html.escape(v.message)}. "
             f"{html.escape(v.suggestion)} <small>(evidence: {html.escape(evidence)}; "
             f"threshold {v.threshold})</small></p>"
         )
     return "\n".join(parts) or "<p>No verdicts: nothing was recorded.</p>"
+
+
+def _span(v: Verdict) -> str:
+    """The steps a verdict holds over (verdicts saved before they had steps have none)."""
+    if v.first_step is None or v.last_step is None:
+        return ""
+    if v.first_step == v.last_step:
+        return f" (step {v.first_step})"
+    return f" (steps {v.first_step} to {v.last_step})"
 
 
 def _nonfinite_html(frame: pd.DataFrame) -> str:

@@ -19,7 +19,13 @@ from gradscope import frame as fr  # noqa: E402
 from gradscope import theory  # noqa: E402
 from gradscope.lab.models import Variant  # noqa: E402
 from gradscope.lab.sweep import load_results  # noqa: E402
-from gradscope.report.html import Section, figure_html, render_html, table_html  # noqa: E402
+from gradscope.report.html import (  # noqa: E402
+    Section,
+    figure_html,
+    log_norm_heatmap,
+    render_html,
+    table_html,
+)
 from gradscope.report.summary import story, story_html, trainability_map  # noqa: E402
 from gradscope.schema import Kind, Stat  # noqa: E402
 
@@ -132,16 +138,7 @@ def _fig_heatmaps(frame: pd.DataFrame, runs: pd.DataFrame, variants: list[str]) 
         grads = fr.select(run, Kind.PARAM_GRAD, Stat.NORM, layers=layers)
         wide = grads.pivot_table(index="layer", columns="step", values="value", aggfunc="first")
         wide = wide.reindex(layers)
-        with np.errstate(divide="ignore"):
-            logs = np.log10(wide.where(wide > 0))
-        sns.heatmap(
-            logs,
-            ax=ax,
-            cmap="magma",
-            cbar_kws={"label": "log10 gradient norm"},
-            yticklabels=max(1, len(layers) // 10),
-            xticklabels=max(1, wide.shape[1] // 6),
-        )
+        log_norm_heatmap(ax, wide, y_labels=10, x_labels=6)
         ax.set(title=f"{variant}, depth {d}", xlabel="step", ylabel="weight matrix")
         ax.tick_params(axis="y", labelsize=6)
     fig.suptitle("Gradient norm, layer x step, deepest run of each variant (log10 colour)")
