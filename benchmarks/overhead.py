@@ -15,7 +15,12 @@ Reference rows put the recorder's cost in context:
 - "no geometry": everything but the update's cosine with the gradient, its step size and
   the optimizer's second-moment norm.
 
-    python benchmarks/overhead.py [--repeats 30] [--models mlp,relu32,preln32]
+With --compiled, the same models under torch.compile (default mode, inductor): the compiled
+model's bare step, with parameter statistics only, and with everything recorded every step
+and every 10th (statistics computed inside the compiled graphs), each as a ratio to the
+compiled bare step, beside the eager model's ratios to its own bare step.
+
+    python benchmarks/overhead.py [--repeats 30] [--models mlp,relu32,preln32] [--compiled]
 """
 
 from __future__ import annotations
@@ -136,11 +141,83 @@ def measure(name: str, repeats: int) -> None:
             assert len(run.keep.to_frame()) > 0, loop  # type: ignore[attr-defined]
 
 
+COMPILED: dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
+    "parameters only, every 1": VARIANTS["parameters only, every 1"][0],
+    "everything, every 1": VARIANTS["everything, every 1"][0],
+    "everything, every 10": VARIANTS["everything, every 10"][0],
+}
+
+
+def measure_compiled(name: str, repeats: int) -> None:
+    """Eager and compiled loops alternated; each recorded loop's ratio to its own bare loop."""
+    make, batch, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    base = make()
+    loops = {}
+    for mode in ("eager", "compiled"):
+        for loop, setup in {"bare": VARIANTS["bare"][0], **COMPILED}.items():
+            model = copy.deepcopy(base)
+            if mode == "compiled":
+                run = make_compiled_loop(model, torch.compile(model), batch, setup)
+            else:
+                run = make_loop(model, batch, setup)
+            loops[(mode, loop)] = run
+    start = time.perf_counter()
+    for run in loops.values():
+        run()  # warm-up (compiles)
+        run()
+    print(
+        f"\n{name} (batch {batch}), eager and torch.compile; warm-up and compiling "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in loops}
+    for _ in range(repeats):
+        for key, run in loops.items():
+            times[key].append(run())
+    print(f"{'loop':<28}  {'eager ms':>8}  {'ratio':>6}  {'compiled ms':>11}  {'ratio':>6}")
+    for loop in ("bare", *COMPILED):
+        cells = []
+        for mode in ("eager", "compiled"):
+            bare = times[(mode, "bare")]
+            ratio = statistics.median(t / b for t, b in zip(times[(mode, loop)], bare, strict=True))
+            cells.append((statistics.median(times[(mode, loop)]) * 1e3, ratio))
+        (em, er), (cm, cr) = cells
+        print(f"{loop:<28}  {em:>8.3f}  {er:>6.3f}  {cm:>11.3f}  {cr:>6.3f}")
+
+
+def make_compiled_loop(
+    model: nn.Module,
+    compiled: nn.Module,
+    batch: int,
+    setup: Callable[[nn.Module, torch.optim.Optimizer], object],
+):  # type: ignore[no-untyped-def]
+    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    keep = setup(compiled, opt)
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+        return (time.perf_counter() - start) / STEPS
+
+    run.keep = keep  # type: ignore[attr-defined]
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--compiled", action="store_true", help="eager against torch.compile")
     args = parser.parse_args()
+    if args.compiled:
+        torch._dynamo.config.cache_size_limit = 64  # one model per loop, compiled apart
+        for name in args.models.split(","):
+            measure_compiled(name, args.repeats)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps a block")
     for name in args.models.split(","):
         measure(name, args.repeats)

@@ -33,10 +33,6 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
             return model, kind
 
 
-def has_compiled_parts(model: nn.Module) -> bool:
-    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
-
-
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether t is a DTensor sharded over ranks (FSDP2), so its norm needs a reduction."""
     placements = getattr(t, "placements", None)

@@ -10,6 +10,7 @@ flagged by `needs_exact` and the recorder redoes it in float64. Work buffers are
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -139,6 +140,69 @@ def activation_stats(
             "max": hi,
             "nonfinite": nonfinite.astype(np.float64),
         }
+
+
+# one output's row inside a compiled graph (all float64): ACT_FIELDS of the recorder's
+# schema, then the number of values and of saturated values
+ROW_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite", "count", "saturated")
+# one output gradient's row: the recorder's GRAD_FIELDS, then the number of samples
+GRAD_ROW_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples", "samples")
+
+
+def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
+    """ROW_FIELDS of one tensor, accumulated in float64 (exact at subnormal values); extremes
+    ignore NaN. Pure torch ops with no host sync, so that a compiled graph fuses them."""
+    x = x.detach().to(torch.float64)
+    nan = torch.isnan(x)
+    if x.numel():
+        lo = torch.where(nan, math.inf, x).amin()
+        hi = torch.where(nan, -math.inf, x).amax()
+    else:
+        lo, hi = x.new_full((), math.inf), x.new_full((), -math.inf)
+    if band is not None:
+        saturated = (x - band[0]).abs().ge(band[1]).sum().to(torch.float64)
+    else:
+        saturated = x.new_zeros(())
+    return torch.stack(
+        [
+            x.sum(),
+            (x * x).sum(),
+            lo,
+            hi,
+            x.ne(0).sum().to(torch.float64),
+            torch.isfinite(x).logical_not().sum().to(torch.float64),
+            x.new_ones(x.shape).sum(),  # the count, kept symbolic under dynamic shapes
+            saturated,
+        ]
+    )
+
+
+def fold_rows(before: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Two ROW_FIELDS rows of one module merged: sums add, extremes take min and max."""
+    return torch.cat(
+        [
+            before[:2] + row[:2],
+            torch.minimum(before[2:3], row[2:3]),
+            torch.maximum(before[3:4], row[3:4]),
+            before[4:] + row[4:],
+        ]
+    )
+
+
+def grad_row(g: torch.Tensor) -> torch.Tensor:
+    """GRAD_ROW_FIELDS of one output gradient (samples along the first dimension), float64."""
+    g = g.detach()
+    rows = g.reshape(1, 1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
+    sumsq = (rows.to(torch.float64) ** 2).sum(dim=1)
+    norms = sumsq.sqrt()
+    return torch.stack(
+        [
+            sumsq.sum(),
+            norms.sum(),
+            torch.isfinite(norms).logical_not().sum().to(torch.float64),
+            sumsq.new_ones(sumsq.shape).sum(),
+        ]
+    )
 
 
 def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> torch.Tensor:

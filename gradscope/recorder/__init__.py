@@ -5,6 +5,7 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 - hooks.py     which modules are watched, forward and output-gradient hooks, the registry
 - capture.py   one step's calls as typed records, and its one host transfer
 - backends.py  the statistics of a call: C kernels or torch ops, same schema, same order
+- compiled.py  the same statistics computed inside torch.compile graphs (traced hooks)
 - reduce.py    per-layer reduction of a step's calls, and the derived rows
 - merge.py     merging over ranks: one packed all-reduce per reduction
 - rows.py      layouts, spilling to Parquet, to_frame()
@@ -42,7 +43,15 @@ fqn: those of every selected module and of the modules inside a selected composi
 
 Rows are held in memory compactly (see rows.py); for long runs pass ``spill_to=DIR`` and they
 go to Parquet parts there. Under DDP and FSDP2 the statistics are merged over ranks (see
-``Recorder(sync=...)``); compiled models get parameter statistics only.
+``Recorder(sync=...)``).
+
+Compiled models (``torch.compile(model)``, compiled blocks, ``module.compile()``) are recorded
+with the same rows and names as the eager model: compiled.py registers hooks that dynamo
+traces into the graphs, computing each output's float64 moments in the graph and its
+gradient's sums in the backward of an identity function, so the statistics fuse with the
+model's kernels and nothing leaves the graph but two small tensors. Recorded and unrecorded
+steps run two cached graphs (no recompilation per recorded step). A model that ran compiled
+before ``watch`` is traced again once.
 """
 
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError

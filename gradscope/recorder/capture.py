@@ -20,6 +20,7 @@ from gradscope.recorder.backends import (
     cat_float64,
     stack_float64,
 )
+from gradscope.recorder.compiled import GraphTaps
 
 
 class OutputCall(NamedTuple):
@@ -27,7 +28,7 @@ class OutputCall(NamedTuple):
 
     label: str
     numel: int
-    backend: Backend
+    backend: Backend | GraphTaps  # where its row is (compared by identity)
 
 
 class GradCall(NamedTuple):
@@ -35,7 +36,7 @@ class GradCall(NamedTuple):
 
     label: str
     samples: int
-    backend: Backend
+    backend: Backend | GraphTaps
     # index into the step's GradScaler scales: the scale of the forward this backward
     # belongs to (-1: no scaler, or no forward seen; the scale at the step's end is used)
     scale: int
@@ -71,10 +72,16 @@ class StepCapture:
 
     def __init__(self) -> None:
         self.backends = Backends()
+        # the statistics a compiled model's graphs computed (None: an eager model)
+        self.graph: GraphTaps | None = None
         self.reset()
 
     def reset(self) -> None:
         self.backends.reset()
+        if self.graph is not None:
+            self.graph.reset()
+        # each backward's output-gradient rows from the graphs, with its scale's index
+        self.graph_grads: list[tuple[torch.Tensor, int]] = []
         self.outputs: list[OutputCall] = []
         self.saturated: list[tuple[int, torch.Tensor]] = []
         self.grads: list[GradCall] = []
@@ -99,6 +106,10 @@ class StepCapture:
         backend.grad(grad, samples)
         self.grads.append(GradCall(label, samples, backend, len(self.scales) - 1))
 
+    def graph_backward(self, rows: torch.Tensor) -> None:
+        """One backward's output-gradient rows (GraphTaps.probe's gradient)."""
+        self.graph_grads.append((rows, len(self.scales) - 1))
+
     def scale(self, scaler: Any) -> None:
         """Keeps the scaler's current scale for the backward of the forward now starting."""
         scale = scaler._get_scale_async()  # None until the scaler's first scale()
@@ -108,7 +119,8 @@ class StepCapture:
             self.scales.append(scale.detach().reshape(1).clone())
 
     def empty(self) -> bool:
-        return not (self.outputs or self.grads or self.params or self.scalars)
+        graph = self.graph is not None and self.graph.armed
+        return not (self.outputs or self.grads or self.params or self.scalars or graph)
 
     def collect(
         self,
@@ -122,6 +134,12 @@ class StepCapture:
         parts = [part for backend in backends for part in backend.device_parts()]
         if self.saturated:
             parts.append(stack_float64([count for _, count in self.saturated]))
+        graph = self.graph
+        if graph is not None:
+            if graph.outputs:
+                parts.append(graph.acc)
+            if self.graph_grads:
+                parts.append(torch.stack([rows for rows, _ in self.graph_grads]))
         scales = self.scales if self.grads and scaler_scale is not None else []
         if scales:
             parts.append(cat_float64(scales))
@@ -144,7 +162,6 @@ class StepCapture:
         act_tables = {id(b): b.activation_table(reader) for b in backends}
         grad_tables = {id(b): b.grad_table(reader) for b in backends}
         saturated = reader.take(len(self.saturated))
-        scale_values = reader.take(len(scales))
         tables = Tables(
             outputs=self.outputs,
             output_stats=_in_call_order(self.outputs, act_tables, len(ACT_FIELDS)),
@@ -153,6 +170,9 @@ class StepCapture:
             grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD_FIELDS)),
             params=self.params,
         )
+        if graph is not None:
+            _graph_tables(graph, self.graph_grads, reader, tables)
+        scale_values = reader.take(len(scales))
         if self.params is not None:
             n = len(self.params.present)
             tables.param_values = [reader.take(n) for _ in self.params.values]
@@ -169,6 +189,40 @@ class StepCapture:
         now = scaler_scale  # the scale at the step's end, where no forward was seen
         per_call = np.array([scale_values[g.scale] if g.scale >= 0 else now for g in self.grads])
         return tables, per_call
+
+
+def _graph_tables(
+    graph: GraphTaps, backwards: list[tuple[torch.Tensor, int]], reader: Reader, tables: Tables
+) -> None:
+    """Adds the calls the compiled graphs recorded (one per module output and step, one per
+    output gradient and backward, in backward order) to the step's tables."""
+    fields = stats.ROW_FIELDS
+    if graph.outputs:
+        acc = reader.take(graph.acc.numel()).reshape(graph.acc.shape)
+        used, rows = graph.output_rows(acc)
+        first = len(tables.outputs)
+        tables.outputs = tables.outputs + [
+            OutputCall(graph.label(s), int(n), graph)
+            for s, n in zip(used, rows[:, fields.index("count")], strict=True)
+        ]
+        tables.output_stats = np.vstack([tables.output_stats, rows[:, : len(ACT_FIELDS)]])
+        tables.saturated = tables.saturated + [
+            (first + i, float(rows[i, fields.index("saturated")]))
+            for i, s in enumerate(used)
+            if graph.band(s) is not None
+        ]
+    if backwards:
+        probe = graph.probe
+        grads = reader.take(len(backwards) * probe.numel()).reshape(len(backwards), *probe.shape)
+        calls: list[GradCall] = []
+        grad_rows: list[np.ndarray] = []
+        for (_, scale), table in zip(backwards, grads, strict=True):
+            for s in np.flatnonzero(table[:, -1] > 0)[::-1]:  # backward: the last module first
+                calls.append(GradCall(graph.label(s), int(table[s, -1]), graph, scale))
+                grad_rows.append(table[s, : len(GRAD_FIELDS)])
+        if calls:
+            tables.grads = tables.grads + calls
+            tables.grad_stats = np.vstack([tables.grad_stats, np.array(grad_rows)])
 
 
 def _in_call_order(

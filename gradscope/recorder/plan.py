@@ -24,17 +24,22 @@ class ModelPlan:
     block_index: dict[str, float]  # each watched block's position in the stream
 
 
+def unwrapped_name(fqn: str) -> str:
+    """A name without the `_orig_mod` of compiled submodules: blocks.0._orig_mod.fc1 is
+    recorded as blocks.0.fc1, as in the eager model."""
+    return ".".join(part for part in fqn.split(".") if part != "_orig_mod")
+
+
 def plan_model(
     model: nn.Module,
     kind: str,
-    compiled: bool,
     include: hooks.Selector,
     exclude: hooks.Selector,
     sync: bool | None,
 ) -> ModelPlan:
     """The plan for `model` (unwrapped; `kind` is what wrapped it: eager, ddp, compiled)."""
     params = [
-        (name, p)
+        (unwrapped_name(name), p)
         for name, p in model.named_parameters()
         if p.requires_grad
         and hooks.param_selected(include, exclude, name.rpartition(".")[0], model)
@@ -50,11 +55,12 @@ def plan_model(
         np.array([float(p.dim()) for _, p in params]),
         sharded & merged,
     )
-    blocks = hooks.block_fqns(model)
+    blocks = [unwrapped_name(b) for b in hooks.block_fqns(model)]
     modules = [
-        (fqn or type(module).__name__, module)
-        for fqn, module in (model.named_modules() if not compiled else ())
-        if hooks.watched(include, exclude, fqn, module, set(blocks))
+        (unwrapped_name(fqn) or type(module).__name__, module)
+        for fqn, module in model.named_modules()
+        if type(module).__name__ != "OptimizedModule"  # its _orig_mod is watched instead
+        and hooks.watched(include, exclude, unwrapped_name(fqn), module, set(blocks))
     ]
     watched = {label for label, _ in modules}
     block_index = {b: float(i) for i, b in enumerate(x for x in blocks if x in watched)}

@@ -22,6 +22,7 @@ from gradscope.diagnose import OnlineDiagnosis
 from gradscope.recorder import hooks
 from gradscope.recorder.backends import param_stats, recount_params, second_moments
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
+from gradscope.recorder.compiled import GraphTaps, compiled_parts, forget_compiled_code
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError, why_nothing_recorded
 from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.optimizers import OptimizerHooks
@@ -39,9 +40,9 @@ class Recorder(RecorderResults):
         include: module fqn globs or a predicate `(fqn, module) -> bool` selecting any module,
             leaf or composite; default every leaf and every block (see the module docstring).
         exclude: the same, removing modules (and their parameters) from the selection.
-        activations: record forward statistics of module outputs (default: yes, except on
-            compiled models, whose modules run inside the compiled graph).
-        activation_grads: record gradients w.r.t. module outputs (same default).
+        activations: record forward statistics of module outputs (default: yes; on compiled
+            models too: the statistics are computed inside the compiled graphs).
+        activation_grads: record gradients w.r.t. module outputs (default: yes).
         allow_multiple: allow another recorder on the same model.
         sync: merge statistics over ranks (default: yes for DDP and FSDP2 models in an
             initialized process group). Rank 0 keeps the rows; other ranks keep none.
@@ -105,7 +106,7 @@ class Recorder(RecorderResults):
         self._capture = StepCapture()
         self._reducer = Reducer({})
         self._handles: list[RemovableHandle] = []
-        self._outputs: hooks.OutputHooks | None = None
+        self._outputs: hooks.OutputHooks | GraphTaps | None = None
         self._watched_root: nn.Module | None = None
         self._params: list[tuple[str, nn.Parameter]] = []
         self._param_layout = ParamLayout([], np.zeros(0), np.zeros(0, dtype=bool))
@@ -175,16 +176,10 @@ class Recorder(RecorderResults):
         self._store.check_spill_dir()
         outer = model
         model, kind = distributed.unwrap(model)
-        compiled = kind == "compiled" or distributed.has_compiled_parts(model)
-        if compiled and (self.activations or self.activation_grads):
-            raise RecorderError(
-                "activation statistics need eager modules, and this model is compiled: pass "
-                "activations=False, activation_grads=False (parameter statistics stay exact, "
-                "read at optimizer time), or record activations on an uncompiled copy"
-            )
-        record_acts = not compiled if self.activations is None else self.activations
-        record_grads = not compiled if self.activation_grads is None else self.activation_grads
-        plan = plan_model(model, kind, compiled, self.include, self.exclude, self.sync)
+        compiled = kind == "compiled" or compiled_parts(model)
+        record_acts = self.activations is not False
+        record_grads = self.activation_grads is not False
+        plan = plan_model(model, kind, self.include, self.exclude, self.sync)
         if optimizer is not None and not plan.params:
             raise RecorderError(
                 "the model has no trainable parameters, so there is nothing for the optimizer "
@@ -192,13 +187,22 @@ class Recorder(RecorderResults):
             )
         self._params, self._param_layout, self._sync = plan.params, plan.layout, plan.sync
         self._as_local = distributed.local if plan.dtensors else _same
-        modules = plan.modules
+        modules = [(label, module, band(module)) for label, module in plan.modules]
         self._reducer = Reducer(plan.block_index)
-        self._outputs = hooks.OutputHooks(
-            [(label, module, band(module)) for label, module in modules],
-            self._on_output if record_acts else None,
-            self._on_output_grad if record_grads else None,
-        )
+        if compiled and modules and (record_acts or record_grads):
+            # hooks traced into the compiled graphs (see recorder/compiled.py)
+            forget_compiled_code(outer)
+            device = plan.params[0][1].device if plan.params else torch.device("cpu")
+            taps = GraphTaps(
+                modules, device, record_acts, record_grads, self._capture.graph_backward
+            )
+            self._capture.graph = self._outputs = taps
+        else:
+            self._outputs = hooks.OutputHooks(
+                modules,
+                self._on_output if record_acts else None,
+                self._on_output_grad if record_grads else None,
+            )
         self.model, self.optimizer = outer, optimizer
         self._summary = {
             "class": type(model).__name__,
@@ -248,6 +252,9 @@ class Recorder(RecorderResults):
         if self._watched_root is not None:
             hooks.unregister(self._watched_root, self)
             self._watched_root = None
+        if isinstance(self._outputs, GraphTaps):
+            self._outputs.remove()
+            self._capture.graph = None
         self._capture.reset()
         self._capture.backends.torch.clear()
         self._store.spill()
