@@ -183,6 +183,12 @@ def measure_compiled(name: str, repeats: int) -> None:
             cells.append((statistics.median(times[(mode, loop)]) * 1e3, ratio))
         (em, er), (cm, cr) = cells
         print(f"{loop:<28}  {em:>8.3f}  {er:>6.3f}  {cm:>11.3f}  {cr:>6.3f}")
+    for (mode, loop), run in loops.items():  # each recorder recorded what it was asked to
+        keep = run.keep  # type: ignore[attr-defined]
+        if isinstance(keep, gs.Recorder):
+            kinds = set(keep.to_frame()["kind"])
+            assert ("activation" in kinds) == loop.startswith("everything"), (mode, loop)
+            assert "activation_grad" in kinds or not loop.startswith("everything"), (mode, loop)
 
 
 def make_compiled_loop(

@@ -171,7 +171,7 @@ def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tenso
             hi,
             x.ne(0).sum().to(torch.float64),
             torch.isfinite(x).logical_not().sum().to(torch.float64),
-            x.new_ones(x.shape).sum(),  # the count, kept symbolic under dynamic shapes
+            torch.full((), x.numel(), dtype=torch.float64, device=x.device),
             saturated,
         ]
     )

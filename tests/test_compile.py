@@ -228,3 +228,40 @@ def test_tuple_outputs_are_labelled_as_in_eager():
     joined = _joined(eager, compiled)
     err = (joined["value_e"] - joined["value_c"]).abs() / _scale(joined)
     assert err.max() < 1e-12
+
+
+def test_an_unwatched_twin_does_not_lend_its_graph():
+    """Models of one architecture share compiled graphs (modules are inlined, not guarded by
+    identity): a twin compiled and run first, unwatched, must not run for the watched one."""
+    torch.manual_seed(0)
+    model = MODELS["mlp"]()
+    twin = copy.deepcopy(model)
+    watched = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gs.watch(watched, optimizer=opt) as rec:
+        for _ in range(2):
+            torch.compile(twin, backend="aot_eager")(torch.randn(16, 784)).sum().backward()
+            watched(torch.randn(16, 784)).sum().backward()
+            opt.step()
+    frame = rec.to_frame()
+    assert len(gs.frame.select(frame, kind="activation", stat="rms")) == 6
+    assert len(gs.frame.select(frame, kind="activation_grad", stat="norm")) == 6
+
+
+def test_batch_sizes_that_change_are_recorded_with_their_counts():
+    """A last short batch (dynamic shapes after the second size): counts follow the batch."""
+    torch.manual_seed(0)
+    model = MODELS["mlp"]()
+    call = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gs.watch(call, optimizer=opt) as rec:
+        for batch in (16, 8, 5):
+            x = torch.randn(batch, 784)
+            with torch.no_grad():
+                expected = float(torch.tanh(model[0](x)).double().pow(2).mean().sqrt())
+            call(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    rms = gs.frame.select(rec.to_frame(), kind="activation", stat="rms", layers=["1"])
+    assert len(rms) == 3
+    assert rms["value"].iloc[-1] == pytest.approx(expected, rel=1e-9)

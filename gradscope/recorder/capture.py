@@ -20,7 +20,7 @@ from gradscope.recorder.backends import (
     cat_float64,
     stack_float64,
 )
-from gradscope.recorder.compiled import GraphTaps
+from gradscope.recorder.compiled import ACC_WIDTH, OUTPUTS_PER_MODULE, PROBE_WIDTH, GraphTaps
 
 
 class OutputCall(NamedTuple):
@@ -80,8 +80,9 @@ class StepCapture:
         self.backends.reset()
         if self.graph is not None:
             self.graph.reset()
-        # each backward's output-gradient rows from the graphs, with its scale's index
-        self.graph_grads: list[tuple[torch.Tensor, int]] = []
+        # with a GradScaler, each backward's output-gradient rows of one module from the
+        # graphs: (module index, its scale's index, rows)
+        self.graph_grads: list[tuple[int, int, torch.Tensor]] = []
         self.outputs: list[OutputCall] = []
         self.saturated: list[tuple[int, torch.Tensor]] = []
         self.grads: list[GradCall] = []
@@ -106,9 +107,9 @@ class StepCapture:
         backend.grad(grad, samples)
         self.grads.append(GradCall(label, samples, backend, len(self.scales) - 1))
 
-    def graph_backward(self, rows: torch.Tensor) -> None:
-        """One backward's output-gradient rows (GraphTaps.probe's gradient)."""
-        self.graph_grads.append((rows, len(self.scales) - 1))
+    def graph_backward(self, module: int, rows: torch.Tensor) -> None:
+        """One backward's output-gradient rows of a module (its GraphTaps probe's gradient)."""
+        self.graph_grads.append((module, len(self.scales) - 1, rows.detach()))
 
     def scale(self, scaler: Any) -> None:
         """Keeps the scaler's current scale for the backward of the forward now starting."""
@@ -136,10 +137,7 @@ class StepCapture:
             parts.append(stack_float64([count for _, count in self.saturated]))
         graph = self.graph
         if graph is not None:
-            if graph.outputs:
-                parts.append(graph.acc)
-            if self.graph_grads:
-                parts.append(torch.stack([rows for rows, _ in self.graph_grads]))
+            parts += graph.device_parts([rows for _, _, rows in self.graph_grads])
         scales = self.scales if self.grads and scaler_scale is not None else []
         if scales:
             parts.append(cat_float64(scales))
@@ -192,37 +190,45 @@ class StepCapture:
 
 
 def _graph_tables(
-    graph: GraphTaps, backwards: list[tuple[torch.Tensor, int]], reader: Reader, tables: Tables
+    graph: GraphTaps, backwards: list[tuple[int, int, torch.Tensor]], reader: Reader, tables: Tables
 ) -> None:
-    """Adds the calls the compiled graphs recorded (one per module output and step, one per
-    output gradient and backward, in backward order) to the step's tables."""
-    fields = stats.ROW_FIELDS
+    """Adds the calls the compiled graphs recorded (one per module output and step; one per
+    output gradient and backward with a GradScaler, else per step) to the step's tables."""
+    fields, per_module = stats.ROW_FIELDS, OUTPUTS_PER_MODULE
+    modules = len(graph.labels)
     if graph.outputs:
-        acc = reader.take(graph.acc.numel()).reshape(graph.acc.shape)
-        used, rows = graph.output_rows(acc)
+        acc = reader.take(modules * per_module * ACC_WIDTH).reshape(-1, ACC_WIDTH)
+        used = np.flatnonzero(acc[:, fields.index("count")] > 0)
+        rows = acc[used]
         first = len(tables.outputs)
         tables.outputs = tables.outputs + [
-            OutputCall(graph.label(s), int(n), graph)
+            OutputCall(graph.label(*divmod(int(s), per_module)), int(n), graph)
             for s, n in zip(used, rows[:, fields.index("count")], strict=True)
         ]
         tables.output_stats = np.vstack([tables.output_stats, rows[:, : len(ACT_FIELDS)]])
         tables.saturated = tables.saturated + [
             (first + i, float(rows[i, fields.index("saturated")]))
             for i, s in enumerate(used)
-            if graph.band(s) is not None
+            if graph.band(int(s) // per_module) is not None
         ]
-    if backwards:
-        probe = graph.probe
-        grads = reader.take(len(backwards) * probe.numel()).reshape(len(backwards), *probe.shape)
-        calls: list[GradCall] = []
-        grad_rows: list[np.ndarray] = []
-        for (_, scale), table in zip(backwards, grads, strict=True):
-            for s in np.flatnonzero(table[:, -1] > 0)[::-1]:  # backward: the last module first
-                calls.append(GradCall(graph.label(s), int(table[s, -1]), graph, scale))
-                grad_rows.append(table[s, : len(GRAD_FIELDS)])
-        if calls:
-            tables.grads = tables.grads + calls
-            tables.grad_stats = np.vstack([tables.grad_stats, np.array(grad_rows)])
+    if not graph.grads:
+        return
+    if graph.per_backward:  # (module, scale) of each backward's rows, in backward order
+        owners = [(m, scale) for m, scale, _ in backwards]
+    else:  # summed over the step: the last module first
+        owners = [(m, -1) for m in range(modules - 1, -1, -1)]
+    grads = reader.take(len(owners) * per_module * PROBE_WIDTH).reshape(-1, per_module, PROBE_WIDTH)
+    if not graph.per_backward:
+        grads = grads[::-1]
+    calls: list[GradCall] = []
+    grad_rows: list[np.ndarray] = []
+    for (m, scale), table in zip(owners, grads, strict=True):
+        for j in np.flatnonzero(table[:, -1] > 0):
+            calls.append(GradCall(graph.label(m, int(j)), int(table[j, -1]), graph, scale))
+            grad_rows.append(table[j, : len(GRAD_FIELDS)])
+    if calls:
+        tables.grads = tables.grads + calls
+        tables.grad_stats = np.vstack([tables.grad_stats, np.array(grad_rows)])
 
 
 def _in_call_order(

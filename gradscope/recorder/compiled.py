@@ -26,7 +26,6 @@ import math
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -54,7 +53,8 @@ class Tap(torch.autograd.Function):
 
 class GraphTaps:
     """The hooks of a compiled model's watched modules and the tensors their statistics
-    leave the graph in; read once per recorded step."""
+    leave the graph in (one small pair per module, so that each output's statistics are
+    written where nothing else is); read once per recorded step."""
 
     def __init__(
         self,
@@ -62,80 +62,89 @@ class GraphTaps:
         device: torch.device,
         outputs: bool,
         grads: bool,
-        on_backward: Callable[[torch.Tensor], None],
+        on_backward: Callable[[int, torch.Tensor], None] | None,
     ) -> None:
         self.on = False  # read by the traced hooks: dynamo guards on it
         self.outputs, self.grads = outputs, grads
         self.labels = [label for label, _, _ in modules]
         self.bands = [band for _, _, band in modules]
-        slots = len(modules) * OUTPUTS_PER_MODULE
-        self.acc = torch.zeros(slots, ACC_WIDTH, dtype=torch.float64, device=device)
-        self.probe = torch.zeros(
-            slots, PROBE_WIDTH, dtype=torch.float64, device=device, requires_grad=grads
-        )
+        shape = (OUTPUTS_PER_MODULE, ACC_WIDTH)
+        self.accs = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in modules]
+        self.probes = [
+            torch.zeros(
+                OUTPUTS_PER_MODULE, PROBE_WIDTH, dtype=torch.float64, device=device,
+                requires_grad=grads,
+            )
+            for _ in modules
+        ]  # fmt: skip
+        self._empty = torch.zeros(ACC_WIDTH, dtype=torch.float64)
+        self._empty[stats.ROW_FIELDS.index("min")] = math.inf
+        self._empty[stats.ROW_FIELDS.index("max")] = -math.inf
+        self._empty = self._empty.to(device).expand(shape)
         # labels of structured outputs (fqn[i], fqn[key]), written by the traced hooks
-        self.names: dict[int, str] = {}
+        self.names: dict[tuple[int, int], str] = {}
         self._handles: list[RemovableHandle] = []
-        if grads:
-            self._handles.append(self.probe.register_hook(self._backward))
-        self._on_backward = on_backward
         for m, (_, module, band) in enumerate(modules):
-            hook = functools.partial(self._forward, m * OUTPUTS_PER_MODULE, band)
+            hook = functools.partial(self._forward, m, band)
             self._handles.append(module.register_forward_hook(hook))
+            if grads and on_backward is not None:  # each backward apart (GradScaler scales)
+                self._handles.append(
+                    self.probes[m].register_hook(functools.partial(on_backward, m))
+                )
+        self.per_backward = grads and on_backward is not None
         self.reset()
 
     # -- the traced side ---------------------------------------------------------------------
 
     def _forward(
-        self, base: int, band: tuple[float, float] | None, module: nn.Module, args: Any, out: Any
+        self, m: int, band: tuple[float, float] | None, module: nn.Module, args: Any, out: Any
     ) -> Any:
         if not self.on or not torch.is_grad_enabled():
             return None
         if isinstance(out, torch.Tensor):
-            return self._tap(base, band, out) if out.is_floating_point() else None
-        seen = [0]
-        return self._walk(out, base, band, self.labels[base // OUTPUTS_PER_MODULE], seen)
+            return self._tap(m, 0, band, out) if out.is_floating_point() else None
+        return self._walk(out, m, band, self.labels[m], [0])
 
     def _walk(
-        self, out: Any, base: int, band: tuple[float, float] | None, name: str, seen: list[int]
+        self, out: Any, m: int, band: tuple[float, float] | None, name: str, seen: list[int]
     ) -> Any:
         """The output with each floating-point tensor tapped (tuples and lists rebuilt,
         mappings changed in place), labelled as the eager path labels them."""
         if isinstance(out, torch.Tensor):
             if not out.is_floating_point() or seen[0] >= OUTPUTS_PER_MODULE:
                 return out
-            slot = base + seen[0]
+            j = seen[0]
             seen[0] += 1
-            self.names[slot] = name
-            return self._tap(slot, band, out)
+            self.names[(m, j)] = name
+            return self._tap(m, j, band, out)
         if isinstance(out, tuple | list):
-            items = [self._walk(x, base, band, f"{name}[{i}]", seen) for i, x in enumerate(out)]
+            items = [self._walk(x, m, band, f"{name}[{i}]", seen) for i, x in enumerate(out)]
             if isinstance(out, list):
                 return items
             return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
         if isinstance(out, MutableMapping):
             for key in list(out.keys()):
-                out[key] = self._walk(out[key], base, band, f"{name}[{key}]", seen)
+                out[key] = self._walk(out[key], m, band, f"{name}[{key}]", seen)
             return out
         if isinstance(out, Mapping):  # read-only: statistics without the backward tap
             for key, item in out.items():
                 if isinstance(item, torch.Tensor):
-                    self._walk(item.detach(), base, band, f"{name}[{key}]", seen)
+                    self._walk(item.detach(), m, band, f"{name}[{key}]", seen)
         return out
 
-    def _tap(self, slot: int, band: tuple[float, float] | None, out: torch.Tensor) -> torch.Tensor:
+    def _tap(
+        self, m: int, j: int, band: tuple[float, float] | None, out: torch.Tensor
+    ) -> torch.Tensor:
         if self.outputs:
+            acc = self.accs[m]
             with torch.no_grad():
-                row = stats.output_row(out, band).to(self.acc.device)
-                self.acc[slot] = stats.fold_rows(self.acc[slot], row)
+                row = stats.output_row(out, band).to(acc.device)
+                acc[j].copy_(stats.fold_rows(acc[j], row))
         if self.grads and out.requires_grad:
-            return Tap.apply(out, self.probe[slot])
+            return Tap.apply(out, self.probes[m][j])
         return out
 
     # -- the host side -----------------------------------------------------------------------
-
-    def _backward(self, grad: torch.Tensor) -> None:
-        self._on_backward(grad.detach())
 
     def arm(self, on: bool) -> None:
         self.on = on
@@ -147,25 +156,26 @@ class GraphTaps:
     def reset(self) -> None:
         """Empties the rows for a new step (on the device, no host sync)."""
         with torch.no_grad():
-            self.acc.copy_(self._empty_rows())
-        self.probe.grad = None
+            torch._foreach_copy_(self.accs, [self._empty] * len(self.accs))
+        for probe in self.probes:
+            probe.grad = None
 
-    def _empty_rows(self) -> torch.Tensor:
-        empty = torch.zeros(ACC_WIDTH, dtype=torch.float64)
-        empty[stats.ROW_FIELDS.index("min")] = math.inf
-        empty[stats.ROW_FIELDS.index("max")] = -math.inf
-        return empty.to(self.acc.device).expand_as(self.acc)
+    def label(self, m: int, j: int) -> str:
+        return self.names.get((m, j), self.labels[m])
 
-    def label(self, slot: int) -> str:
-        return self.names.get(slot, self.labels[slot // OUTPUTS_PER_MODULE])
+    def band(self, m: int) -> tuple[float, float] | None:
+        return self.bands[m]
 
-    def band(self, slot: int) -> tuple[float, float] | None:
-        return self.bands[slot // OUTPUTS_PER_MODULE]
-
-    def output_rows(self, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The slots that saw an output this step, and their rows."""
-        used = np.flatnonzero(acc[:, stats.ROW_FIELDS.index("count")] > 0)
-        return used, acc[used]
+    def device_parts(self, backwards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What comes to the host: the output rows, and the output-gradient rows (of each
+        backward where kept apart, else summed over the step's backwards)."""
+        parts = [torch.stack(self.accs)] if self.outputs else []
+        if self.grads and self.per_backward:
+            parts += backwards
+        elif self.grads:
+            zero = torch.zeros_like(self.probes[0])
+            parts.append(torch.stack([p.grad if p.grad is not None else zero for p in self.probes]))
+        return parts
 
     def remove(self) -> None:
         self.on = False
@@ -185,12 +195,19 @@ def compiled_parts(model: nn.Module) -> bool:
 
 def forget_compiled_code(model: nn.Module) -> bool:
     """Drops dynamo's cached graphs of a model that has already run compiled, so that the
-    next call traces the hooks just registered; True if there were any.
+    next call traces the hooks just registered, and turns dynamo's guards on module hooks on
+    (process-wide); True if there were graphs to drop.
 
     Dynamo keys its cache on code objects, and nn.Module's call is one code object for every
     module: other compiled modules of the process are traced again too (once).
     """
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
+
+    # graphs are shared by models of one architecture (modules are inlined, not guarded on by
+    # identity), and by default their guards skip hooks: an unwatched twin's graph, without
+    # the statistics, would then run for the watched model. With hook guards on, each graph
+    # checks that its modules' hooks are those it was traced with.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
 
     codes = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__}
     for m in model.modules():

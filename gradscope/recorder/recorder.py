@@ -193,8 +193,13 @@ class Recorder(RecorderResults):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
             forget_compiled_code(outer)
             device = plan.params[0][1].device if plan.params else torch.device("cpu")
+            scaler = self.grad_scaler is not None and self.grad_scaler.is_enabled()
             taps = GraphTaps(
-                modules, device, record_acts, record_grads, self._capture.graph_backward
+                modules,
+                device,
+                record_acts,
+                record_grads,
+                self._capture.graph_backward if scaler else None,
             )
             self._capture.graph = self._outputs = taps
         else:
