@@ -63,16 +63,19 @@ def make_loop(
     model: nn.Module,
     batch: int,
     setup: Callable[[nn.Module, torch.optim.Optimizer], object],
+    call: nn.Module | None = None,
 ):  # type: ignore[no-untyped-def]
+    """Timed steps of `call` (the model, or its compiled wrapper), set up by `setup`."""
+    call = model if call is None else call
     x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    keep = setup(model, opt)
+    keep = setup(call, opt)
 
     def run() -> float:
         start = time.perf_counter()
         for _ in range(STEPS):
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(call(x), y).backward()
             opt.step()
         return (time.perf_counter() - start) / STEPS
 
@@ -158,7 +161,7 @@ def measure_compiled(name: str, repeats: int) -> None:
         for loop, setup in {"bare": VARIANTS["bare"][0], **COMPILED}.items():
             model = copy.deepcopy(base)
             if mode == "compiled":
-                run = make_compiled_loop(model, torch.compile(model), batch, setup)
+                run = make_loop(model, batch, setup, torch.compile(model))
             else:
                 run = make_loop(model, batch, setup)
             loops[(mode, loop)] = run
@@ -189,28 +192,6 @@ def measure_compiled(name: str, repeats: int) -> None:
             kinds = set(keep.to_frame()["kind"])
             assert ("activation" in kinds) == loop.startswith("everything"), (mode, loop)
             assert "activation_grad" in kinds or not loop.startswith("everything"), (mode, loop)
-
-
-def make_compiled_loop(
-    model: nn.Module,
-    compiled: nn.Module,
-    batch: int,
-    setup: Callable[[nn.Module, torch.optim.Optimizer], object],
-):  # type: ignore[no-untyped-def]
-    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    keep = setup(compiled, opt)
-
-    def run() -> float:
-        start = time.perf_counter()
-        for _ in range(STEPS):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(compiled(x), y).backward()
-            opt.step()
-        return (time.perf_counter() - start) / STEPS
-
-    run.keep = keep  # type: ignore[attr-defined]
-    return run
 
 
 def main() -> None:
