@@ -199,9 +199,11 @@ def test_detach_stops_recording_and_a_second_watch_records_again():
     model = MODELS["mlp"]()
     call = torch.compile(model, backend="aot_eager")
     first, _, _ = _train(model, call, steps=2)
-    call(torch.randn(4, 784)).sum().backward()  # detached: runs without statistics
+    assert not any(m._forward_hooks for m in model.modules())  # every hook removed
+    call(torch.randn(16, 784)).sum().backward()  # detached: runs without statistics
     second, _, _ = _train(model, call, steps=2)
     assert len(second) == len(first)
+    assert (second["value"].to_numpy() != first["value"].to_numpy()).any()  # trained on
     assert gs.frame.select(second, kind="activation_grad").shape[0] > 0
 
 

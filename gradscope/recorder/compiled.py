@@ -7,12 +7,12 @@ module gets one permanent hook, gated by a flag that dynamo guards on: a recorde
 the graph traced with statistics, other steps the graph traced without (two graphs in all,
 whatever `every` is). Statistics leave the graph without any Python side effect:
 
-- forward: each output's float64 moments are folded into a row of `acc`, a small float64
-  tensor that the graph updates in place (AOTAutograd writes the mutation back);
+- forward: each output's float64 moments are folded into a row of its module's `accs`
+  tensor, which the graph updates in place (AOTAutograd writes the mutation back);
 - backward: the output passes through `Tap`, an identity whose backward returns the
-  gradient unchanged and, as the gradient of a `probe` leaf, that gradient's float64 sums.
-  The probe's hook receives them once per backward (so each backward keeps its GradScaler
-  scale); the values are ordinary gradients, so they fuse with the backward kernels.
+  gradient unchanged and, as the gradient of a row of its module's `probes` leaf, that
+  gradient's float64 sums. They accumulate in the leaf's .grad, read when the step closes;
+  with a GradScaler a hook on the leaf takes each backward apart, with its own scale.
 
 Each module has `OUTPUTS_PER_MODULE` rows; floating-point outputs beyond them are not
 recorded. Calls of one module within a step add up in its rows, as the eager path's calls
@@ -92,6 +92,7 @@ class GraphTaps:
                     self.probes[m].register_hook(functools.partial(on_backward, m))
                 )
         self.per_backward = grads and on_backward is not None
+        self._written = True  # the rows may hold values: reset() empties them
         self.reset()
 
     # -- the traced side ---------------------------------------------------------------------
@@ -148,13 +149,18 @@ class GraphTaps:
 
     def arm(self, on: bool) -> None:
         self.on = on
+        self._written = self._written or on
 
     @property
     def armed(self) -> bool:
         return self.on
 
     def reset(self) -> None:
-        """Empties the rows for a new step (on the device, no host sync)."""
+        """Empties the rows for a new step (on the device, no host sync); nothing to do after
+        steps the graphs ran without statistics."""
+        if not self._written:
+            return
+        self._written = False  # until arm(True): only armed graphs write
         with torch.no_grad():
             torch._foreach_copy_(self.accs, [self._empty] * len(self.accs))
         for probe in self.probes:
@@ -193,22 +199,20 @@ def compiled_parts(model: nn.Module) -> bool:
     )
 
 
-def forget_compiled_code(model: nn.Module) -> bool:
-    """Drops dynamo's cached graphs of a model that has already run compiled, so that the
-    next call traces the hooks just registered, and turns dynamo's guards on module hooks on
-    (process-wide); True if there were graphs to drop.
+def make_dynamo_see_hooks(model: nn.Module) -> None:
+    """Makes dynamo trace the hooks about to be registered on `model`: its guards on module
+    hooks turned on (process-wide), and the graphs cached for the model dropped.
 
-    Dynamo keys its cache on code objects, and nn.Module's call is one code object for every
-    module: other compiled modules of the process are traced again too (once).
+    Graphs are shared by models of one architecture (modules are inlined, not guarded on by
+    identity), and by default their guards skip hooks: an unwatched twin's graph, without the
+    statistics, would then run for the watched model. A model that has already run compiled
+    has graphs traced without the hooks; dynamo keys them on code objects, and nn.Module's
+    call is one code object for every module, so other compiled modules of the process are
+    traced again too (once).
     """
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
 
-    # graphs are shared by models of one architecture (modules are inlined, not guarded on by
-    # identity), and by default their guards skip hooks: an unwatched twin's graph, without
-    # the statistics, would then run for the watched model. With hook guards on, each graph
-    # checks that its modules' hooks are those it was traced with.
     torch._dynamo.config.skip_nnmodule_hook_guards = False
-
     codes = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__}
     for m in model.modules():
         # what torch.compile(m) (its forward) or m.compile() (_compiled_call_impl) compiled
@@ -220,9 +224,6 @@ def forget_compiled_code(model: nn.Module) -> bool:
         forward = getattr(type(m), "forward", None)
         if forward is not None and hasattr(forward, "__code__"):
             codes.add(forward.__code__)  # a frame of its own after a graph break
-    dropped = False
     for code in codes:
         if _debug_get_cache_entry_list(code):
             reset_code(code)
-            dropped = True
-    return dropped

@@ -22,7 +22,7 @@ from gradscope.diagnose import OnlineDiagnosis
 from gradscope.recorder import hooks
 from gradscope.recorder.backends import param_stats, recount_params, second_moments
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
-from gradscope.recorder.compiled import GraphTaps, compiled_parts, forget_compiled_code
+from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError, why_nothing_recorded
 from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.optimizers import OptimizerHooks
@@ -191,7 +191,7 @@ class Recorder(RecorderResults):
         self._reducer = Reducer(plan.block_index)
         if compiled and modules and (record_acts or record_grads):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
-            forget_compiled_code(outer)
+            make_dynamo_see_hooks(outer)
             device = plan.params[0][1].device if plan.params else torch.device("cpu")
             scaler = self.grad_scaler is not None and self.grad_scaler.is_enabled()
             taps = GraphTaps(

@@ -127,13 +127,20 @@ def _fig_ratio_and_slope(runs: pd.DataFrame, palette: dict[str, Any]) -> str:
     return figure_html(fig, "gradient ratio and decay slope against depth")
 
 
+def _run_rows(frame: pd.DataFrame, variant: str, depth: int, seed: int) -> pd.DataFrame:
+    """The rows of one run of the sweep."""
+    return frame[
+        (frame["variant"] == variant) & (frame["depth"] == depth) & (frame["seed"] == seed)
+    ]
+
+
 def _fig_heatmaps(frame: pd.DataFrame, runs: pd.DataFrame, variants: list[str]) -> str:
     deepest = runs.sort_values("depth").groupby("variant").tail(1).set_index("variant")
     present = [v for v in variants if v in deepest.index]
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 4.2), squeeze=False)
     for ax, variant in zip(axes[0], present, strict=True):
         d, s = int(deepest.loc[variant, "depth"]), int(deepest.loc[variant, "seed"])
-        run = frame[(frame["variant"] == variant) & (frame["depth"] == d) & (frame["seed"] == s)]
+        run = _run_rows(frame, variant, d, s)
         layers = fr.weight_matrices(run)
         grads = fr.select(run, Kind.PARAM_GRAD, Stat.NORM, layers=layers)
         wide = grads.pivot_table(index="layer", columns="step", values="value", aggfunc="first")
@@ -161,11 +168,7 @@ def _fig_signal_propagation(
     per block, the stream's rms, the residual branch's rms and the gradient at the block."""
     rows = []
     for r in _deepest(runs).itertuples():
-        run = frame[
-            (frame["variant"] == r.variant)
-            & (frame["depth"] == r.depth)
-            & (frame["seed"] == r.seed)
-        ]
+        run = _run_rows(frame, r.variant, r.depth, r.seed)
         run = run[run["step"] == run["step"].min()]
         stream = fr.stream_layers(run)
         index = {name: i for i, name in enumerate(stream)}
@@ -216,12 +219,8 @@ def _fig_signal_propagation(
 def _fig_activations(frame: pd.DataFrame, runs: pd.DataFrame, palette: dict[str, Any]) -> str:
     rows = []
     for r in _deepest(runs).itertuples():
-        run = frame[
-            (frame["variant"] == r.variant)
-            & (frame["depth"] == r.depth)
-            & (frame["seed"] == r.seed)
-            & (frame["kind"] == Kind.ACTIVATION)
-        ]
+        run = _run_rows(frame, r.variant, r.depth, r.seed)
+        run = run[run["kind"] == Kind.ACTIVATION]
         acts = run[run["layer"].str.endswith(".act")]
         for phase, step in (("init", acts["step"].min()), ("end", acts["step"].max())):
             at = acts[acts["step"] == step]
