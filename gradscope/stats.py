@@ -150,27 +150,30 @@ GRAD_ROW_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples", "samples")
 
 
 def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
-    """ROW_FIELDS of one tensor, accumulated in float64 (exact at subnormal values); extremes
-    ignore NaN. Pure torch ops with no host sync, so that a compiled graph fuses them."""
-    x = x.detach().to(torch.float64)
-    nan = torch.isnan(x)
+    """ROW_FIELDS of one tensor: sums accumulated in float64 (exact at subnormal values),
+    extremes and counts in the tensor's own dtype (exact there too); extremes ignore NaN.
+    Pure torch ops with no host sync, so that a compiled graph fuses them into one pass
+    (on a CPU, only the sums pay for float64: ~3x cheaper than everything in float64)."""
+    x = x.detach()
+    wide = x.to(torch.float64)
+    number = x == x  # not NaN
     if x.numel():
-        lo = torch.where(nan, math.inf, x).amin()
-        hi = torch.where(nan, -math.inf, x).amax()
+        lo = torch.where(number, x, math.inf).amin().to(torch.float64)
+        hi = torch.where(number, x, -math.inf).amax().to(torch.float64)
     else:
-        lo, hi = x.new_full((), math.inf), x.new_full((), -math.inf)
+        lo, hi = wide.new_full((), math.inf), wide.new_full((), -math.inf)
     if band is not None:
-        saturated = (x - band[0]).abs().ge(band[1]).sum().to(torch.float64)
+        saturated = (wide - band[0]).abs().ge(band[1]).sum().to(torch.float64)
     else:
-        saturated = x.new_zeros(())
+        saturated = wide.new_zeros(())
     return torch.stack(
         [
-            x.sum(),
-            (x * x).sum(),
+            wide.sum(),
+            (wide * wide).sum(),
             lo,
             hi,
             x.ne(0).sum().to(torch.float64),
-            torch.isfinite(x).logical_not().sum().to(torch.float64),
+            (x - x).ne(0).sum().to(torch.float64),  # inf - inf and NaN - NaN are NaN
             torch.full((), x.numel(), dtype=torch.float64, device=x.device),
             saturated,
         ]

@@ -11,6 +11,7 @@ has no relative precision of its own), and the later steps' parameter rows loose
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pandas as pd
@@ -267,3 +268,31 @@ def test_batch_sizes_that_change_are_recorded_with_their_counts():
     rms = gs.frame.select(rec.to_frame(), kind="activation", stat="rms", layers=["1"])
     assert len(rms) == 3
     assert rms["value"].iloc[-1] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_nonfinite_outputs_counted_and_located_as_in_eager(backend):
+    """An output holding inf and NaN: the same counts, extremes (NaN ignored) and origin."""
+
+    class Blowup(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = torch.ones_like(x)
+            scale[:, 0] = math.inf  # inf, and NaN where x is 0
+            return x * scale
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(784, 8), nn.ReLU(), Blowup(), nn.Linear(8, 10))
+
+    torch.manual_seed(0)
+    model = make()
+    twin = copy.deepcopy(model)
+    eager, _, _ = _train(model, model, steps=1)
+    compiled, _, _ = _train(twin, torch.compile(twin, backend=backend), steps=1)
+    joined = _joined(eager, compiled)
+    acts = joined[joined["kind"].isin(["activation", "nonfinite_origin"])]
+    assert (acts["value_e"].isna() == acts["value_c"].isna()).all()
+    both = acts.dropna(subset=["value_e"])
+    np.testing.assert_allclose(both["value_c"], both["value_e"], rtol=1e-6)
+    nonfinite = gs.frame.select(compiled, kind="activation", stat="nonfinite", layers=["2"])
+    assert nonfinite["value"].iloc[0] == 16  # a whole column of the batch
+    assert set(gs.frame.select(compiled, kind="nonfinite_origin")["layer"]) >= {"2"}
