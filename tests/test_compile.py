@@ -296,3 +296,35 @@ def test_nonfinite_outputs_counted_and_located_as_in_eager(backend):
     nonfinite = gs.frame.select(compiled, kind="activation", stat="nonfinite", layers=["2"])
     assert nonfinite["value"].iloc[0] == 16  # a whole column of the batch
     assert set(gs.frame.select(compiled, kind="nonfinite_origin")["layer"]) >= {"2"}
+
+
+@pytest.mark.parametrize("skipped", [False, True])
+def test_grad_scaler_under_compile_unscales_each_backward_by_its_own_scale(skipped):
+    """With a GradScaler each backward's output-gradient rows are kept apart (a hook on the
+    probes) and divided by the scale of the forward they belong to; a skipped step merges."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x = torch.randn(4, 5)
+    hidden = model[1](model[0](x))
+    hidden.retain_grad()
+    model[2](hidden).pow(2).sum().backward()
+    ref = hidden.grad.double()
+    model.zero_grad(set_to_none=True)
+    call = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same forward every time
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gs.watch(call, optimizer=opt, grad_scaler=scaler) as rec:
+        for skip in [True, False] if skipped else [False]:
+            scaler.scale(call(x).pow(2).sum()).backward()
+            if skip:  # an overflow: no optimizer step, the next step halves the scale
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    frame = rec.to_frame()
+    assert frame["step"].unique().tolist() == [0]
+    passes = 2 if skipped else 1
+    norm = gs.frame.select(frame, kind="activation_grad", stat="norm", layers=["1"])
+    assert norm["value"].iloc[0] == pytest.approx(math.sqrt(passes) * float(ref.norm()), rel=1e-7)
+    sample = gs.frame.select(frame, kind="activation_grad", stat="sample_norm", layers=["1"])
+    assert sample["value"].iloc[0] == pytest.approx(float(ref.norm(dim=1).mean()), rel=1e-7)

@@ -122,6 +122,8 @@ class TorchBackend:
         return parts
 
     def activation_table(self, reader: Reader) -> np.ndarray:
+        if not self._outputs:  # the usual case on the CPU: the kernels took every call
+            return np.zeros((0, len(ACT_FIELDS)))
         fields = len(stats.ACT_FIELDS)  # sum, min, max, nonzero, sumsq
         raw = reader.take(fields * len(self._outputs)).reshape(-1, fields)
         table = np.zeros((len(self._outputs), len(ACT_FIELDS)))
@@ -142,6 +144,8 @@ class TorchBackend:
 
     def grad_table(self, reader: Reader) -> np.ndarray:
         table = np.zeros((len(self._grads), len(GRAD_FIELDS)))
+        if not self._grads:
+            return table
         sample_sumsq = reader.take(sum(samples for _, samples in self._grads))
         start = 0
         for c, (grad, samples) in enumerate(self._grads):
@@ -211,6 +215,8 @@ def recount_params(
 
 def second_moments(states: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
     """Sums of squares of the optimizer's second-moment states, in float64 (NaN: none)."""
+    if all(s is None for s in states):  # SGD and other optimizers without one
+        return torch.full((len(states),), math.nan, dtype=torch.float64, device=device)
     nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
     return torch.stack(
         [

@@ -109,7 +109,9 @@ class StepCapture:
 
     def graph_backward(self, module: int, rows: torch.Tensor) -> None:
         """One backward's output-gradient rows of a module (its GraphTaps probe's gradient)."""
-        self.graph_grads.append((module, len(self.scales) - 1, rows.detach()))
+        # a copy: autograd keeps this very tensor as the probe's .grad and adds the next
+        # backward's rows into it in place
+        self.graph_grads.append((module, len(self.scales) - 1, rows.detach().clone()))
 
     def scale(self, scaler: Any) -> None:
         """Keeps the scaler's current scale for the backward of the forward now starting."""
@@ -138,7 +140,8 @@ class StepCapture:
         graph = self.graph
         if graph is not None:
             parts += graph.device_parts([rows for _, _, rows in self.graph_grads])
-        scales = self.scales if self.grads and scaler_scale is not None else []
+        grads_seen = self.grads or self.graph_grads
+        scales = self.scales if grads_seen and scaler_scale is not None else []
         if scales:
             parts.append(cat_float64(scales))
         if self.params is not None:
@@ -185,7 +188,7 @@ class StepCapture:
         if scaler_scale is None:
             return tables, None
         now = scaler_scale  # the scale at the step's end, where no forward was seen
-        per_call = np.array([scale_values[g.scale] if g.scale >= 0 else now for g in self.grads])
+        per_call = np.array([scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads])
         return tables, per_call
 
 
@@ -195,40 +198,46 @@ def _graph_tables(
     """Adds the calls the compiled graphs recorded (one per module output and step; one per
     output gradient and backward with a GradScaler, else per step) to the step's tables."""
     fields, per_module = stats.ROW_FIELDS, OUTPUTS_PER_MODULE
-    modules = len(graph.labels)
+    slots = len(graph.labels) * per_module
     if graph.outputs:
-        acc = reader.take(modules * per_module * ACC_WIDTH).reshape(-1, ACC_WIDTH)
+        acc = reader.take(slots * ACC_WIDTH).reshape(-1, ACC_WIDTH)
         used = np.flatnonzero(acc[:, fields.index("count")] > 0)
         rows = acc[used]
         first = len(tables.outputs)
+        counts = rows[:, fields.index("count")].astype(np.int64).tolist()
         tables.outputs = tables.outputs + [
-            OutputCall(graph.label(*divmod(int(s), per_module)), int(n), graph)
-            for s, n in zip(used, rows[:, fields.index("count")], strict=True)
+            OutputCall(label, n, graph)
+            for label, n in zip(graph.slot_labels(used), counts, strict=True)
         ]
         tables.output_stats = np.vstack([tables.output_stats, rows[:, : len(ACT_FIELDS)]])
-        tables.saturated = tables.saturated + [
-            (first + i, float(rows[i, fields.index("saturated")]))
-            for i, s in enumerate(used)
-            if graph.band(int(s) // per_module) is not None
-        ]
+        bounded = np.flatnonzero(graph.bounded[used])
+        tables.saturated = tables.saturated + list(
+            zip(
+                (first + bounded).tolist(),
+                rows[bounded, fields.index("saturated")].tolist(),
+                strict=True,
+            )
+        )
     if not graph.grads:
         return
-    if graph.per_backward:  # (module, scale) of each backward's rows, in backward order
-        owners = [(m, scale) for m, scale, _ in backwards]
-    else:  # summed over the step: the last module first
-        owners = [(m, -1) for m in range(modules - 1, -1, -1)]
-    grads = reader.take(len(owners) * per_module * PROBE_WIDTH).reshape(-1, per_module, PROBE_WIDTH)
-    if not graph.per_backward:
-        grads = grads[::-1]
-    calls: list[GradCall] = []
-    grad_rows: list[np.ndarray] = []
-    for (m, scale), table in zip(owners, grads, strict=True):
-        for j in np.flatnonzero(table[:, -1] > 0):
-            calls.append(GradCall(graph.label(m, int(j)), int(table[j, -1]), graph, scale))
-            grad_rows.append(table[j, : len(GRAD_FIELDS)])
-    if calls:
-        tables.grads = tables.grads + calls
-        tables.grad_stats = np.vstack([tables.grad_stats, np.array(grad_rows)])
+    if graph.per_backward:  # each backward's rows of one module, in backward order
+        modules = np.array([m for m, _, _ in backwards], dtype=np.int64)
+        owner = (modules[:, None] * per_module + np.arange(per_module)).ravel()
+        scale = np.repeat(np.array([s for _, s, _ in backwards], dtype=np.int64), per_module)
+        grads = reader.take(len(owner) * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)
+    else:  # summed over the step's backwards; in backward order: the last module first
+        owner = np.arange(slots).reshape(-1, per_module)[::-1].ravel()
+        scale = np.full(slots, -1, dtype=np.int64)
+        grads = reader.take(slots * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)[owner]
+    seen = grads[:, -1] > 0
+    if seen.any():
+        owner, scale, grads = owner[seen], scale[seen], grads[seen]
+        samples = grads[:, -1].astype(np.int64).tolist()
+        tables.grads = tables.grads + [
+            GradCall(label, n, graph, k)
+            for label, n, k in zip(graph.slot_labels(owner), samples, scale.tolist(), strict=True)
+        ]
+        tables.grad_stats = np.vstack([tables.grad_stats, grads[:, : len(GRAD_FIELDS)]])
 
 
 def _in_call_order(
@@ -238,6 +247,9 @@ def _in_call_order(
     out = np.empty((len(calls), width))
     if not calls:
         return out
+    first = calls[0].backend
+    if all(c.backend is first for c in calls):  # one backend took every call
+        return tables[id(first)].copy()
     owner = np.array([id(c.backend) for c in calls])
     for key, table in tables.items():
         mine = owner == key

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -92,6 +93,9 @@ class GraphTaps:
                     self.probes[m].register_hook(functools.partial(on_backward, m))
                 )
         self.per_backward = grads and on_backward is not None
+        # per row: whether its module is bounded (tanh, sigmoid): saturation is counted
+        self.bounded = np.repeat([b is not None for b in self.bands], OUTPUTS_PER_MODULE)
+        self._slot_labels: dict[tuple[bytes, int], list[str]] = {}
         self._written = True  # the rows may hold values: reset() empties them
         self.reset()
 
@@ -166,11 +170,20 @@ class GraphTaps:
         for probe in self.probes:
             probe.grad = None
 
-    def label(self, m: int, j: int) -> str:
-        return self.names.get((m, j), self.labels[m])
-
-    def band(self, m: int) -> tuple[float, float] | None:
-        return self.bands[m]
+    def slot_labels(self, slots: np.ndarray) -> list[str]:
+        """The label of each row (module * OUTPUTS_PER_MODULE + output); kept while the rows
+        seen and the names of structured outputs stay the same, as they do step after step."""
+        key = (slots.tobytes(), len(self.names))
+        labels = self._slot_labels.get(key)
+        if labels is None:
+            labels = [
+                self.names.get(divmod(s, OUTPUTS_PER_MODULE), self.labels[s // OUTPUTS_PER_MODULE])
+                for s in slots.tolist()
+            ]
+            if len(self._slot_labels) > 64:  # the rows seen keep changing: forget old ones
+                self._slot_labels.clear()
+            self._slot_labels[key] = labels
+        return labels
 
     def device_parts(self, backwards: list[torch.Tensor]) -> list[torch.Tensor]:
         """What comes to the host: the output rows, and the output-gradient rows (of each
