@@ -142,6 +142,41 @@ MUTATIONS = [
         "                start += 0\n",
         ("tests/test_distributed.py",),
     ),
+    Mutation(
+        "compiled: a module's calls within a step overwrite its sums instead of adding",
+        "gradscope/stats.py",
+        "            before[:2] + row[:2],",
+        "            row[:2],",
+        ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "compiled: a module's extremes over calls take max for the minimum",
+        "gradscope/stats.py",
+        "            torch.minimum(before[2:3], row[2:3]),",
+        "            torch.maximum(before[2:3], row[2:3]),",
+        ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "compiled + GradScaler: a backward's rows kept without a copy",
+        "gradscope/recorder/capture.py",
+        "rows.detach().clone()))",
+        "rows.detach()))",
+        ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "compiled: rows never emptied between recorded steps",
+        "gradscope/recorder/compiled.py",
+        "        self._written = self._written or on",
+        "        self._written = False",
+        ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "compiled: dynamo's hook guards left off (an unwatched twin lends its graph)",
+        "gradscope/recorder/compiled.py",
+        "    torch._dynamo.config.skip_nnmodule_hook_guards = False",
+        "    pass",
+        ("tests/test_compile.py",),
+    ),
 ]
 
 

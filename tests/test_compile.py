@@ -328,3 +328,44 @@ def test_grad_scaler_under_compile_unscales_each_backward_by_its_own_scale(skipp
     assert norm["value"].iloc[0] == pytest.approx(math.sqrt(passes) * float(ref.norm()), rel=1e-7)
     sample = gs.frame.select(frame, kind="activation_grad", stat="sample_norm", layers=["1"])
     assert sample["value"].iloc[0] == pytest.approx(float(ref.norm(dim=1).mean()), rel=1e-7)
+
+
+def test_calls_of_one_module_merge_as_in_eager():
+    """A cell applied three times per forward and two micro-batches per step: under compile
+    the calls add up in the module's rows, as the eager path merges them."""
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.cell, self.head = (
+                nn.Linear(784, 16),
+                nn.Linear(16, 16),
+                nn.Linear(16, 10),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            for _ in range(3):
+                h = torch.tanh(self.cell(h))
+            return self.head(h)
+
+    def run(model: nn.Module, call: nn.Module) -> pd.DataFrame:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        with gs.watch(call, optimizer=opt) as rec:
+            for _ in range(2):
+                for _ in range(2):  # micro-batches
+                    x = torch.randn(8, 784, generator=gen)
+                    (call(x).pow(2).mean() / 2).backward()
+                opt.step()
+                opt.zero_grad()
+        return rec.to_frame()
+
+    torch.manual_seed(0)
+    model = Loop()
+    twin = copy.deepcopy(model)
+    eager = run(model, model)
+    compiled = run(twin, torch.compile(twin, backend="aot_eager"))
+    joined = _joined(eager, compiled)
+    err = (joined["value_e"] - joined["value_c"]).abs() / _scale(joined)
+    assert err.max() < 1e-12, joined.loc[err.idxmax(), KEY].tolist()
