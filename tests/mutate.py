@@ -37,8 +37,9 @@ MUTATIONS = [
     Mutation(
         "activation extremes: the last call wins instead of min/max over calls",
         "gradscope/recorder/reduce.py",
-        "np.fmin.at(lows, label_id, lo)\n        np.fmax.at(highs, label_id, hi)",
-        "lows[label_id] = lo\n        highs[label_id] = hi",
+        "ufunc.at(out, (slice(None), label_id), values)",
+        "out.__setitem__((slice(None), label_id), values) if ufunc is not np.add "
+        "else ufunc.at(out, (slice(None), label_id), values)",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
@@ -51,8 +52,8 @@ MUTATIONS = [
     Mutation(
         "GradScaler: sample_norm of output gradients not unscaled",
         "gradscope/recorder/reduce.py",
-        "per_call[:, 1] /= scales",
-        "per_call[:, 1] /= 1.0",
+        "per_call[:, :, 1] /= scale",
+        "per_call[:, :, 1] /= 1.0",
         (
             "tests/test_recorder_merge.py",
             "tests/test_distributed.py::test_amp_records_unscaled_gradients",
@@ -61,8 +62,8 @@ MUTATIONS = [
     Mutation(
         "GradScaler: a skipped step's gradients divided by the next step's scale",
         "gradscope/recorder/capture.py",
-        "np.array([scale_values[g.scale] if g.scale >= 0 else now for g in self.grads])",
-        "np.full(len(self.grads), now)",
+        "np.array([scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads])",
+        "np.full(len(tables.grads), now)",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
@@ -110,8 +111,8 @@ MUTATIONS = [
     Mutation(
         "a step with module outputs but no parameter read is dropped",
         "gradscope/recorder/capture.py",
-        "return not (self.outputs or self.grads or self.params or self.scalars)",
-        "return not (self.params or self.scalars)",
+        "return not (self.outputs or self.grads or self.params or self.scalars or graph)",
+        "return not (self.params or self.scalars or graph)",
         ("tests/test_recorder.py::test_models_without_parameters",),
     ),
     Mutation(
@@ -176,6 +177,34 @@ MUTATIONS = [
         "    torch._dynamo.config.skip_nnmodule_hook_guards = False",
         "    pass",
         ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "deferred rows: steps that made other calls held with the batch",
+        "gradscope/recorder/deferred.py",
+        "        if self._held and key != self._key:",
+        "        if self._held and False:",
+        ("tests/test_deferred.py",),
+    ),
+    Mutation(
+        "deferred rows: rows_held leaves out the steps not reduced yet",
+        "gradscope/recorder/deferred.py",
+        "return self.store.rows_held + len(self._held) * self._rows_per_step",
+        "return self.store.rows_held",
+        ("tests/test_deferred.py",),
+    ),
+    Mutation(
+        "deferred rows: every step of a batch given its first step's outputs",
+        "gradscope/recorder/reduce.py",
+        "np.stack([t.output_stats for t in batch])",
+        "np.stack([first.output_stats for t in batch])",
+        ("tests/test_deferred.py",),
+    ),
+    Mutation(
+        "deferred rows: which parameters had a gradient left out of the key",
+        "gradscope/recorder/reduce.py",
+        "        None if params is None else params.present,",
+        "        None,",
+        ("tests/test_deferred.py",),
     ),
 ]
 

@@ -154,11 +154,14 @@ class StepCapture:
             values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
             parts.append(torch.stack(values))
         # the one host transfer of the step (none where the C kernels wrote every row)
-        flat = (
-            torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
-            if parts
-            else np.zeros(0)
-        )
+        if all(p.is_cpu and p.dtype == torch.float64 for p in parts):  # joined in numpy
+            flat = (
+                np.concatenate([p.detach().numpy().ravel() for p in parts])
+                if parts
+                else np.zeros(0)
+            )
+        else:
+            flat = torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
         reader = Reader(flat)
         act_tables = {id(b): b.activation_table(reader) for b in backends}
         grad_tables = {id(b): b.grad_table(reader) for b in backends}

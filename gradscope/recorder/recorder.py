@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -23,11 +22,11 @@ from gradscope.recorder import hooks
 from gradscope.recorder.backends import param_stats, recount_params, second_moments
 from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
 from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
+from gradscope.recorder.deferred import DeferredRows
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError, why_nothing_recorded
-from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.optimizers import OptimizerHooks
 from gradscope.recorder.plan import plan_model
-from gradscope.recorder.reduce import ParamLayout, Reducer
+from gradscope.recorder.reduce import Reducer, nonfinite_origins
 from gradscope.recorder.results import RecorderResults
 from gradscope.recorder.rows import RowStore
 
@@ -102,14 +101,14 @@ class Recorder(RecorderResults):
         self.nonfinite: list[NonfiniteEvent] = []
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._store = RowStore(Path(spill_to) if spill_to is not None else None, spill_rows)
+        self._rows = DeferredRows(
+            RowStore(Path(spill_to) if spill_to is not None else None, spill_rows)
+        )
         self._capture = StepCapture()
-        self._reducer = Reducer({})
         self._handles: list[RemovableHandle] = []
         self._outputs: hooks.OutputHooks | GraphTaps | None = None
         self._watched_root: nn.Module | None = None
         self._params: list[tuple[str, nn.Parameter]] = []
-        self._param_layout = ParamLayout([], np.zeros(0), np.zeros(0, dtype=bool))
         # parameter statistics (with their buffers), from the first recorded read
         self._flat: Any = None
         self._sync = False
@@ -143,12 +142,12 @@ class Recorder(RecorderResults):
 
     @property
     def spill_to(self) -> Path | None:
-        return self._store.spill_to
+        return self._rows.store.spill_to
 
     @property
     def rows_held(self) -> int:
         """Rows held in memory (not yet spilled)."""
-        return self._store.rows_held
+        return self._rows.rows_held
 
     def record_now(self) -> None:
         """Records the current step even where `every` skips it.
@@ -173,7 +172,7 @@ class Recorder(RecorderResults):
                 "another gradscope Recorder is attached to this model; detach it first, "
                 "or pass allow_multiple=True"
             )
-        self._store.check_spill_dir()
+        self._rows.store.check_spill_dir()
         outer = model
         model, kind = distributed.unwrap(model)
         compiled = kind == "compiled" or compiled_parts(model)
@@ -185,10 +184,10 @@ class Recorder(RecorderResults):
                 "the model has no trainable parameters, so there is nothing for the optimizer "
                 "to update; watch it without an optimizer to record activations only"
             )
-        self._params, self._param_layout, self._sync = plan.params, plan.layout, plan.sync
+        self._params, self._sync = plan.params, plan.sync
         self._as_local = distributed.local if plan.dtensors else _same
         modules = [(label, module, band(module)) for label, module in plan.modules]
-        self._reducer = Reducer(plan.block_index)
+        self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
         if compiled and modules and (record_acts or record_grads):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
             make_dynamo_see_hooks(outer)
@@ -215,7 +214,7 @@ class Recorder(RecorderResults):
             "parameters": sum(p.numel() for p in model.parameters()),
             "recorded_parameters": len(self._params),
             "watched_modules": len(modules),
-            "blocks": len(self._reducer.block_index),
+            "blocks": len(plan.block_index),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
         }
         hooks.register(outer, self)
@@ -235,7 +234,7 @@ class Recorder(RecorderResults):
 
         Warns (RuntimeWarning) when nothing at all has been recorded, saying why.
         """
-        if self.attached and self._store.empty:
+        if self.attached and self._rows.empty:
             warnings.warn(
                 "gradscope: nothing was recorded: "
                 + why_nothing_recorded(
@@ -262,7 +261,7 @@ class Recorder(RecorderResults):
             self._capture.graph = None
         self._capture.reset()
         self._capture.backends.torch.clear()
-        self._store.spill()
+        self._rows.settled().spill()
         self.model, self.optimizer = None, None
         self._params = []
         self._outputs = None
@@ -393,16 +392,15 @@ class Recorder(RecorderResults):
                 self._flat, read.present, present_params, grads, tables.param_values,
                 tables.update_sumsq,
             )  # fmt: skip
-        world = distributed.world_size() if self._sync else 1
-        merge = StepMerge(self._sync)
-        rows, origins = self._reducer.reduce(tables, scales, self._param_layout, merge, world)
+        origins = nonfinite_origins(tables)
         for phase, layer in origins.items():
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
-        if not self._sync or distributed.rank() == 0:
-            self._store.append(step, rows)
-            if self._online is not None and self.on_verdict is not None:
-                for verdict in self._online.update(self._store.last_frame()):
-                    self.on_verdict(verdict)
+        # rows are made later, for many steps at once (deferred.py), unless needed now
+        online = self._online is not None and self.on_verdict is not None
+        self._rows.add(step, tables, scales, origins, now=online)
+        if online and self._online is not None and self.on_verdict is not None:
+            for verdict in self._online.update(self._rows.store.last_frame()):
+                self.on_verdict(verdict)
 
     def _present_grads(self, present: list[int]) -> list[torch.Tensor]:
         return [

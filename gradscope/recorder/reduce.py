@@ -1,10 +1,14 @@
-"""Per-layer reduction of one step's per-call tables: calls of the same module (shared
-weights, micro-batches) merged from additive moments, registered for the merge over ranks,
-then the derived statistics written as rows."""
+"""Per-layer reduction of closed steps' per-call tables, vectorized over steps: calls of the
+same module (shared weights, micro-batches) merged from additive moments, registered for the
+merge over ranks, then the derived statistics written as rows.
+
+A batch is a run of consecutive steps that made the same calls (the same `step_key`): their
+tables are stacked, with the steps as a leading axis, and reduced at once (see deferred.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,14 +26,54 @@ class LabelIndex:
 
     def __init__(self) -> None:
         self._labels: list[str] | None = None
-        self._answer: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))
+        self._answer: tuple[list[str], np.ndarray, bool] = ([], np.zeros(0), False)
 
-    def __call__(self, labels: list[str]) -> tuple[list[str], np.ndarray]:
+    def __call__(self, labels: list[str]) -> tuple[list[str], np.ndarray, bool]:
+        """Unique labels, each call's label index, and whether a label has several calls."""
         if labels != self._labels:
             index: dict[str, int] = {}
-            ids = [index.setdefault(label, len(index)) for label in labels]
-            self._labels, self._answer = labels, (list(index), np.array(ids, dtype=np.int64))
+            ids = np.array([index.setdefault(label, len(index)) for label in labels], np.int64)
+            self._labels, self._answer = labels, (list(index), ids, len(index) < len(labels))
         return self._answer
+
+
+def by_label(values: np.ndarray, label_id: np.ndarray, shared: bool, ufunc: np.ufunc) -> np.ndarray:
+    """(steps, calls) -> (steps, labels): each label's calls reduced with `ufunc` (add, fmin
+    or fmax) one after the other in call order, as np.bincount adds them."""
+    if not shared:  # one call per label: label_id is 0, 1, 2, ...
+        return values
+    start = 0.0 if ufunc is np.add else np.inf if ufunc is np.fmin else -np.inf
+    out = np.full((len(values), int(label_id.max()) + 1), start)
+    ufunc.at(out, (slice(None), label_id), values)  # type: ignore[arg-type]
+    return out
+
+
+def step_key(tables: Tables, scaled: bool, origins: dict[str, str]) -> Hashable:
+    """What decides a step's rows and layout: steps with equal keys reduce together."""
+    params, state = tables.params, tables.state_sumsq
+    return (
+        [c.label for c in tables.outputs],
+        [i for i, _ in tables.saturated],
+        [c.label for c in tables.grads],
+        scaled,
+        None if params is None else params.present,
+        tables.update_sumsq is not None,
+        None if state is None else np.isfinite(state).tobytes(),
+        [name for name, _ in tables.scalars],
+        tuple(origins.items()),
+    )
+
+
+def nonfinite_origins(tables: Tables) -> dict[str, str]:
+    """The first call with a non-finite value, by phase (forward, backward)."""
+    origins: dict[str, str] = {}
+    bad = np.flatnonzero(tables.output_stats[:, 5] > 0)
+    if len(bad):
+        origins[Stat.FORWARD] = tables.outputs[int(bad[0])].label
+    bad = np.flatnonzero(tables.grad_stats[:, 2] > 0)
+    if len(bad):
+        origins[Stat.BACKWARD] = tables.grads[int(bad[0])].label
+    return origins
 
 
 @dataclass(frozen=True)
@@ -42,7 +86,7 @@ class ParamLayout:
 
 
 class Reducer:
-    """Turns closed steps into rows; keeps label indices between steps (they rarely change)."""
+    """Turns batches of closed steps into rows; keeps label indices between batches."""
 
     def __init__(self, block_index: dict[str, float]) -> None:
         self.output_labels, self.grad_labels = LabelIndex(), LabelIndex()
@@ -51,64 +95,64 @@ class Reducer:
 
     def reduce(
         self,
-        tables: Tables,
-        scales: np.ndarray | None,
+        batch: Sequence[Tables],
+        scales: Sequence[np.ndarray] | None,
+        origins: dict[str, str],
         params: ParamLayout,
         merge: StepMerge,
         world: int,
-    ) -> tuple[StepRows, dict[str, str]]:
-        """The step's rows, and the first layer with a non-finite value by phase."""
+    ) -> StepRows:
+        """The rows of a batch of steps with one `step_key` (one row of values per step);
+        `scales`: each step's per-call GradScaler scales, or None; `origins`: the batch's
+        first layer with a non-finite value by phase (part of the key)."""
+        first = batch[0]
         finish: list[Callable[[StepRows], None]] = []
-        origins: dict[str, str] = {}
-        if tables.outputs:
-            finish.append(self._outputs(tables, merge, origins))
-        if tables.grads:
-            finish.append(self._grads(tables, scales, merge, world, origins))
-        if tables.params is not None:
-            finish.append(_params(tables, params, merge))
-        if tables.scalars:
-            handle = merge.add(np.array([v for _, v in tables.scalars]), "sum")
-            names = [name for name, _ in tables.scalars]
+        if first.outputs:
+            finish.append(self._outputs(batch, merge))
+        if first.grads:
+            finish.append(self._grads(batch, scales, merge, world))
+        if first.params is not None:
+            finish.append(_params(batch, params, merge))
+        if first.scalars:
+            values = np.array([[v for _, v in t.scalars] for t in batch])
+            handle = merge.add(values, "sum")
+            names = [name for name, _ in first.scalars]
             finish.append(
                 lambda rows: rows.add(
                     [TOTAL] * len(names), Kind.SCALAR, names, merge.get(handle) / world
                 )
             )
         merge.run()
-        rows = StepRows()
+        rows = StepRows(len(batch))
         for add in finish:
             add(rows)
         for phase, layer in origins.items():
             rows.add([layer], Kind.NONFINITE_ORIGIN, phase, np.ones(1))
-        return rows, origins
+        return rows
 
-    def _outputs(
-        self, tables: Tables, merge: StepMerge, origins: dict[str, str]
-    ) -> Callable[[StepRows], None]:
-        calls, table = tables.outputs, tables.output_stats
-        total, sumsq, lo, hi, nonzero, nonfinite = table.T
-        bad = np.flatnonzero(nonfinite > 0)
-        if len(bad):
-            origins[Stat.FORWARD] = calls[int(bad[0])].label
-        names, label_id = self.output_labels([c.label for c in calls])
+    def _outputs(self, batch: Sequence[Tables], merge: StepMerge) -> Callable[[StepRows], None]:
+        first = batch[0]
+        table = (
+            np.stack([t.output_stats for t in batch])
+            if len(batch) > 1
+            else first.output_stats[None]
+        )
+        total, sumsq, lo, hi, nonzero, nonfinite = np.moveaxis(table, 2, 0)
+        names, label_id, shared = self.output_labels([c.label for c in first.outputs])
         n = len(names)
-        numel = np.array([c.numel for c in calls], dtype=np.float64)
-        lows, highs = np.full(n, np.inf), np.full(n, -np.inf)
+        numel = np.array([[c.numel for c in t.outputs] for t in batch], dtype=np.float64)
         # extremes over calls ignore NaN, as within a call (a kernel's call with no value but
         # NaN gives inf, -inf; a torch-op call NaN)
-        np.fmin.at(lows, label_id, lo)
-        np.fmax.at(highs, label_id, hi)
-        sat_calls = [i for i, _ in tables.saturated]
-        sat_values = np.array([v for _, v in tables.saturated])
+        lows = by_label(lo, label_id, shared, np.fmin)
+        highs = by_label(hi, label_id, shared, np.fmax)
+        sat_calls = [i for i, _ in first.saturated]
+        sat_values = np.zeros_like(total)
+        sat_values[:, sat_calls] = [[v for _, v in t.saturated] for t in batch]
+        bounded_calls = np.bincount(label_id[sat_calls], minlength=n)
         sums = np.stack(
             [
-                np.bincount(label_id, total, n),
-                np.bincount(label_id, sumsq, n),
-                np.bincount(label_id, nonzero, n),
-                np.bincount(label_id, numel, n),
-                np.bincount(label_id, nonfinite, n),
-                np.bincount(label_id[sat_calls], sat_values, n),
-                np.bincount(label_id[sat_calls], minlength=n).astype(np.float64),
+                by_label(values, label_id, shared, np.add)
+                for values in (total, sumsq, nonzero, numel, nonfinite, sat_values)
             ]
         )
         merge.expect_same(n)
@@ -119,46 +163,42 @@ class Reducer:
             lo, hi = lo.copy(), hi.copy()
             no_value = lo > hi  # a layer with no value but NaN (counted in nonfinite)
             lo[no_value] = hi[no_value] = np.nan
-            total, sumsq, nonzero, count, nonfinite, sat, bounded_calls = sums
+            total, sumsq, nonzero, count, nonfinite, sat = sums
             values = stats.activation_stats(total, sumsq, lo, hi, nonzero, count, nonfinite)
             for stat, column in values.items():
                 rows.add(names, Kind.ACTIVATION, stat, column)
             self._add_block_rows(rows, Kind.ACTIVATION, names)
-            bounded = bounded_calls > 0
-            if bounded.any():
+            bounded = np.flatnonzero(bounded_calls > 0)
+            if len(bounded):
                 rows.add(
-                    [names[i] for i in np.flatnonzero(bounded)],
+                    [names[i] for i in bounded],
                     Kind.ACTIVATION,
                     Stat.SATURATED_FRAC,
-                    (sat / np.maximum(count, 1.0))[bounded],
+                    (sat / np.maximum(count, 1.0))[:, bounded],
                 )
 
         return add
 
     def _grads(
         self,
-        tables: Tables,
-        scales: np.ndarray | None,
+        batch: Sequence[Tables],
+        scales: Sequence[np.ndarray] | None,
         merge: StepMerge,
         world: int,
-        origins: dict[str, str],
     ) -> Callable[[StepRows], None]:
-        calls, per_call = tables.grads, tables.grad_stats.copy()
+        first = batch[0]
+        per_call = np.stack([t.grad_stats for t in batch])
         if scales is not None:  # each backward unscaled by the scale it was made with
-            per_call[:, 0] /= scales**2
-            per_call[:, 1] /= scales
-        bad = np.flatnonzero(per_call[:, 2] > 0)
-        if len(bad):
-            origins[Stat.BACKWARD] = calls[int(bad[0])].label
-        names, label_id = self.grad_labels([c.label for c in calls])
+            scale = np.stack(scales)
+            per_call[:, :, 0] /= scale**2
+            per_call[:, :, 1] /= scale
+        names, label_id, shared = self.grad_labels([c.label for c in first.grads])
         n = len(names)
-        samples = np.array([c.samples for c in calls], dtype=np.float64)
+        samples = np.array([[c.samples for c in t.grads] for t in batch], dtype=np.float64)
         sums = np.stack(
             [
-                np.bincount(label_id, samples, n),
-                np.bincount(label_id, per_call[:, 0], n),
-                np.bincount(label_id, per_call[:, 1], n),
-                np.bincount(label_id, per_call[:, 2], n),
+                by_label(values, label_id, shared, np.add)
+                for values in (samples, per_call[:, :, 0], per_call[:, :, 1], per_call[:, :, 2])
             ]
         )
         merge.expect_same(n)
@@ -190,8 +230,14 @@ class Reducer:
             rows.add(labels, kind, Stat.BLOCK_INDEX, index)
 
 
-def _params(tables: Tables, layout: ParamLayout, merge: StepMerge) -> Callable[[StepRows], None]:
-    read = tables.params
+def _stacked(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return None if arrays[0] is None else np.stack(arrays)  # type: ignore[arg-type]
+
+
+def _params(
+    batch: Sequence[Tables], layout: ParamLayout, merge: StepMerge
+) -> Callable[[StepRows], None]:
+    read = batch[0].params
     assert read is not None
     present = read.present
     if len(present) == len(layout.names):  # the usual case: every parameter has a gradient
@@ -199,16 +245,20 @@ def _params(tables: Tables, layout: ParamLayout, merge: StepMerge) -> Callable[[
     else:
         names = [layout.names[i] for i in present]
         ndims, sharded = layout.ndims[present], layout.sharded[present]
-    grad_sumsq, grad_max, nonfinite, param_sumsq = tables.param_values
-    update_sumsq, dot, state = tables.update_sumsq, tables.update_dot, tables.state_sumsq
+    grad_sumsq, grad_max, nonfinite, param_sumsq = (
+        np.stack([t.param_values[k] for t in batch]) for k in range(4)
+    )
+    update_sumsq = _stacked([t.update_sumsq for t in batch])
+    dot = _stacked([t.update_dot for t in batch])
+    state = _stacked([t.state_sumsq for t in batch])
     # a shard's squares, counts and dot products are part of the whole tensor's
     merged = [(grad_sumsq, "sum"), (param_sumsq, "sum"), (nonfinite, "sum"), (grad_max, "max")]
     merged += [(v, "sum") for v in (update_sumsq, dot, state) if v is not None]
-    handles = [merge.add(values[sharded], op) for values, op in merged] if sharded.any() else []
+    handles = [merge.add(values[:, sharded], op) for values, op in merged] if sharded.any() else []
 
     def add(rows: StepRows) -> None:
         for (values, _), handle in zip(merged, handles, strict=False):
-            values[sharded] = merge.get(handle)
+            values[:, sharded] = merge.get(handle)
         grad_norm, param_norm = np.sqrt(grad_sumsq), np.sqrt(param_sumsq)
         rows.add(names, Kind.PARAM_GRAD, Stat.NORM, grad_norm)
         rows.add(names, Kind.PARAM_GRAD, Stat.MAX_ABS, grad_max)
@@ -229,15 +279,15 @@ def _params(tables: Tables, layout: ParamLayout, merge: StepMerge) -> Callable[[
                     step = np.where(grad_norm > 0, update_norm / grad_norm, np.nan)
                 rows.add(names, Kind.UPDATE, Stat.COS_GRAD, np.clip(cos, -1.0, 1.0))
                 rows.add(names, Kind.UPDATE, Stat.STEP_SIZE, step)
-                adam = np.isfinite(state)
+                adam = np.isfinite(state[0])  # the same in every step of a batch (its key)
                 if adam.any():
                     rows.add(
                         [n for n, a in zip(names, adam, strict=True) if a],
                         Kind.OPTIMIZER_STATE,
                         Stat.EXP_AVG_SQ_NORM,
-                        np.sqrt(state[adam]),
+                        np.sqrt(state[:, adam]),
                     )
-        total = np.sqrt(np.square(grad_norm).sum(keepdims=True))
+        total = np.sqrt(np.square(grad_norm).sum(axis=1, keepdims=True))
         rows.add([TOTAL], Kind.PARAM_GRAD, Stat.NORM, total)
 
     return add

@@ -1,5 +1,5 @@
 """What a recorder gives back: its frame, the last step, its settings and model summary, the
-run folder (gradscope.runs) and the diagnosis. Reads only the recorder's row store and the
+run folder (gradscope.runs) and the diagnosis. Reads only the recorder's rows (deferred.py) and the
 summary it made at attach."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import Any
 import pandas as pd
 import torch  # noqa: F401  (the doctest below)
 
-from gradscope.recorder.rows import RowStore
+from gradscope.recorder.deferred import DeferredRows
 
 
 class RecorderResults:
     """The results side of gradscope.Recorder."""
 
-    _store: RowStore
+    _rows: DeferredRows
     _summary: dict[str, Any]
     _sync: bool
     every: Any
@@ -28,20 +28,20 @@ class RecorderResults:
 
     def to_frame(self) -> pd.DataFrame:
         """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
-        return self._store.to_frame()
+        return self._rows.settled().to_frame()
 
     def last_step_frame(self) -> pd.DataFrame:
         """The last recorded step's rows (cheap: for logging headlines while training)."""
-        return self._store.last_frame()
+        return self._rows.settled().last_frame()
 
     def held_frame(self) -> pd.DataFrame:
         """The steps held in memory (not yet spilled) as a frame."""
-        return self._store.held_frame()
+        return self._rows.settled().held_frame()
 
     @property
     def spill_parts(self) -> list[Path]:
         """The Parquet parts written so far (spill_to only), in order."""
-        return list(self._store.parts)
+        return list(self._rows.settled().parts)
 
     @property
     def model_summary(self) -> dict[str, Any]:

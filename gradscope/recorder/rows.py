@@ -1,8 +1,8 @@
 """The row store: each recorded step's values against a shared layout, spilling, to_frame().
 
-Rows are held compactly: a step's values (8 bytes a row) and the index of its layout (the
-layer, kind and stat of each row, shared by all steps that record the same); nothing else
-grows with the number of steps. With a spill directory, whenever `spill_rows` rows are held
+Rows are held compactly: batches of steps (see deferred.py), each a matrix of values (8
+bytes a row) and the index of its layout (the layer, kind and stat of each row, shared by all
+steps that record the same); nothing else grows with the number of steps. With a spill directory, whenever `spill_rows` rows are held
 they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon as it is
 written), and `to_frame()` reads the parts back.
 """
@@ -36,31 +36,40 @@ class Layout:
 
 
 class StepRows:
-    """One step's rows as column blocks, turned into a layout and a value vector at the end.
+    """The rows of a batch of steps as column blocks, turned into a layout and a matrix of
+    values (one row per step) at the end.
 
     Blocks keep the layer lists they were given (callers reuse the same list objects while a
-    model records the same things), so a step whose blocks are those of the previous step
+    model records the same things), so a batch whose blocks are those of the previous one
     costs a few identity checks, not a comparison of every row's labels.
     """
 
-    __slots__ = ("blocks", "values")
+    __slots__ = ("blocks", "steps", "values")
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int = 1) -> None:
+        self.steps = steps
         self.blocks: list[tuple[Sequence[str], str, str | tuple[str, ...]]] = []
         self.values: list[np.ndarray] = []
 
     def add(
         self, layers: Sequence[str], kind: str, stat: str | Sequence[str], values: np.ndarray
     ) -> None:
-        """Rows for `layers` (not to be changed afterwards), one stat or one stat each."""
+        """Rows for `layers` (not to be changed afterwards), one stat or one stat each;
+        `values`: (steps, layers), or (layers,) where every step has the same."""
         # plain str, not the schema's StrEnum members: frames and Parquet files hold strings
         stats = str(stat) if isinstance(stat, str) else tuple(map(str, stat))
         self.blocks.append((layers, str(kind), stats))
-        self.values.append(np.asarray(values, dtype=np.float64))
+        values = np.asarray(values, dtype=np.float64)
+        self.values.append(np.broadcast_to(values, (self.steps, len(layers))))
 
     def finish(self, previous: Layout | None) -> tuple[Layout, np.ndarray]:
-        """The step's layout (`previous` itself where it is the same) and its values."""
-        values = np.concatenate(self.values) if self.values else np.zeros(0, dtype=np.float64)
+        """The batch's layout (`previous` itself where it is the same) and its values,
+        (steps, rows)."""
+        values = (
+            np.concatenate(self.values, axis=1)
+            if self.values
+            else np.zeros((self.steps, 0), dtype=np.float64)
+        )
         if previous is not None and _same_blocks(previous.blocks, self.blocks):
             return previous, values
         as_array = functools.partial(np.asarray, dtype=object)
@@ -93,10 +102,11 @@ class RowStore:
         self.spill_to = spill_to
         self.spill_rows = spill_rows
         self.parts: list[Path] = []
-        self._steps: list[tuple[int, int, np.ndarray]] = []  # step, layout index, values
+        # batches of steps: their indices, their layout's index, their values (steps, rows)
+        self._steps: list[tuple[np.ndarray, int, np.ndarray]] = []
         self._layouts: list[Layout] = []
         self.rows_held = 0
-        self._last: tuple[int, Layout, np.ndarray] | None = None
+        self._last: tuple[int, Layout, np.ndarray] | None = None  # the last step's values
 
     def last_frame(self) -> pd.DataFrame:
         """The last recorded step alone (held or spilled), as a frame."""
@@ -132,13 +142,14 @@ class RowStore:
                 "give each recording its own directory"
             )
 
-    def append(self, step: int, rows: StepRows) -> None:
+    def append(self, steps: Sequence[int], rows: StepRows) -> None:
+        """Adds a batch of steps' rows (one row of `rows`' values per step)."""
         layout, values = rows.finish(self._layouts[-1] if self._layouts else None)
         if not self._layouts or layout is not self._layouts[-1]:
             self._layouts.append(layout)
-        self._steps.append((step, len(self._layouts) - 1, values))
-        self._last = (step, layout, values)
-        self.rows_held += len(values)
+        self._steps.append((np.asarray(steps, dtype=np.int64), len(self._layouts) - 1, values))
+        self._last = (int(steps[-1]), layout, values[-1])
+        self.rows_held += values.size
         if self.rows_held >= self.spill_rows:
             self.spill()
 
@@ -159,14 +170,14 @@ class RowStore:
         steps, layouts = self._steps, self._layouts
         if not steps:
             return empty_frame()
-        used = [layouts[i] for _, i, _ in steps]
+        used = [(layouts[i], len(s)) for s, i, _ in steps]
         return pd.DataFrame(
             {
-                "step": np.repeat([s for s, _, _ in steps], [len(v) for _, _, v in steps]),
-                "layer": np.concatenate([u.layer for u in used]),
-                "kind": np.concatenate([u.kind for u in used]),
-                "stat": np.concatenate([u.stat for u in used]),
-                "value": np.concatenate([v for _, _, v in steps]),
+                "step": np.concatenate([np.repeat(s, v.shape[1]) for s, _, v in steps]),
+                "layer": np.concatenate([np.tile(u.layer, n) for u, n in used]),
+                "kind": np.concatenate([np.tile(u.kind, n) for u, n in used]),
+                "stat": np.concatenate([np.tile(u.stat, n) for u, n in used]),
+                "value": np.concatenate([v.ravel() for _, _, v in steps]),
             }
         )
 
