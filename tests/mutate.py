@@ -206,6 +206,20 @@ MUTATIONS = [
         "        None,",
         ("tests/test_deferred.py",),
     ),
+    Mutation(
+        "parameters: the second-moment norm read from Adam's first moment",
+        "gradscope/recorder/params.py",
+        '.get("exp_avg_sq")',
+        '.get("exp_avg")',
+        ("tests/test_geometry.py",),
+    ),
+    Mutation(
+        "parameters: torch-op sums of squares never recounted in float64",
+        "gradscope/recorder/params.py",
+        "        tensors, grads = self._after\n",
+        "        tensors, grads = self._after\n        return\n",
+        ("tests/test_recorder.py", "tests/test_native.py"),
+    ),
 ]
 
 

@@ -19,12 +19,12 @@ from torch.utils.hooks import RemovableHandle
 from gradscope import distributed
 from gradscope.diagnose import OnlineDiagnosis
 from gradscope.recorder import hooks
-from gradscope.recorder.backends import param_stats, recount_params, second_moments
-from gradscope.recorder.capture import ParamRead, StepCapture, band, strided
+from gradscope.recorder.capture import StepCapture, band
 from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
 from gradscope.recorder.deferred import DeferredRows
 from gradscope.recorder.errors import NonfiniteEvent, RecorderError, why_nothing_recorded
 from gradscope.recorder.optimizers import OptimizerHooks
+from gradscope.recorder.params import ParamReader, same
 from gradscope.recorder.plan import plan_model
 from gradscope.recorder.reduce import Reducer, nonfinite_origins
 from gradscope.recorder.results import RecorderResults
@@ -108,13 +108,8 @@ class Recorder(RecorderResults):
         self._handles: list[RemovableHandle] = []
         self._outputs: hooks.OutputHooks | GraphTaps | None = None
         self._watched_root: nn.Module | None = None
-        self._params: list[tuple[str, nn.Parameter]] = []
-        # parameter statistics (with their buffers), from the first recorded read
-        self._flat: Any = None
+        self._params = ParamReader([])
         self._sync = False
-        # a parameter (or its gradient) as this rank holds it: the local shard of an FSDP2
-        # DTensor, else the tensor itself (decided at attach, so plain models pay nothing)
-        self._as_local: Callable[[torch.Tensor], torch.Tensor] = _same
         self._step = 0
         self._attach_step = 0
         self._recording = False
@@ -184,8 +179,10 @@ class Recorder(RecorderResults):
                 "the model has no trainable parameters, so there is nothing for the optimizer "
                 "to update; watch it without an optimizer to record activations only"
             )
-        self._params, self._sync = plan.params, plan.sync
-        self._as_local = distributed.local if plan.dtensors else _same
+        # a parameter (or its gradient) as this rank holds it: the local shard of an FSDP2
+        # DTensor, else the tensor itself (decided here, so plain models pay nothing)
+        self._params = ParamReader(plan.params, distributed.local if plan.dtensors else same)
+        self._sync = plan.sync
         modules = [(label, module, band(module)) for label, module in plan.modules]
         self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
         if compiled and modules and (record_acts or record_grads):
@@ -212,7 +209,7 @@ class Recorder(RecorderResults):
             "class": type(model).__name__,
             "wrapper": kind,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "recorded_parameters": len(self._params),
+            "recorded_parameters": len(plan.params),
             "watched_modules": len(modules),
             "blocks": len(plan.block_index),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -223,7 +220,7 @@ class Recorder(RecorderResults):
             self._handles.append(outer.register_forward_pre_hook(self._on_root_forward))
         # the given optimizer, or any, wherever it is made (in trainer.fit(), Trainer.train())
         self._optimizer_hooks = OptimizerHooks(
-            optimizer, (p for _, p in self._params), self._before_update, self._close_step
+            optimizer, (p for _, p in plan.params), self._before_update, self._close_step
         )
         self._attach_step = self._step
         self._set_recording(self._should_record(self._step))
@@ -239,7 +236,7 @@ class Recorder(RecorderResults):
                 "gradscope: nothing was recorded: "
                 + why_nothing_recorded(
                     self._step - self._attach_step,
-                    bool(self._params),
+                    bool(self._params.params),
                     any(self._should_record(s) for s in range(self._attach_step, self._step)),
                     self.every,
                 ),
@@ -263,9 +260,8 @@ class Recorder(RecorderResults):
         self._capture.backends.torch.clear()
         self._rows.settled().spill()
         self.model, self.optimizer = None, None
-        self._params = []
+        self._params = ParamReader([])
         self._outputs = None
-        self._flat = None
 
     def __enter__(self) -> Recorder:
         return self
@@ -303,7 +299,7 @@ class Recorder(RecorderResults):
             self.optimizer = hooks.optimizer
             self._summary["optimizer"] = type(hooks.optimizer).__name__
         if self._recording:
-            self._read_params(snapshot=True)
+            self._capture.params = self._params.read(snapshot=True)
 
     def step(self) -> None:
         """Closes a step in loops without an optimizer: reads parameter gradients now.
@@ -327,7 +323,7 @@ class Recorder(RecorderResults):
         if self.optimizer is not None:
             raise RecorderError("an optimizer is attached: its step() closes each step")
         if self._recording:
-            self._read_params(snapshot=False)
+            self._capture.params = self._params.read(snapshot=False)
         self._close_step()
 
     def log_scalar(self, stat: str, value: torch.Tensor | float) -> None:
@@ -337,26 +333,6 @@ class Recorder(RecorderResults):
             self._capture.scalars.append((stat, value))
 
     # -- step bookkeeping ------------------------------------------------------------------
-
-    def _read_params(self, snapshot: bool) -> None:
-        """Gradient and parameter sums of squares (and a pre-update copy), on the device."""
-        # FSDP2 shards are DTensors: statistics of the local shards, merged over ranks later
-        local = self._as_local
-        present, grads, params = [], [], []
-        for i, (_, p) in enumerate(self._params):
-            if p.grad is not None:
-                present.append(i)
-                grads.append(strided(local(p.grad)))
-                params.append(local(p))
-        if not present:
-            return
-        if self._flat is not None and not self._flat.fits(present, params):
-            self._flat = None  # parameters resized, retyped or moved since: new buffers
-        if self._flat is None:
-            self._flat = param_stats([local(p) for _, p in self._params])
-        with torch.no_grad():
-            values = self._flat.read(present, grads, params, snapshot)
-        self._capture.params = ParamRead(present, snapshot, values)
 
     def _close_step(self) -> None:
         if self._recording and not self._capture.empty():
@@ -368,30 +344,14 @@ class Recorder(RecorderResults):
     def _collect(self, step: int) -> None:
         """One step's statistics: to the host, per layer, merged over ranks, into rows."""
         read = self._capture.params
-        updates = None
-        present_params: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
+        updates = geometry = None
         if read is not None:
-            # read again after the step: a DTensor's local shard may be a new tensor
-            present_params = [self._as_local(self._params[i][1]) for i in read.present]
-            grads = self._present_grads(read.present)
-            if read.snapshot:
-                with torch.no_grad():
-                    updates = self._flat.updates(
-                        read.present, present_params, grads if self.geometry else None
-                    )
+            updates, geometry = self._params.after_update(read, self.optimizer, self.geometry)
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-        geometry = None
-        if updates is not None and updates.dim() == 2 and read is not None:  # with dots
-            states = self._second_moments(read.present, updates.device)
-            updates, geometry = updates[0], torch.stack([updates[1], states])
         tables, scales = self._capture.collect(updates, scale, geometry)
         if read is not None:
-            recount_params(
-                self._flat, read.present, present_params, grads, tables.param_values,
-                tables.update_sumsq,
-            )  # fmt: skip
+            self._params.recount(read, tables)
         origins = nonfinite_origins(tables)
         for phase, layer in origins.items():
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
@@ -401,24 +361,6 @@ class Recorder(RecorderResults):
         if online and self._online is not None and self.on_verdict is not None:
             for verdict in self._online.update(self._rows.store.last_frame()):
                 self.on_verdict(verdict)
-
-    def _present_grads(self, present: list[int]) -> list[torch.Tensor]:
-        return [
-            strided(self._as_local(self._params[i][1].grad))  # type: ignore[arg-type]
-            for i in present
-        ]
-
-    def _second_moments(self, present: list[int], device: torch.device) -> torch.Tensor:
-        """Adam-like optimizers' second-moment states of the present parameters."""
-        state = getattr(self.optimizer, "state", {})
-        second = [state.get(self._params[i][1], {}).get("exp_avg_sq") for i in present]
-        local = [self._as_local(s) if isinstance(s, torch.Tensor) else None for s in second]
-        with torch.no_grad():
-            return second_moments(local, device)
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def watch(
