@@ -168,7 +168,7 @@ class ParamStats:
 
     Takes CPU float32/float64 tensors, all of one dtype; keeps a copy of each (the parameters
     before the update). One pass over each gradient and parameter gives every statistic and
-    the copy; results are float64 CPU tensors, exact: no recount is needed. The passes are
+    the copy; results are float64 host arrays, exact: no recount is needed. The passes are
     split over torch's OpenMP threads (see kernels.c).
     """
 
@@ -206,9 +206,9 @@ class ParamStats:
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
         snapshot: bool = True,
-    ) -> list[torch.Tensor]:
-        """As stats.FlatStats.read, with exact non-finite counts; the parameters are kept as
-        the pre-update copy only with `snapshot` (updates() needs it)."""
+    ) -> list[np.ndarray]:
+        """As stats.FlatStats.read, with exact non-finite counts, as host arrays; the
+        parameters are kept as the pre-update copy only with `snapshot` (updates() needs it)."""
         idx = np.asarray(present, dtype=np.int64)
         out = np.empty((4, len(idx)))
         keep: list[torch.Tensor] = []
@@ -225,14 +225,14 @@ class ParamStats:
                 out.ctypes.data,
             )
         )
-        return list(torch.from_numpy(out))
+        return list(out)
 
     def updates(
         self,
         present: list[int],
         params: list[torch.Tensor],
         grads: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """Sums of squares of params - the copy kept by `read()` (the applied update); with
         `grads`, a second row: the update's dot product with each gradient (one pass)."""
         idx = np.asarray(present, dtype=np.int64)
@@ -252,7 +252,7 @@ class ParamStats:
                 out[1].ctypes.data if grads is not None else None,
             )
         )
-        return torch.from_numpy(out if grads is not None else out[0])
+        return out if grads is not None else out[0]
 
     def before(self, i: int) -> torch.Tensor | None:
         return self._before[i]

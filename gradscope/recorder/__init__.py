@@ -3,10 +3,13 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 
 - recorder.py  the front: settings, attach/detach, the step schedule, results; `watch`
 - hooks.py     which modules are watched, forward and output-gradient hooks, the registry
+- params.py    the recorded parameters, read before the update and after it (the update,
+               its dot with the gradient, second moments), recounted exactly
 - capture.py   one step's calls as typed records, and its one host transfer
 - backends.py  the statistics of a call: C kernels or torch ops, same schema, same order
 - compiled.py  the same statistics computed inside torch.compile graphs (traced hooks)
-- reduce.py    per-layer reduction of a step's calls, and the derived rows
+- deferred.py  closed steps held as host tables, reduced many at once when rows are needed
+- reduce.py    per-layer reduction of a batch of steps' calls (vectorized over the steps)
 - merge.py     merging over ranks: one packed all-reduce per reduction
 - rows.py      layouts, spilling to Parquet, to_frame()
 - optimizers.py  the optimizer given, or found stepping the model; gradients read before
@@ -15,10 +18,18 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 - results.py   what a recorder gives back: frames, settings, the run folder, the diagnosis
 
 A recorded step flows one way through the package's rooms: hooks.py (module outputs and
-their gradients) and the optimizer hooks here -> capture.py (the step's calls as typed
-records, computed by backends.py: C kernels or torch ops) -> reduce.py (per layer) ->
-merge.py (over ranks) -> rows.py (layouts, spilling, to_frame). The frame's kinds and stats
-are documented in gradscope.schema.
+their gradients) and optimizers.py with params.py (parameters before and after the update)
+-> capture.py (the step's calls as typed records, computed by backends.py: C kernels or
+torch ops, and its one host transfer) -> deferred.py (held until rows are needed) ->
+reduce.py (per layer, many steps at once) -> merge.py (over ranks) -> rows.py (layouts,
+spilling, to_frame). The frame's kinds and stats are documented in gradscope.schema.
+
+What waits and what does not: a step's statistics reach the host when it closes, so nothing
+on the device is held; turning them into rows is host bookkeeping that waits (deferred.py)
+until the frame is asked for, the calls change, 256 steps are held or the rows would reach
+the spill threshold. Steps merged over ranks, steps with a non-finite value and recorders
+with ``on_verdict`` are reduced as they close. The frame is the same, bit for bit, as if
+each step had been reduced alone (tests/test_deferred.py).
 
 Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
 to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels

@@ -213,10 +213,13 @@ def recount_params(
             update_sumsq[k] = float(stats.exact_norm(diff)) ** 2
 
 
-def second_moments(states: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    """Sums of squares of the optimizer's second-moment states, in float64 (NaN: none)."""
-    if all(s is None for s in states):  # SGD and other optimizers without one
-        return torch.full((len(states),), math.nan, dtype=torch.float64, device=device)
+def second_moments(states: list[torch.Tensor | None]) -> torch.Tensor | np.ndarray:
+    """Sums of squares of the optimizer's second-moment states, in float64 (NaN: none), on
+    the states' device (a host array where there are none)."""
+    present = [s for s in states if s is not None]
+    if not present:  # SGD and other optimizers without one
+        return np.full(len(states), math.nan)
+    device = present[0].device
     nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
     return torch.stack(
         [

@@ -42,12 +42,17 @@ class GradCall(NamedTuple):
     scale: int
 
 
+# a statistic on its way to the host: a tensor on the device, or already a float64 host array
+# (what the C kernels return)
+Part = torch.Tensor | np.ndarray
+
+
 class ParamRead(NamedTuple):
     """The parameter statistics read before the update (on the device until collected)."""
 
     present: list[int]  # indices of the parameters that had a gradient
     snapshot: bool  # a pre-update copy was kept, so the update can be measured
-    values: list[torch.Tensor]  # grad sumsq, grad max, nonfinite, param sumsq
+    values: list[Part]  # grad sumsq, grad max, nonfinite, param sumsq
 
 
 @dataclass
@@ -127,14 +132,14 @@ class StepCapture:
 
     def collect(
         self,
-        updates: torch.Tensor | None,
+        updates: Part | None,
         scaler_scale: float | None,
-        geometry: torch.Tensor | None = None,
+        geometry: tuple[Part, Part] | None = None,
     ) -> tuple[Tables, np.ndarray | None]:
         """Moves the step's statistics to the host in one transfer; per-call tables, and the
         scales of the step's backwards (None without a scaler)."""
         backends = self.backends.all
-        parts = [part for backend in backends for part in backend.device_parts()]
+        parts: list[Part] = [part for backend in backends for part in backend.device_parts()]
         if self.saturated:
             parts.append(stack_float64([count for _, count in self.saturated]))
         graph = self.graph
@@ -148,21 +153,12 @@ class StepCapture:
             parts += self.params.values
         if updates is not None:
             parts.append(updates)
-        if geometry is not None:
-            parts.append(geometry)
+        if geometry is not None:  # the update's dots with the gradients, second moments
+            parts += geometry
         if self.scalars:
             values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
             parts.append(torch.stack(values))
-        # the one host transfer of the step (none where the C kernels wrote every row)
-        if all(p.is_cpu and p.dtype == torch.float64 for p in parts):  # joined in numpy
-            flat = (
-                np.concatenate([p.detach().numpy().ravel() for p in parts])
-                if parts
-                else np.zeros(0)
-            )
-        else:
-            flat = torch.cat([p.to("cpu", torch.float64).flatten() for p in parts]).numpy().copy()
-        reader = Reader(flat)
+        reader = Reader(_to_host(parts))
         act_tables = {id(b): b.activation_table(reader) for b in backends}
         grad_tables = {id(b): b.grad_table(reader) for b in backends}
         saturated = reader.take(len(self.saturated))
@@ -181,9 +177,9 @@ class StepCapture:
             n = len(self.params.present)
             tables.param_values = [reader.take(n) for _ in self.params.values]
         if updates is not None:
-            tables.update_sumsq = reader.take(updates.numel())
+            tables.update_sumsq = reader.take(len(updates))
         if geometry is not None:
-            tables.update_dot, tables.state_sumsq = reader.take(geometry.numel()).reshape(2, -1)
+            tables.update_dot, tables.state_sumsq = (reader.take(len(g)) for g in geometry)
         tables.scalars = [
             (name, float(v))
             for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)
@@ -193,6 +189,24 @@ class StepCapture:
         now = scaler_scale  # the scale at the step's end, where no forward was seen
         per_call = np.array([scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads])
         return tables, per_call
+
+
+def _to_host(parts: list[Part]) -> np.ndarray:
+    """The step's parts in one float64 host vector: the one transfer of the step (none where
+    every part is on the host already, as when the C kernels took every tensor)."""
+    if not parts:
+        return np.zeros(0)
+    if all(
+        isinstance(p, np.ndarray) or (p.is_cpu and p.dtype == torch.float64) for p in parts
+    ):  # joined in numpy
+        return np.concatenate(
+            [np.ravel(p if isinstance(p, np.ndarray) else p.detach().numpy()) for p in parts]
+        )
+    host = [
+        torch.from_numpy(p) if isinstance(p, np.ndarray) else p.to("cpu", torch.float64)
+        for p in parts
+    ]
+    return torch.cat([p.flatten() for p in host]).numpy().copy()
 
 
 def _graph_tables(

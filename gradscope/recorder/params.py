@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradscope.recorder.backends import param_stats, recount_params, second_moments
-from gradscope.recorder.capture import ParamRead, Tables, strided
+from gradscope.recorder.capture import ParamRead, Part, Tables, strided
 
 Local = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,9 +59,9 @@ class ParamReader:
 
     def after_update(
         self, read: ParamRead, optimizer: Any, geometry: bool
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The update's sums of squares (None without a snapshot) and, with `geometry`, rows
-        of its dot products with the gradients and of second-moment sums."""
+    ) -> tuple[Part | None, tuple[Part, Part] | None]:
+        """The update's sums of squares (None without a snapshot) and, with `geometry`, its
+        dot products with the gradients and the second-moment sums."""
         # read again after the step: a DTensor's local shard may be a new tensor
         tensors = [self._local(self.params[i][1]) for i in read.present]
         grads = [strided(self._local(self.params[i][1].grad)) for i in read.present]  # type: ignore[arg-type]
@@ -70,10 +70,9 @@ class ParamReader:
             return None, None
         with torch.no_grad():
             updates = self._stats.updates(read.present, tensors, grads if geometry else None)
-        if updates.dim() != 2:
+        if updates.ndim != 2:
             return updates, None
-        states = self._second_moments(read.present, optimizer, updates.device)
-        return updates[0], torch.stack([updates[1], states])
+        return updates[0], (updates[1], self._second_moments(read.present, optimizer))
 
     def recount(self, read: ParamRead, tables: Tables) -> None:
         """Exact float64 sums where the torch ops' may have under- or overflowed, in place."""
@@ -83,12 +82,10 @@ class ParamReader:
         )
         self._after = ([], [])
 
-    def _second_moments(
-        self, present: list[int], optimizer: Any, device: torch.device
-    ) -> torch.Tensor:
+    def _second_moments(self, present: list[int], optimizer: Any) -> Part:
         """Adam-like optimizers' second-moment states of the present parameters."""
         state = getattr(optimizer, "state", {})
         second = [state.get(self.params[i][1], {}).get("exp_avg_sq") for i in present]
         local = [self._local(s) if isinstance(s, torch.Tensor) else None for s in second]
         with torch.no_grad():
-            return second_moments(local, device)
+            return second_moments(local)
