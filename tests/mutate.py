@@ -207,6 +207,13 @@ MUTATIONS = [
         ("tests/test_deferred.py",),
     ),
     Mutation(
+        "deferred rows: steps held past the spill threshold",
+        "gradscope/recorder/deferred.py",
+        "self.rows_held >= self.store.spill_rows:",
+        "self.rows_held >= 10 * self.store.spill_rows:",
+        ("tests/test_deferred.py",),
+    ),
+    Mutation(
         "parameters: the second-moment norm read from Adam's first moment",
         "gradscope/recorder/params.py",
         '.get("exp_avg_sq")',

@@ -108,17 +108,34 @@ def test_last_step_frame_and_held_rows_while_steps_wait():
 @pytest.mark.parametrize("spill_rows", [1, 500, 5000])
 def test_spilling_with_steps_held(tmp_path, spill_rows, monkeypatch):
     monkeypatch.setattr(deferred, "MAX_HELD", 1000)
+    batches = []
+    reduce = Reducer.reduce
+
+    def counted(self, batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        return reduce(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Reducer, "reduce", counted)
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = gs.watch(model, optimizer=opt, spill_to=tmp_path / "rows", spill_rows=spill_rows)
-    for _ in range(20):
+    per_step = 0
+    for step in range(20):
         opt.zero_grad()
         model(torch.randn(4, 8)).sum().backward()
         opt.step()
-        per_step = len(rec.last_step_frame())
-        assert rec.rows_held < spill_rows + per_step  # spilled on time, steps held included
+        if step == 0:  # the first step is reduced at once: asking for it holds nothing back
+            per_step = len(rec.last_step_frame())
+        # spilled on time, steps held included (rows_held itself reduces nothing)
+        assert rec.rows_held < spill_rows + per_step
+    reduced_before_the_frame = list(batches)
     frame = rec.to_frame()
+    assert sum(batches) == 20
+    if spill_rows > 2 * per_step:  # steps waited, and were reduced together
+        assert max(reduced_before_the_frame + batches) > 1
+    else:  # every step reaches the threshold: none can wait
+        assert batches == [1] * 20
     rec.detach()
     on_disk = pd.concat(
         [pd.read_parquet(p) for p in sorted((tmp_path / "rows").glob("part-*.parquet"))],

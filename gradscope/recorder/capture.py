@@ -48,7 +48,8 @@ Part = torch.Tensor | np.ndarray
 
 
 class ParamRead(NamedTuple):
-    """The parameter statistics read before the update (on the device until collected)."""
+    """The parameter statistics read before the update (on the device until collected, or
+    host arrays from the C kernels)."""
 
     present: list[int]  # indices of the parameters that had a gradient
     snapshot: bool  # a pre-update copy was kept, so the update can be measured

@@ -101,7 +101,7 @@ class DeferredRows:
             StepMerge(self.sync),
             world,
         )
-        self._rows_per_step = sum(len(layers) for layers, _, _ in rows.blocks)
+        self._rows_per_step = rows.per_step
         if self.keep:
             self.store.append(self._steps, rows)
         self._held, self._steps, self._scales = [], [], []

@@ -64,7 +64,10 @@ class ParamReader:
         dot products with the gradients and the second-moment sums."""
         # read again after the step: a DTensor's local shard may be a new tensor
         tensors = [self._local(self.params[i][1]) for i in read.present]
-        grads = [strided(self._local(self.params[i][1].grad)) for i in read.present]  # type: ignore[arg-type]
+        grads = [
+            strided(self._local(self.params[i][1].grad))  # type: ignore[arg-type]
+            for i in read.present
+        ]
         self._after = (tensors, grads)
         if not read.snapshot:
             return None, None

@@ -355,12 +355,15 @@ class Recorder(RecorderResults):
         origins = nonfinite_origins(tables)
         for phase, layer in origins.items():
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
-        # rows are made later, for many steps at once (deferred.py), unless needed now
-        online = self._online is not None and self.on_verdict is not None
-        self._rows.add(step, tables, scales, origins, now=online)
-        if online and self._online is not None and self.on_verdict is not None:
-            for verdict in self._online.update(self._rows.store.last_frame()):
-                self.on_verdict(verdict)
+        # rows are made later, for many steps at once (deferred.py), unless a diagnosis
+        # of each step needs them now
+        online, on_verdict = self._online, self.on_verdict
+        if online is None or on_verdict is None:
+            self._rows.add(step, tables, scales, origins)
+            return
+        self._rows.add(step, tables, scales, origins, now=True)
+        for verdict in online.update(self._rows.store.last_frame()):
+            on_verdict(verdict)
 
 
 def watch(

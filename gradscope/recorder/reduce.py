@@ -132,11 +132,7 @@ class Reducer:
 
     def _outputs(self, batch: Sequence[Tables], merge: StepMerge) -> Callable[[StepRows], None]:
         first = batch[0]
-        table = (
-            np.stack([t.output_stats for t in batch])
-            if len(batch) > 1
-            else first.output_stats[None]
-        )
+        table = np.stack([t.output_stats for t in batch])
         total, sumsq, lo, hi, nonzero, nonfinite = np.moveaxis(table, 2, 0)
         names, label_id, shared = self.output_labels([c.label for c in first.outputs])
         n = len(names)

@@ -1,6 +1,6 @@
 """What a recorder gives back: its frame, the last step, its settings and model summary, the
-run folder (gradscope.runs) and the diagnosis. Reads only the recorder's rows (deferred.py) and the
-summary it made at attach."""
+run folder (gradscope.runs) and the diagnosis. Reads only the recorder's rows (deferred.py)
+and the summary it made at attach."""
 
 from __future__ import annotations
 

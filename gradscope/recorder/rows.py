@@ -1,9 +1,9 @@
 """The row store: each recorded step's values against a shared layout, spilling, to_frame().
 
 Rows are held compactly: batches of steps (see deferred.py), each a matrix of values (8
-bytes a row) and the index of its layout (the layer, kind and stat of each row, shared by all
-steps that record the same); nothing else grows with the number of steps. With a spill directory, whenever `spill_rows` rows are held
-they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon as it is
+bytes a row) and the index of its layout (the layer, kind and stat of each row, shared by
+all steps that record the same); nothing else grows with the number of steps. With a spill
+directory, whenever `spill_rows` rows are held they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon as it is
 written), and `to_frame()` reads the parts back.
 """
 
@@ -61,6 +61,11 @@ class StepRows:
         self.blocks.append((layers, str(kind), stats))
         values = np.asarray(values, dtype=np.float64)
         self.values.append(np.broadcast_to(values, (self.steps, len(layers))))
+
+    @property
+    def per_step(self) -> int:
+        """How many rows each step of the batch makes."""
+        return sum(len(layers) for layers, _, _ in self.blocks)
 
     def finish(self, previous: Layout | None) -> tuple[Layout, np.ndarray]:
         """The batch's layout (`previous` itself where it is the same) and its values,
