@@ -249,6 +249,8 @@ class FlatStats:
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = len(tensors)
         self._made_for = [(t.numel(), t.dtype, t.device) for t in tensors]
+        # between snapshot() and after(): the present indices, gradients and read() values
+        self._held: tuple[list[int], list[torch.Tensor], list[torch.Tensor]] | None = None
         self._segments: list[_Segment] = []
         by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(tensors):
@@ -268,11 +270,7 @@ class FlatStats:
         )
 
     def read(
-        self,
-        present: list[int],
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        snapshot: bool = True,
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """For tensors `present` (their gradients and parameters given in that order): the
         gradients' sums of squares and largest absolute values, zeros for the non-finite
@@ -292,6 +290,26 @@ class FlatStats:
                 self._put(param_sumsq, seg, seg.row_reduce(seg.work, "sum"))
         rows = torch.tensor(present, device=sumsq.device)
         return [sumsq[rows], largest[rows], torch.zeros_like(sumsq[rows]), param_sumsq[rows]]
+
+    def snapshot(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> None:
+        """Before the update: read() (which keeps the copy), held for after()."""
+        self._held = (present, grads, self.read(present, grads, params))
+
+    def after(
+        self, params: list[torch.Tensor], geometry: bool
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """After the update: the snapshot's read() values, the update's sums of squares and,
+        with `geometry`, its dot products with the gradients."""
+        if self._held is None:
+            raise RuntimeError("FlatStats.after() without a snapshot() before it")
+        present, grads, values = self._held
+        self._held = None
+        if not geometry:
+            return values, self.updates(present, params), None
+        both = self.updates(present, params, grads)
+        return values, both[0], both[1]
 
     def updates(
         self,

@@ -99,8 +99,12 @@ def test_gradient_rows(dtype):
     assert out[2] == 0
 
 
-@pytest.mark.parametrize("snapshot", [True, False])
-def test_param_stats_read_snapshot_and_updates(snapshot):
+@pytest.mark.parametrize("update", [True, False])
+def test_param_stats_read_snapshot_and_after(update):
+    """Without an update, read() gives the gradient and parameter statistics at once; with
+    one, snapshot() keeps the copy and after() gives the same statistics (the parameter's
+    as it was before the update) with the update's sum of squares and its dot with the
+    gradient, in one pass."""
     torch.manual_seed(2)
     params = [torch.randn(40, 30), torch.randn(30), torch.zeros(0), torch.randn(5, 5).t()]
     grads = [torch.randn_like(p) for p in params]
@@ -108,27 +112,36 @@ def test_param_stats_read_snapshot_and_updates(snapshot):
     stats = native.ParamStats(params)
     present = [0, 2, 3]  # parameter 1 has no gradient this step
     before = [p.clone() for p in params]
-    grad_sumsq, largest, nonfinite, param_sumsq = stats.read(
-        present, [grads[i] for i in present], [params[i] for i in present], snapshot
-    )
+    now = [params[i] for i in present]
+    if update:
+        stats.snapshot(present, [grads[i] for i in present], now)
+        for i in present:
+            assert torch.equal(stats.before(i), params[i])  # type: ignore[arg-type]
+        for p in params:
+            p.add_(1e-3 * torch.randn_like(p))
+        values, update_sumsq, dots = stats.after(now, geometry=True)
+    else:
+        values = stats.read(present, [grads[i] for i in present], now)
+    grad_sumsq, largest, nonfinite, param_sumsq = values
     assert grad_sumsq[0] == pytest.approx(float(grads[0].double().square().sum()), rel=1e-12)
     assert largest[0] == float(grads[0].abs().max())
     assert grad_sumsq[1] == 0 and largest[1] == 0  # empty
     assert nonfinite.tolist() == [0, 0, 1]
     assert largest[2] == float(grads[3].nan_to_num(0.0).abs().max())  # NaN is not the largest
     for k, i in enumerate(present):
-        ref = float(params[i].double().square().sum())
+        ref = float(before[i].double().square().sum())
         assert param_sumsq[k] == pytest.approx(ref, rel=1e-12)
-        if snapshot:
-            assert torch.equal(stats.before(i), params[i])  # type: ignore[arg-type]
-    if not snapshot:
+    if not update:
         return
-    for p in params:
-        p.add_(1e-3 * torch.randn_like(p))
-    update_sumsq = stats.updates(present, [params[i] for i in present])
     for k, i in enumerate(present):
-        ref = float((params[i].double() - before[i].double()).square().sum())
-        assert update_sumsq[k] == pytest.approx(ref, rel=1e-12, abs=0)
+        diff = params[i].double() - before[i].double()
+        assert update_sumsq[k] == pytest.approx(float(diff.square().sum()), rel=1e-12, abs=0)
+        if i != 3:  # the NaN gradient makes its dot NaN
+            ref = float(diff.flatten() @ grads[i].double().flatten())
+            assert dots[k] == pytest.approx(ref, rel=1e-10, abs=1e-300)
+    assert np.isnan(dots[2])
+    with pytest.raises(RuntimeError, match="snapshot"):  # one after() per snapshot()
+        stats.after(now, geometry=False)
 
 
 def test_build_reports_a_failing_compiler(tmp_path, monkeypatch):
@@ -197,27 +210,28 @@ def test_param_passes_split_over_threads(threads):
         stats = native.ParamStats(params)
         present = list(range(len(params)))
         before_copy = [p.clone() for p in params]
-        grad_sumsq, largest, nonfinite, param_sumsq = stats.read(present, grads, params, True)
-        for i in present:
-            finite = grads[i][torch.isfinite(grads[i])].double()
-            if i != 2:
-                ref = float(grads[i].double().square().sum())
-                assert grad_sumsq[i] == pytest.approx(ref, rel=1e-12)
-            assert largest[i] == float(finite.abs().max() if i != 2 else float("inf"))
-            assert param_sumsq[i] == pytest.approx(float(params[i].double().square().sum()))
-        assert nonfinite.tolist() == [0, 0, 2, 0]
+        read = stats.read(present, grads, params)
+        stats.snapshot(present, grads, params)
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
-        update_sumsq = stats.updates(present, params)
-        both = stats.updates(present, params, grads)  # with each update's dot with its gradient
-        finite = [torch.nan_to_num(g, nan=0.0, posinf=0.0) for g in grads]
-        both_finite = stats.updates(present, params, finite)
+        values, update_sumsq, dots = stats.after(params, geometry=True)
+        for got in (read, values):  # read() now and after() from the copy agree
+            grad_sumsq, largest, nonfinite, param_sumsq = got
+            for i in present:
+                finite = grads[i][torch.isfinite(grads[i])].double()
+                if i != 2:
+                    ref = float(grads[i].double().square().sum())
+                    assert grad_sumsq[i] == pytest.approx(ref, rel=1e-12)
+                assert largest[i] == float(finite.abs().max() if i != 2 else float("inf"))
+                ref = float(before_copy[i].double().square().sum())
+                assert param_sumsq[i] == pytest.approx(ref, rel=1e-12)
+            assert nonfinite.tolist() == [0, 0, 2, 0]
         for i in present:
             update = params[i].double() - before_copy[i].double()
-            ref = float(update.square().sum())
-            assert update_sumsq[i] == pytest.approx(ref, rel=1e-12)
-            assert both[0, i] == update_sumsq[i]
-            dot = float(update @ finite[i].double())
-            assert both_finite[1, i] == pytest.approx(dot, rel=1e-10, abs=1e-12)
+            assert update_sumsq[i] == pytest.approx(float(update.square().sum()), rel=1e-12)
+            if i != 2:
+                dot = float(update @ grads[i].double())
+                assert dots[i] == pytest.approx(dot, rel=1e-10, abs=1e-12)
+        assert not np.isfinite(dots[2])
     finally:
         torch.set_num_threads(before)

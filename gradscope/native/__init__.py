@@ -42,8 +42,9 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "moments": ([_PTR, _I64, _PTR], None),
     "saturated": ([_PTR, _I64, ctypes.c_double, ctypes.c_double], ctypes.c_double),
     "grad_rows": ([_PTR, _I64, _I64, _PTR], None),
-    "param_read": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
-    "diff_sumsq": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR], ctypes.c_int),
+    "param_read": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
+    "snapshot": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
+    "param_after": ([_PTR, _PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
 }
 
 
@@ -167,9 +168,10 @@ class ParamStats:
     """Exact per-parameter statistics through the kernels; the API of stats.FlatStats.
 
     Takes CPU float32/float64 tensors, all of one dtype; keeps a copy of each (the parameters
-    before the update). One pass over each gradient and parameter gives every statistic and
-    the copy; results are float64 host arrays, exact: no recount is needed. The passes are
-    split over torch's OpenMP threads (see kernels.c).
+    before the update). In a step with an update, `snapshot()` copies the parameters, summing
+    their squares as it goes, and `after()` reads each gradient, copy and updated parameter
+    once for the rest: five passes over memory in all. Results are float64 host arrays, exact: no recount is needed.
+    The passes are split over torch's OpenMP threads (see kernels.c).
     """
 
     exact = True
@@ -181,6 +183,12 @@ class ParamStats:
         self._before = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         self._before_at = np.array([b.data_ptr() for b in self._before], dtype=np.int64)
         self._size_list = self._sizes.tolist()
+        self._all = list(range(self.n))
+        # between snapshot() and after(): the present indices, the gradients (kept alive),
+        # their addresses and the parameters' sums of squares
+        self._held: tuple[np.ndarray | slice, list[torch.Tensor], np.ndarray, np.ndarray] | None = (
+            None
+        )
 
     def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
         """Whether the parameters `present` still have the dtype, device and size the buffers
@@ -200,59 +208,69 @@ class ParamStats:
             and len({t.dtype for t in tensors}) == 1
         )
 
+    def _index(self, present: list[int]) -> np.ndarray | slice:
+        return slice(None) if present == self._all else np.asarray(present, dtype=np.int64)
+
     def read(
-        self,
-        present: list[int],
-        grads: list[torch.Tensor],
-        params: list[torch.Tensor],
-        snapshot: bool = True,
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
     ) -> list[np.ndarray]:
-        """As stats.FlatStats.read, with exact non-finite counts, as host arrays; the
-        parameters are kept as the pre-update copy only with `snapshot` (updates() needs it)."""
-        idx = np.asarray(present, dtype=np.int64)
-        out = np.empty((4, len(idx)))
+        """Without an update (steps closed by rec.step()): for the tensors `present` (their
+        gradients and parameters in that order), the gradients' sums of squares, largest
+        absolute values (ignoring NaN) and non-finite counts, and the parameters' sums of
+        squares, as host arrays."""
+        out = np.empty((4, len(present)))
         keep: list[torch.Tensor] = []
         grad_at, param_at = _addresses(grads, keep), _addresses(params, keep)
-        before_at = self._before_at[idx] if snapshot else None
-        sizes = self._sizes[idx]
+        sizes = self._sizes[self._index(present)]
         _check(
             _fn("param_read", self.dtype)(
-                grad_at.ctypes.data,
-                param_at.ctypes.data,
-                before_at.ctypes.data if before_at is not None else None,
-                sizes.ctypes.data,
-                len(idx),
+                grad_at.ctypes.data, param_at.ctypes.data, sizes.ctypes.data, len(present),
                 out.ctypes.data,
             )
-        )
+        )  # fmt: skip
         return list(out)
 
-    def updates(
-        self,
-        present: list[int],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor] | None = None,
-    ) -> np.ndarray:
-        """Sums of squares of params - the copy kept by `read()` (the applied update); with
-        `grads`, a second row: the update's dot product with each gradient (one pass)."""
-        idx = np.asarray(present, dtype=np.int64)
-        out = np.empty((2 if grads is not None else 1, len(idx)))
+    def snapshot(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> None:
+        """Before the update: copies the parameters `present` (and sums their squares); keeps
+        their gradients for after()."""
+        idx = self._index(present)
         keep: list[torch.Tensor] = []
+        grad_at, param_at = _addresses(grads, keep), _addresses(params, keep)
+        before_at, sizes = self._before_at[idx], self._sizes[idx]
+        param_sumsq = np.empty(len(present))
+        _check(
+            _fn("snapshot", self.dtype)(
+                param_at.ctypes.data, before_at.ctypes.data, sizes.ctypes.data, len(present),
+                param_sumsq.ctypes.data,
+            )
+        )  # fmt: skip
+        self._held = (idx, keep, grad_at, param_sumsq)
+
+    def after(
+        self, params: list[torch.Tensor], geometry: bool
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+        """After the update, for the parameters of the last snapshot(), as given now: read()'s
+        four values (the parameters' sums of squares as they were before the update), the
+        update's sums of squares (parameter minus copy) and, with `geometry`, its dot product
+        with each gradient."""
+        if self._held is None:
+            raise RuntimeError("ParamStats.after() without a snapshot() before it")
+        idx, keep, grad_at, param_sumsq = self._held
+        self._held = None
+        k = len(param_sumsq)
+        out = np.empty((5, k))
         after_at = _addresses(params, keep)
-        grad_at = _addresses(grads, keep) if grads is not None else None
         before_at, sizes = self._before_at[idx], self._sizes[idx]
         _check(
-            _fn("diff_sumsq", self.dtype)(
-                after_at.ctypes.data,
-                before_at.ctypes.data,
-                grad_at.ctypes.data if grad_at is not None else None,
-                sizes.ctypes.data,
-                len(idx),
-                out[0].ctypes.data,
-                out[1].ctypes.data if grads is not None else None,
+            _fn("param_after", self.dtype)(
+                grad_at.ctypes.data, before_at.ctypes.data, after_at.ctypes.data,
+                sizes.ctypes.data, k, out.ctypes.data,
             )
-        )
-        return out if grads is not None else out[0]
+        )  # fmt: skip
+        values = [out[0], out[1], out[2], param_sumsq]
+        return values, out[3], out[4] if geometry else None
 
     def before(self, i: int) -> torch.Tensor | None:
         return self._before[i]

@@ -128,12 +128,11 @@ GRAD_ROWS(grad_rows_f64, double)
 
 /* for each of k (gradient, parameter) pairs, in one pass over both: the gradient's sum of
  * squares, largest |g| (ignoring NaN) and non-finite count, and the parameter's sum of
- * squares, written to out[j], out[k + j], out[2k + j], out[3k + j]; where `before` is not
- * NULL the parameter is also copied there (the values before the update). Returns 0, or -1
- * where no memory was left for the partial sums. */
+ * squares, written to out[j], out[k + j], out[2k + j], out[3k + j] (steps closed without an
+ * optimizer, where no update is measured). Returns 0, or -1 where no memory was left for the
+ * partial sums. */
 #define PARAM_READ(NAME, T, COUNT)                                                          \
-    static void NAME##_slice(const T* g, const T* p, T* copy, int64_t n, double* row,       \
-                             int64_t k) {                                                   \
+    static void NAME##_slice(const T* g, const T* p, int64_t n, double* row, int64_t k) {   \
         double gss = 0.0, pss = 0.0;                                                        \
         T m = 0;                                                                            \
         _Pragma("omp simd simdlen(16) reduction(+ : gss, pss) reduction(max : m)")          \
@@ -145,14 +144,13 @@ GRAD_ROWS(grad_rows_f64, double)
             m = a > m ? a : m;                                                              \
             pss += e * e;                                                                   \
         }                                                                                   \
-        if (copy) memcpy(copy, p, (size_t)n * sizeof(T));                                   \
         row[0] += gss;                                                                      \
         row[k] = (double)m > row[k] ? (double)m : row[k];                                   \
         if (!isfinite(gss)) row[2 * k] += (double)COUNT(g, n);                              \
         row[3 * k] += pss;                                                                  \
     }                                                                                       \
-    int NAME(const T* const* grads, const T* const* params, T* const* before,               \
-             const int64_t* sizes, int64_t k, double* out) {                                \
+    int NAME(const T* const* grads, const T* const* params, const int64_t* sizes, int64_t k, \
+             double* out) {                                                                 \
         int64_t total = total_of(sizes, k);                                                 \
         int threads = threads_for(total);                                                   \
         double* part = (double*)calloc((size_t)threads * 4 * k + 1, sizeof(double));        \
@@ -164,8 +162,7 @@ GRAD_ROWS(grad_rows_f64, double)
             my_share(total, &lo, &hi);                                                      \
             for (int64_t j = 0; j < k && start < hi; start += sizes[j++])                   \
                 if (slice_of(start, sizes[j], lo, hi, &a, &b))                              \
-                    NAME##_slice(grads[j] + a, params[j] + a, before ? before[j] + a : 0,   \
-                                 b - a, mine + j, k);                                       \
+                    NAME##_slice(grads[j] + a, params[j] + a, b - a, mine + j, k);          \
         }                                                                                   \
         memset(out, 0, (size_t)4 * k * sizeof(double));                                     \
         for (int t = 0; t < threads; ++t) {                                                 \
@@ -183,56 +180,98 @@ GRAD_ROWS(grad_rows_f64, double)
 PARAM_READ(param_read_f32, float, count_nonfinite_f32)
 PARAM_READ(param_read_f64, double, count_nonfinite_f64)
 
-/* for each of k pairs: sum of squares of x - y, each difference taken in double (exact), and
- * where gs is not NULL the dot product of x - y with g (the update with the gradient), split
- * over threads as above. Returns 0, or -1 where no memory was left. */
-#define DIFF_SUMSQ(NAME, T)                                                                 \
-    int NAME(const T* const* xs, const T* const* ys, const T* const* gs, const int64_t* sizes, \
-             int64_t k, double* sumsq, double* dots) {                                      \
+/* the parameters before the update: each of k tensors copied to its buffer (`before`), and
+ * its sum of squares written to out[j], the elements split over threads as above. (A plain
+ * loop, not memcpy: glibc's memcpy of a few hundred kB is twice as slow on some CPUs.) Returns
+ * 0, or -1 where no memory was left for the partial sums. */
+#define SNAPSHOT(NAME, T)                                                                   \
+    static void NAME##_slice(const T* p, T* copy, int64_t n, double* row) {                 \
+        double pss = 0.0;                                                                   \
+        _Pragma("omp simd simdlen(16) reduction(+ : pss)")                                  \
+        for (int64_t i = 0; i < n; ++i) {                                                   \
+            T w = p[i];                                                                     \
+            copy[i] = w;                                                                    \
+            pss += (double)w * (double)w;                                                   \
+        }                                                                                   \
+        *row += pss;                                                                        \
+    }                                                                                       \
+    int NAME(const T* const* params, T* const* before, const int64_t* sizes, int64_t k,     \
+             double* out) {                                                                 \
         int64_t total = total_of(sizes, k);                                                 \
         int threads = threads_for(total);                                                   \
-        double* part = (double*)calloc((size_t)threads * 2 * k + 1, sizeof(double));        \
+        double* part = (double*)calloc((size_t)(threads * k) + 1, sizeof(double));          \
         if (!part) return -1;                                                               \
         _Pragma("omp parallel num_threads(threads)")                                        \
         {                                                                                   \
-            double* mine = part + (size_t)omp_get_thread_num() * 2 * k;                     \
+            double* mine = part + (size_t)omp_get_thread_num() * k;                         \
             int64_t lo, hi, a, b, start = 0;                                                \
             my_share(total, &lo, &hi);                                                      \
-            for (int64_t j = 0; j < k && start < hi; start += sizes[j++]) {                 \
-                if (!slice_of(start, sizes[j], lo, hi, &a, &b)) continue;                   \
-                const T* x = xs[j] + a;                                                     \
-                const T* y = ys[j] + a;                                                     \
-                double ss = 0.0, dot = 0.0;                                                 \
-                if (gs) {                                                                   \
-                    const T* g = gs[j] + a;                                                 \
-                    _Pragma("omp simd simdlen(16) reduction(+ : ss, dot)")                  \
-                    for (int64_t i = 0; i < b - a; ++i) {                                   \
-                        double d = (double)x[i] - (double)y[i];                             \
-                        ss += d * d;                                                        \
-                        dot += d * (double)g[i];                                            \
-                    }                                                                       \
-                } else {                                                                    \
-                    _Pragma("omp simd simdlen(16) reduction(+ : ss)")                       \
-                    for (int64_t i = 0; i < b - a; ++i) {                                   \
-                        double d = (double)x[i] - (double)y[i];                             \
-                        ss += d * d;                                                        \
-                    }                                                                       \
-                }                                                                           \
-                mine[j] += ss;                                                              \
-                mine[k + j] += dot;                                                         \
-            }                                                                               \
+            for (int64_t j = 0; j < k && start < hi; start += sizes[j++])                   \
+                if (slice_of(start, sizes[j], lo, hi, &a, &b))                              \
+                    NAME##_slice(params[j] + a, before[j] + a, b - a, mine + j);            \
         }                                                                                   \
         for (int64_t j = 0; j < k; ++j) {                                                   \
-            double ss = 0.0, dot = 0.0;                                                     \
-            for (int t = 0; t < threads; ++t) {                                             \
-                ss += part[(size_t)t * 2 * k + j];                                          \
-                dot += part[(size_t)t * 2 * k + k + j];                                     \
-            }                                                                               \
-            sumsq[j] = ss;                                                                  \
-            if (dots) dots[j] = dot;                                                        \
+            double pss = 0.0;                                                               \
+            for (int t = 0; t < threads; ++t) pss += part[(size_t)t * k + j];               \
+            out[j] = pss;                                                                   \
         }                                                                                   \
         free(part);                                                                         \
         return 0;                                                                           \
     }
-DIFF_SUMSQ(diff_sumsq_f32, float)
-DIFF_SUMSQ(diff_sumsq_f64, double)
+SNAPSHOT(snapshot_f32, float)
+SNAPSHOT(snapshot_f64, double)
+
+/* after the update, for each of k (gradient, parameter before, parameter after) triples, in
+ * one pass over the three: the gradient's sum of squares, largest |g| (ignoring NaN) and
+ * non-finite count, the update's sum of squares (after - before, each difference taken in
+ * double: exact) and its dot product with the gradient, written to out[j], out[k + j], ...,
+ * out[4k + j]. Returns 0, or -1 where no memory was left for the partial sums. */
+#define FIELDS_AFTER 5
+#define PARAM_AFTER(NAME, T, COUNT)                                                         \
+    static void NAME##_slice(const T* g, const T* x0, const T* x1, int64_t n, double* row,  \
+                             int64_t k) {                                                   \
+        double gss = 0.0, uss = 0.0, dot = 0.0;                                             \
+        T m = 0;                                                                            \
+        _Pragma("omp simd simdlen(16) reduction(+ : gss, uss, dot) reduction(max : m)")     \
+        for (int64_t i = 0; i < n; ++i) {                                                   \
+            T v = g[i];                                                                     \
+            double d = (double)v, u = (double)x1[i] - (double)x0[i];                        \
+            gss += d * d;                                                                   \
+            T a = v < 0 ? -v : v;                                                           \
+            m = a > m ? a : m;                                                              \
+            uss += u * u;                                                                   \
+            dot += u * d;                                                                   \
+        }                                                                                   \
+        row[0] += gss;                                                                      \
+        row[k] = (double)m > row[k] ? (double)m : row[k];                                   \
+        if (!isfinite(gss)) row[2 * k] += (double)COUNT(g, n);                              \
+        row[3 * k] += uss;                                                                  \
+        row[4 * k] += dot;                                                                  \
+    }                                                                                       \
+    int NAME(const T* const* grads, const T* const* before, const T* const* after,          \
+             const int64_t* sizes, int64_t k, double* out) {                                \
+        int64_t total = total_of(sizes, k), width = FIELDS_AFTER * k;                       \
+        int threads = threads_for(total);                                                   \
+        double* part = (double*)calloc((size_t)(threads * width) + 1, sizeof(double));      \
+        if (!part) return -1;                                                               \
+        _Pragma("omp parallel num_threads(threads)")                                        \
+        {                                                                                   \
+            double* mine = part + (size_t)omp_get_thread_num() * width;                     \
+            int64_t lo, hi, a, b, start = 0;                                                \
+            my_share(total, &lo, &hi);                                                      \
+            for (int64_t j = 0; j < k && start < hi; start += sizes[j++])                   \
+                if (slice_of(start, sizes[j], lo, hi, &a, &b))                              \
+                    NAME##_slice(grads[j] + a, before[j] + a, after[j] + a, b - a, mine + j, \
+                                 k);                                                        \
+        }                                                                                   \
+        memset(out, 0, (size_t)width * sizeof(double));                                     \
+        for (int t = 0; t < threads; ++t) {                                                 \
+            const double* r = part + (size_t)t * width;                                     \
+            for (int64_t f = 0; f < width; ++f)                                             \
+                out[f] = f / k == 1 ? (r[f] > out[f] ? r[f] : out[f]) : out[f] + r[f];      \
+        }                                                                                   \
+        free(part);                                                                         \
+        return 0;                                                                           \
+    }
+PARAM_AFTER(param_after_f32, float, count_nonfinite_f32)
+PARAM_AFTER(param_after_f64, double, count_nonfinite_f64)

@@ -48,12 +48,13 @@ Part = torch.Tensor | np.ndarray
 
 
 class ParamRead(NamedTuple):
-    """The parameter statistics read before the update (on the device until collected, or
-    host arrays from the C kernels)."""
+    """A step's parameter statistics (on the device until collected, or host arrays from the
+    C kernels): read before the update, or, where a pre-update copy was kept, after it, in
+    the same pass as the update (params.py)."""
 
     present: list[int]  # indices of the parameters that had a gradient
     snapshot: bool  # a pre-update copy was kept, so the update can be measured
-    values: list[Part]  # grad sumsq, grad max, nonfinite, param sumsq
+    values: list[Part]  # grad sumsq, grad max, nonfinite, param sumsq ([] until read)
 
 
 @dataclass

@@ -1,12 +1,16 @@
-"""The recorded parameters of one attach, read twice in each recorded step.
+"""The recorded parameters of one attach, read in each recorded step.
 
-Before the update (the optimizer's pre-hook, or `rec.step()` in loops without one): each
-present gradient's sum of squares, max and non-finite count and the parameter's sum of
-squares, and with `snapshot` a pre-update copy. After it: the update's sum of squares
-(parameter minus copy), with `geometry` its dot product with the gradient and the optimizer's
-second-moment sums. The values stay on the device until the step's one transfer (capture.py);
-`recount` then redoes in float64 the torch-op sums that may have lost squares. Which backend
-computes them (C kernels or torch ops) is chosen in backends.param_stats.
+With an optimizer, two reads: before the update (the optimizer's pre-hook) a copy of each
+parameter that has a gradient; after it, in one pass over gradient, copy and parameter, each
+gradient's sum of squares, max and non-finite count, the parameter's sum of squares before
+the update, the update's sum of squares (parameter minus copy) and, with `geometry`, its dot
+product with the gradient, plus the optimizer's second-moment sums. Gradients are the ones
+present before the update (an optimizer that drops them does not lose them). In loops without
+an optimizer (`rec.step()`), one read of gradients and parameters, with no update.
+
+Values stay on the device until the step's one transfer (capture.py); `recount` then redoes
+in float64 the torch-op sums that may have lost squares. Which backend computes them (C
+kernels or torch ops) is chosen in backends.param_stats.
 """
 
 from __future__ import annotations
@@ -35,17 +39,20 @@ class ParamReader:
         self.params = params
         self._local = local
         self._stats: Any = None  # the backend's buffers, made at the first read
+        self._grads: list[torch.Tensor] = []  # the gradients read before the update
         # after the update: the present parameters and their gradients, for the recount
         self._after: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def read(self, snapshot: bool) -> ParamRead | None:
-        """Before the update; None where no parameter has a gradient."""
+        """Before the update (`snapshot`: one will be measured; else the values now); None
+        where no parameter has a gradient."""
         local = self._local
         present, grads, tensors = [], [], []
         for i, (_, p) in enumerate(self.params):
-            if p.grad is not None:
+            grad = p.grad
+            if grad is not None:
                 present.append(i)
-                grads.append(strided(local(p.grad)))
+                grads.append(strided(local(grad)))
                 tensors.append(local(p))
         if not present:
             return None
@@ -53,29 +60,31 @@ class ParamReader:
             self._stats = None  # parameters resized, retyped or moved since: new buffers
         if self._stats is None:
             self._stats = param_stats([local(p) for _, p in self.params])
+        self._grads = grads
         with torch.no_grad():
-            values = self._stats.read(present, grads, tensors, snapshot)
-        return ParamRead(present, snapshot, values)
+            if snapshot:
+                self._stats.snapshot(present, grads, tensors)
+                return ParamRead(present, True, [])  # the values come with the update
+            return ParamRead(present, False, self._stats.read(present, grads, tensors))
 
     def after_update(
         self, read: ParamRead, optimizer: Any, geometry: bool
-    ) -> tuple[Part | None, tuple[Part, Part] | None]:
-        """The update's sums of squares (None without a snapshot) and, with `geometry`, its
-        dot products with the gradients and the second-moment sums."""
+    ) -> tuple[ParamRead, Part | None, tuple[Part, Part] | None]:
+        """The read with its values, the update's sums of squares (None without a snapshot)
+        and, with `geometry`, its dot products with the gradients and the second-moment
+        sums."""
         # read again after the step: a DTensor's local shard may be a new tensor
-        tensors = [self._local(self.params[i][1]) for i in read.present]
-        grads = [
-            strided(self._local(self.params[i][1].grad))  # type: ignore[arg-type]
-            for i in read.present
-        ]
-        self._after = (tensors, grads)
+        params = self.params
+        tensors = [self._local(params[i][1]) for i in read.present]
+        self._after = (tensors, self._grads)
         if not read.snapshot:
-            return None, None
+            return read, None, None
         with torch.no_grad():
-            updates = self._stats.updates(read.present, tensors, grads if geometry else None)
-        if updates.ndim != 2:
-            return updates, None
-        return updates[0], (updates[1], self._second_moments(read.present, optimizer))
+            values, updates, dots = self._stats.after(tensors, geometry)
+        read = read._replace(values=values)
+        if dots is None:
+            return read, updates, None
+        return read, updates, (dots, self._second_moments(read.present, optimizer))
 
     def recount(self, read: ParamRead, tables: Tables) -> None:
         """Exact float64 sums where the torch ops' may have under- or overflowed, in place."""
@@ -84,6 +93,7 @@ class ParamReader:
             self._stats, read.present, tensors, grads, tables.param_values, tables.update_sumsq
         )
         self._after = ([], [])
+        self._grads = []
 
     def _second_moments(self, present: list[int], optimizer: Any) -> Part:
         """Adam-like optimizers' second-moment states of the present parameters."""
