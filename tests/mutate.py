@@ -116,11 +116,25 @@ MUTATIONS = [
         ("tests/test_recorder.py::test_models_without_parameters",),
     ),
     Mutation(
-        "C diff_sumsq: the update's dot with the gradient drops the update",
+        "C param_after: the update's dot with the gradient drops the update",
         "gradscope/native/kernels.c",
-        "dot += d * (double)g[i];",
-        "dot += (double)g[i];",
+        "dot += u * d;",
+        "dot += d;",
         ("tests/test_native.py", "tests/test_geometry.py"),
+    ),
+    Mutation(
+        "C param_after: per-thread maxima summed instead of max-ed",
+        "gradscope/native/kernels.c",
+        "out[f] = f / k == 1 ? (r[f] > out[f] ? r[f] : out[f]) : out[f] + r[f];",
+        "out[f] = out[f] + r[f];",
+        ("tests/test_native.py",),
+    ),
+    Mutation(
+        "C snapshot: the copy made before the parameter is read",
+        "gradscope/native/kernels.c",
+        "            copy[i] = w;",
+        "            copy[i] = 0;",
+        ("tests/test_native.py",),
     ),
     Mutation(
         "geometry: cos_grad against the gradient instead of the negative gradient",
@@ -204,6 +218,13 @@ MUTATIONS = [
         "gradscope/recorder/reduce.py",
         "        None if params is None else params.present,",
         "        None,",
+        ("tests/test_deferred.py",),
+    ),
+    Mutation(
+        "deferred rows: a held step's element and sample counts taken from the first step",
+        "gradscope/recorder/capture.py",
+        "        self.numel, self.samples = self.output_numel(), self.grad_samples()",
+        "        self.numel, self.samples = first.output_numel(), first.grad_samples()",
         ("tests/test_deferred.py",),
     ),
     Mutation(

@@ -37,8 +37,8 @@ def _run(geometry: bool, steps: int = 30, nan_at: int = 24) -> tuple[gs.Recorder
     counts = []  # (rows_held as reported, rows actually held) at a few steps
     for step in range(steps):
         opt.zero_grad()
-        for _ in range(2):  # two micro-batches
-            x = torch.randn(5, 8)
+        for _ in range(2):  # two micro-batches, smaller on some steps (same calls, other
+            x = torch.randn(5 if step % 4 else 3, 8)  # element and sample counts)
             if step == nan_at:
                 x[0, 0] = float("nan")
             loss = model(x).pow(2).mean()
@@ -143,3 +143,30 @@ def test_spilling_with_steps_held(tmp_path, spill_rows, monkeypatch):
     )
     pd.testing.assert_frame_equal(on_disk, frame, check_exact=True)
     assert set(frame.step) == set(range(20))
+
+
+def test_held_steps_keep_few_python_objects(monkeypatch):
+    """A held step keeps its numbers, not one Python object per call: otherwise the garbage
+    collector promotes them all and runs full collections (~0.15 s each in a process with
+    torch and pandas loaded) every few hundred steps."""
+    import gc
+
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(10)))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 8)
+    with gs.watch(model, optimizer=opt) as rec:
+        calls = 0
+        for step in range(60):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if step == 9:  # the first steps settled; later ones are held
+                held = len(rec._rows._held)
+                gc.collect()
+                before = len(gc.get_objects())
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        calls = len(rec._rows._held[0].outputs) + len(rec._rows._held[0].grads)
+        assert len(rec._rows._held) - held == 50  # all 50 later steps are held
+    assert calls >= 60  # 30 watched modules: an output and a gradient each
+    assert grown / 50 < 12, grown  # tracked objects per held step, against 60+ calls

@@ -72,6 +72,29 @@ class Tables:
     update_dot: np.ndarray | None = None  # update . gradient, per present parameter
     state_sumsq: np.ndarray | None = None  # the optimizer's second moment (NaN: none)
     scalars: list[tuple[str, float]] = field(default_factory=list)
+    # each output's element count and each gradient's sample count, once the call lists are
+    # let go (hold()); until then they are read from the calls
+    numel: np.ndarray | None = None
+    samples: np.ndarray | None = None
+
+    def output_numel(self) -> np.ndarray:
+        if self.numel is not None:
+            return self.numel
+        return np.array([c.numel for c in self.outputs], dtype=np.float64)
+
+    def grad_samples(self) -> np.ndarray:
+        if self.samples is not None:
+            return self.samples
+        return np.array([c.samples for c in self.grads], dtype=np.float64)
+
+    def hold(self, first: Tables) -> None:
+        """Keeps this step's numbers but shares its calls with `first`, an earlier step that
+        made the same calls (deferred.py holds many such steps): a held step then keeps a few
+        Python objects instead of one per call, and the garbage collector, which would
+        otherwise promote them all and run full collections (~0.15 s each), has little to
+        look at."""
+        self.numel, self.samples = self.output_numel(), self.grad_samples()
+        self.outputs, self.grads, self.params = first.outputs, first.grads, first.params
 
 
 class StepCapture:

@@ -77,6 +77,8 @@ class DeferredRows:
             self.flush()
         if scales is not None:
             self._scales.append(scales)
+        if self._held:  # the same calls as the first step held: keep only the numbers
+            tables.hold(self._held[0])
         self._held.append(tables)
         self._steps.append(step)
         self._origins = origins

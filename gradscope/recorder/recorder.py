@@ -346,9 +346,7 @@ class Recorder(RecorderResults):
         read = self._capture.params
         updates = geometry = None
         if read is not None:
-            read, updates, geometry = self._params.after_update(
-                read, self.optimizer, self.geometry
-            )
+            read, updates, geometry = self._params.after_update(read, self.optimizer, self.geometry)
             self._capture.params = read
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None

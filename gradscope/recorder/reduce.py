@@ -136,7 +136,7 @@ class Reducer:
         total, sumsq, lo, hi, nonzero, nonfinite = np.moveaxis(table, 2, 0)
         names, label_id, shared = self.output_labels([c.label for c in first.outputs])
         n = len(names)
-        numel = np.array([[c.numel for c in t.outputs] for t in batch], dtype=np.float64)
+        numel = np.stack([t.output_numel() for t in batch])
         # extremes over calls ignore NaN, as within a call (a kernel's call with no value but
         # NaN gives inf, -inf; a torch-op call NaN)
         lows = by_label(lo, label_id, shared, np.fmin)
@@ -190,7 +190,7 @@ class Reducer:
             per_call[:, :, 1] /= scale
         names, label_id, shared = self.grad_labels([c.label for c in first.grads])
         n = len(names)
-        samples = np.array([[c.samples for c in t.grads] for t in batch], dtype=np.float64)
+        samples = np.stack([t.grad_samples() for t in batch])
         sums = np.stack(
             [
                 by_label(values, label_id, shared, np.add)
