@@ -132,12 +132,21 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.detach().contiguous()
 
 
-def _addresses(tensors: list[torch.Tensor], keep: list[torch.Tensor]) -> np.ndarray:
-    """The tensors' data addresses; non-contiguous ones are copied (the copies go to `keep`,
-    which must outlive the kernel call)."""
-    dense = [_dense(t) for t in tensors]
+class _Buffer:
+    """A host array made once, with its address kept (numpy's `.ctypes` costs ~1.5 us)."""
+
+    def __init__(self, shape: int | tuple[int, int], dtype: type = np.float64) -> None:
+        self.array = np.empty(shape, dtype=dtype)
+        self.at: int = self.array.ctypes.data
+
+
+def _addresses(tensors: list[torch.Tensor], out: _Buffer, keep: list[torch.Tensor]) -> int:
+    """Writes the tensors' data addresses into `out` and returns its address; non-contiguous
+    tensors are copied (the copies go to `keep`, which must outlive the kernel call)."""
+    dense = [t if t.is_contiguous() else t.detach().contiguous() for t in tensors]
     keep.extend(dense)
-    return np.array([t.data_ptr() for t in dense], dtype=np.int64)
+    out.array[: len(dense)] = [t.data_ptr() for t in dense]
+    return out.at
 
 
 def _check(status: int) -> None:
@@ -177,18 +186,22 @@ class ParamStats:
     exact = True
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.n = len(tensors)
+        self.n = n = len(tensors)
         self.dtype = tensors[0].dtype
-        self._sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
+        self._sizes = _Buffer(n, np.int64)
+        self._sizes.array[:] = [t.numel() for t in tensors]
         self._before = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        self._before_at = np.array([b.data_ptr() for b in self._before], dtype=np.int64)
-        self._size_list = self._sizes.tolist()
-        self._all = list(range(self.n))
-        # between snapshot() and after(): the present indices, the gradients (kept alive),
-        # their addresses and the parameters' sums of squares
-        self._held: tuple[np.ndarray | slice, list[torch.Tensor], np.ndarray, np.ndarray] | None = (
-            None
-        )
+        self._before_at = _Buffer(n, np.int64)
+        self._before_at.array[:] = [b.data_ptr() for b in self._before]
+        self._size_list = self._sizes.array.tolist()
+        self._all = list(range(n))
+        # per step: the addresses of the present gradients, parameters and copies, their sizes
+        # and the kernels' results (rows: after()'s five, the parameters' sums of squares)
+        self._grad_at, self._param_at = _Buffer(n, np.int64), _Buffer(n, np.int64)
+        self._picked = (_Buffer(n, np.int64), _Buffer(n, np.int64))
+        self._out = _Buffer((6, n))
+        # between snapshot() and after(): the gradients (kept alive), and which were present
+        self._held: tuple[list[torch.Tensor], list[int]] | None = None
 
     def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
         """Whether the parameters `present` still have the dtype, device and size the buffers
@@ -208,8 +221,15 @@ class ParamStats:
             and len({t.dtype for t in tensors}) == 1
         )
 
-    def _index(self, present: list[int]) -> np.ndarray | slice:
-        return slice(None) if present == self._all else np.asarray(present, dtype=np.int64)
+    def _present(self, present: list[int]) -> tuple[int, int]:
+        """The addresses of the present tensors' copies and sizes."""
+        if present == self._all:
+            return self._before_at.at, self._sizes.at
+        before_at, sizes = self._picked
+        k = len(present)
+        np.take(self._before_at.array, present, out=before_at.array[:k])
+        np.take(self._sizes.array, present, out=sizes.array[:k])
+        return before_at.at, sizes.at
 
     def read(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
@@ -218,35 +238,30 @@ class ParamStats:
         gradients and parameters in that order), the gradients' sums of squares, largest
         absolute values (ignoring NaN) and non-finite counts, and the parameters' sums of
         squares, as host arrays."""
-        out = np.empty((4, len(present)))
         keep: list[torch.Tensor] = []
-        grad_at, param_at = _addresses(grads, keep), _addresses(params, keep)
-        sizes = self._sizes[self._index(present)]
+        grad_at = _addresses(grads, self._grad_at, keep)
+        param_at = _addresses(params, self._param_at, keep)
+        k = len(present)
         _check(
             _fn("param_read", self.dtype)(
-                grad_at.ctypes.data, param_at.ctypes.data, sizes.ctypes.data, len(present),
-                out.ctypes.data,
+                grad_at, param_at, self._present(present)[1], k, self._out.at
             )
-        )  # fmt: skip
-        return list(out)
+        )
+        return list(self._out.array.reshape(-1)[: 4 * k].copy().reshape(4, k))
 
     def snapshot(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
     ) -> None:
         """Before the update: copies the parameters `present` (and sums their squares); keeps
         their gradients for after()."""
-        idx = self._index(present)
-        keep: list[torch.Tensor] = []
-        grad_at, param_at = _addresses(grads, keep), _addresses(params, keep)
-        before_at, sizes = self._before_at[idx], self._sizes[idx]
-        param_sumsq = np.empty(len(present))
-        _check(
-            _fn("snapshot", self.dtype)(
-                param_at.ctypes.data, before_at.ctypes.data, sizes.ctypes.data, len(present),
-                param_sumsq.ctypes.data,
-            )
-        )  # fmt: skip
-        self._held = (idx, keep, grad_at, param_sumsq)
+        keep = list(grads)
+        _addresses(grads, self._grad_at, keep)
+        param_at = _addresses(params, self._param_at, keep)
+        before_at, sizes = self._present(present)
+        k = len(present)
+        sumsq_at = self._out.at + 5 * k * 8  # row 5 of the (6, k) table after() fills
+        _check(_fn("snapshot", self.dtype)(param_at, before_at, sizes, k, sumsq_at))
+        self._held = (keep, present)
 
     def after(
         self, params: list[torch.Tensor], geometry: bool
@@ -257,19 +272,19 @@ class ParamStats:
         with each gradient."""
         if self._held is None:
             raise RuntimeError("ParamStats.after() without a snapshot() before it")
-        idx, keep, grad_at, param_sumsq = self._held
+        keep, present = self._held
         self._held = None
-        k = len(param_sumsq)
-        out = np.empty((5, k))
-        after_at = _addresses(params, keep)
-        before_at, sizes = self._before_at[idx], self._sizes[idx]
+        k = len(present)
+        param_at = _addresses(params, self._param_at, keep)
+        before_at, sizes = self._present(present)
         _check(
             _fn("param_after", self.dtype)(
-                grad_at.ctypes.data, before_at.ctypes.data, after_at.ctypes.data,
-                sizes.ctypes.data, k, out.ctypes.data,
+                self._grad_at.at, before_at, param_at, sizes, k, self._out.at
             )
-        )  # fmt: skip
-        values = [out[0], out[1], out[2], param_sumsq]
+        )
+        # the (6, k) table at the buffer's start: after()'s five rows, then snapshot()'s
+        out = self._out.array.reshape(-1)[: 6 * k].copy().reshape(6, k)
+        values = [out[0], out[1], out[2], out[5]]
         return values, out[3], out[4] if geometry else None
 
     def before(self, i: int) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ assert ACT_FIELDS == native.MOMENT_FIELDS and GRAD_FIELDS == native.GRAD_FIELDS
 
 
 class Reader:
-    """Reads consecutive slices of the step's one host vector."""
+    """Reads consecutive slices of the step's one host vector (the device parts, joined)."""
 
     def __init__(self, flat: np.ndarray) -> None:
         self.flat, self.offset = flat, 0
@@ -32,6 +32,10 @@ class Reader:
         out = self.flat[self.offset : self.offset + n]
         self.offset += n
         return out
+
+    def part(self, part: torch.Tensor | np.ndarray) -> np.ndarray:
+        """A part as it came to the host: a host array as it is, a tensor from the vector."""
+        return part if isinstance(part, np.ndarray) else self.take(part.numel())
 
 
 class Backend(Protocol):

@@ -183,7 +183,7 @@ class StepCapture:
         if self.scalars:
             values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
             parts.append(torch.stack(values))
-        reader = Reader(_to_host(parts))
+        reader = Reader(_to_host([p for p in parts if isinstance(p, torch.Tensor)]))
         act_tables = {id(b): b.activation_table(reader) for b in backends}
         grad_tables = {id(b): b.grad_table(reader) for b in backends}
         saturated = reader.take(len(self.saturated))
@@ -199,12 +199,11 @@ class StepCapture:
             _graph_tables(graph, self.graph_grads, reader, tables)
         scale_values = reader.take(len(scales))
         if self.params is not None:
-            n = len(self.params.present)
-            tables.param_values = [reader.take(n) for _ in self.params.values]
+            tables.param_values = [reader.part(v) for v in self.params.values]
         if updates is not None:
-            tables.update_sumsq = reader.take(len(updates))
+            tables.update_sumsq = reader.part(updates)
         if geometry is not None:
-            tables.update_dot, tables.state_sumsq = (reader.take(len(g)) for g in geometry)
+            tables.update_dot, tables.state_sumsq = (reader.part(g) for g in geometry)
         tables.scalars = [
             (name, float(v))
             for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)
@@ -216,21 +215,14 @@ class StepCapture:
         return tables, per_call
 
 
-def _to_host(parts: list[Part]) -> np.ndarray:
-    """The step's parts in one float64 host vector: the one transfer of the step (none where
-    every part is on the host already, as when the C kernels took every tensor)."""
+def _to_host(parts: list[torch.Tensor]) -> np.ndarray:
+    """The step's device parts in one float64 host vector: the one transfer of the step (none
+    where the C kernels took every tensor: their results are host arrays already)."""
     if not parts:
         return np.zeros(0)
-    if all(
-        isinstance(p, np.ndarray) or (p.is_cpu and p.dtype == torch.float64) for p in parts
-    ):  # joined in numpy
-        return np.concatenate(
-            [np.ravel(p if isinstance(p, np.ndarray) else p.detach().numpy()) for p in parts]
-        )
-    host = [
-        torch.from_numpy(p) if isinstance(p, np.ndarray) else p.to("cpu", torch.float64)
-        for p in parts
-    ]
+    if all(p.is_cpu and p.dtype == torch.float64 for p in parts):  # joined in numpy
+        return np.concatenate([p.detach().numpy().ravel() for p in parts])
+    host = [p.to("cpu", torch.float64) for p in parts]
     return torch.cat([p.flatten() for p in host]).numpy().copy()
 
 
