@@ -136,7 +136,7 @@ class _Buffer:
     """A host array made once, with its address kept (numpy's `.ctypes` costs ~1.5 us)."""
 
     def __init__(self, shape: int | tuple[int, int], dtype: type = np.float64) -> None:
-        self.array = np.empty(shape, dtype=dtype)
+        self.array: np.ndarray = np.empty(shape, dtype=dtype)
         self.at: int = self.array.ctypes.data
 
 
