@@ -130,6 +130,20 @@ MUTATIONS = [
         ("tests/test_native.py",),
     ),
     Mutation(
+        "C moments: only the last block's non-zeros counted",
+        "gradscope/native/kernels.c",
+        "            nonzero += nz;",
+        "            nonzero = nz;",
+        ("tests/test_native.py",),
+    ),
+    Mutation(
+        "C grad_rows: the fourth row of each group summed from the third",
+        "gradscope/native/kernels.c",
+        "                s3 += d * d;",
+        "                s3 += c * c;",
+        ("tests/test_native.py",),
+    ),
+    Mutation(
         "C snapshot: the copy made before the parameter is read",
         "gradscope/native/kernels.c",
         "            copy[i] = w;",

