@@ -144,6 +144,13 @@ MUTATIONS = [
         ("tests/test_native.py",),
     ),
     Mutation(
+        "an output changed in place since the last call taken as unchanged",
+        "gradscope/recorder/capture.py",
+        "        if last[0] is tensor and last[1] == _version(tensor) is not None:",
+        "        if last[0] is tensor:",
+        ("tests/test_recorder.py::test_an_output_seen_by_two_modules",),
+    ),
+    Mutation(
         "C snapshot: the copy made before the parameter is read",
         "gradscope/native/kernels.c",
         "            copy[i] = w;",

@@ -150,6 +150,93 @@ def test_output_gradients_of_leaves_and_of_outputs_changed_in_place():
     )
 
 
+class _Block(nn.Module):
+    """Linear, tanh, Linear; with `in_place`, the last Linear's output scaled in place."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.lin, self.act, self.out = nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out(self.act(self.lin(x)))
+        if self.in_place:
+            y.mul_(3.0)  # the same tensor, a new version
+        return y
+
+
+def test_an_output_seen_by_two_modules():
+    """A block returns its last layer's output: the same tensor, whose statistics are copied
+    rather than computed twice; a block that scales that output in place returns the same
+    tensor with new values, read again. Both checked against the tensors themselves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(False), _Block(True))
+    outs = {}
+    for name in ("0", "0.out", "1", "1.out"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: outs.__setitem__(name, o.detach().clone())
+        )
+    x = torch.randn(16, 6)
+    y0 = model[0](x)
+    y0.retain_grad()
+    y1 = model[1](y0)
+    y1.retain_grad()
+    y1.pow(2).sum().backward()
+    grads = {"0": y0.grad.double(), "1": y1.grad.double()}
+    model.zero_grad()
+    rec = gs.watch(model)
+    model(x).pow(2).sum().backward()
+    rec.step()
+    frame = rec.to_frame()
+    for name in ("0", "0.out", "1", "1.out"):
+        ref = outs[name].double()
+        assert _value(frame, name, "activation", "rms") == pytest.approx(
+            float(ref.square().mean().sqrt()), rel=1e-6
+        )
+        assert _value(frame, name, "activation", "max") == float(outs[name].max())
+    assert _value(frame, "1", "activation", "rms") == pytest.approx(
+        3 * _value(frame, "1.out", "activation", "rms"), rel=1e-6
+    )
+    assert _value(frame, "0", "activation_grad", "norm") == pytest.approx(
+        float(grads["0"].norm()), rel=1e-6
+    )
+    assert _value(frame, "0.out", "activation_grad", "norm") == pytest.approx(
+        float(grads["0"].norm()), rel=1e-6
+    )
+    # the gradient w.r.t. the last Linear's own output is 3x the one w.r.t. the block's
+    assert _value(frame, "1.out", "activation_grad", "norm") == pytest.approx(
+        3 * float(grads["1"].norm()), rel=1e-6
+    )
+    assert _value(frame, "1", "activation_grad", "norm") == pytest.approx(
+        float(grads["1"].norm()), rel=1e-6
+    )
+
+
+def test_inference_tensors_passed_through():
+    """Modules that pass an inference tensor through (it has no version counter): each call
+    is read, none taken for the last one unchanged."""
+
+    class Shift(nn.Module):  # an addition: saves no input for backward
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Parameter(torch.zeros(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b
+
+    with torch.inference_mode():
+        x = torch.randn(4, 6)
+    model = nn.Sequential(nn.Identity(), nn.Identity(), Shift())
+    rec = gs.watch(model)
+    model(x).sum().backward()
+    rec.step()
+    frame = rec.to_frame()
+    for name in ("0", "1"):
+        assert _value(frame, name, "activation", "rms") == pytest.approx(
+            float(x.double().square().mean().sqrt()), rel=1e-6
+        )
+
+
 def test_sparse_gradients_are_read_as_the_dense_tensors_they_stand_for():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))

@@ -42,8 +42,16 @@ class Backend(Protocol):
     """Per-call statistics of one step's module outputs and output gradients."""
 
     def moments(self, tensor: torch.Tensor) -> None: ...
+    def repeat_moments(self) -> None:
+        """The last call's moments again (the same tensor seen by another module)."""
+        ...
+
     def saturated(self, tensor: torch.Tensor, band: tuple[float, float]) -> torch.Tensor: ...
     def grad(self, grad: torch.Tensor, samples: int) -> None: ...
+    def repeat_grad(self) -> None:
+        """The last call's gradient sums again."""
+        ...
+
     def device_parts(self) -> list[torch.Tensor]:
         """What must come to the host in the step's one transfer, in the order read back."""
         ...
@@ -68,6 +76,12 @@ class NativeBackend:
 
     def moments(self, tensor: torch.Tensor) -> None:
         native.moments(tensor, self._acts.take(1))
+
+    def repeat_moments(self) -> None:
+        self._acts.repeat()
+
+    def repeat_grad(self) -> None:
+        self._grads.repeat()
 
     def saturated(self, tensor: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
         return torch.tensor(native.saturated(tensor, band), dtype=torch.float64)
@@ -109,6 +123,14 @@ class TorchBackend:
     def moments(self, tensor: torch.Tensor) -> None:
         self._moments.extend(stats.activation_moments(tensor, self._scratch))
         self._outputs.append(tensor)
+
+    def repeat_moments(self) -> None:
+        self._moments.extend(self._moments[-len(stats.ACT_FIELDS) :])
+        self._outputs.append(self._outputs[-1])
+
+    def repeat_grad(self) -> None:
+        self._sample_sumsq.append(self._sample_sumsq[-1])
+        self._grads.append(self._grads[-1])
 
     def saturated(self, tensor: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
         return stats.saturated_count(tensor, band)
@@ -255,6 +277,11 @@ class _HostRows:
         address = self._address + self._used * self._row_bytes
         self._used += n
         return address
+
+    def repeat(self) -> None:
+        """Writes the last row again, as the next."""
+        self.take(1)
+        self._table[self._used - 1] = self._table[self._used - 2]
 
     def rows(self) -> np.ndarray:
         return self._table[: self._used]

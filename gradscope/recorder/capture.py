@@ -122,19 +122,37 @@ class StepCapture:
         self.scales: list[torch.Tensor] = []
         self.params: ParamRead | None = None
         self.scalars: list[tuple[str, torch.Tensor | float]] = []
+        # the tensor of the last output call and of the last gradient call, its version
+        # counter then, and the backend that took it
+        self._last_output: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
+        self._last_grad: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
 
     def output(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
         numel = tensor.numel()
-        backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
+        last = self._last_output
+        if last[0] is tensor and last[1] == _version(tensor) is not None:
+            # the very tensor the last call saw, unchanged (a block's output is its last
+            # layer's): the same statistics, copied instead of computed again
+            backend = last[2]
+            backend.repeat_moments()
+        else:
+            backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
+            backend.moments(tensor)
+            self._last_output = (tensor, _version(tensor), backend)
         if band is not None:
             self.saturated.append((len(self.outputs), backend.saturated(tensor, band)))
-        backend.moments(tensor)
         self.outputs.append(OutputCall(label, numel, backend))
 
     def grad(self, label: str, grad: torch.Tensor) -> None:
         samples = 1 if grad.dim() == 0 else grad.shape[0]
-        backend = self.backends.for_tensor(grad)
-        backend.grad(grad, samples)
+        last = self._last_grad
+        if last[0] is grad and last[1] == _version(grad) is not None:  # as in output()
+            backend = last[2]
+            backend.repeat_grad()
+        else:
+            backend = self.backends.for_tensor(grad)
+            backend.grad(grad, samples)
+            self._last_grad = (grad, _version(grad), backend)
         self.grads.append(GradCall(label, samples, backend, len(self.scales) - 1))
 
     def graph_backward(self, module: int, rows: torch.Tensor) -> None:
@@ -290,6 +308,15 @@ def _in_call_order(
         if mine.any():
             out[mine] = table
     return out
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by each in-place change); None for inference
+    tensors, which keep none (a module may pass one through): never taken as unchanged."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def band(module: torch.nn.Module) -> tuple[float, float] | None:
