@@ -21,6 +21,10 @@ and every 10th (statistics computed inside the compiled graphs), each as a ratio
 compiled bare step, beside the eager model's ratios to its own bare step.
 
     python benchmarks/overhead.py [--repeats 30] [--models mlp,relu32,preln32] [--compiled]
+                                  [--targets-only]
+
+Beside each median ratio, the range of the middle half of the blocks' ratios: this machine
+drifts, and that range says how far one run's median can be trusted.
 """
 
 from __future__ import annotations
@@ -116,13 +120,17 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, float, float]] = {
 }
 
 
-def measure(name: str, repeats: int) -> None:
+TARGETED = ("bare", "hook floor (no statistics)", "everything, every 1", "everything, every 10")
+
+
+def measure(name: str, repeats: int, only_targets: bool = False) -> None:
     make, batch, target_1, target_10 = MODELS[name]
     torch.manual_seed(0)
     base = make()
     targets = {"everything, every 1": target_1, "everything, every 10": target_10}
+    variants = {k: v for k, v in VARIANTS.items() if k in TARGETED or not only_targets}
     loops = {
-        loop: make_loop(copy.deepcopy(base), batch, setup) for loop, (setup, _) in VARIANTS.items()
+        loop: make_loop(copy.deepcopy(base), batch, setup) for loop, (setup, _) in variants.items()
     }
     for run in loops.values():
         run()  # warm-up
@@ -132,13 +140,15 @@ def measure(name: str, repeats: int) -> None:
             times[loop].append(run())
     bare = times["bare"]
     print(f"\n{name} (batch {batch})")
-    print(f"{'loop':<28}  {'ms/step':>8}  {'median ratio':>12}  target")
-    for loop in VARIANTS:
-        ratio = statistics.median(t / b for t, b in zip(times[loop], bare, strict=True))
+    print(f"{'loop':<28}  {'ms/step':>8}  {'median ratio':>12}  {'middle half':>13}  target")
+    for loop in variants:
+        ratios = [t / b for t, b in zip(times[loop], bare, strict=True)]
+        ratio = statistics.median(ratios)
+        q1, _, q3 = statistics.quantiles(ratios, n=4)  # where the middle half of blocks fell
         target = targets.get(loop)
         verdict = "" if target is None else f"<= {target} {'ok' if ratio <= target else 'MISSED'}"
         ms = statistics.median(times[loop]) * 1e3
-        print(f"{loop:<28}  {ms:>8.3f}  {ratio:>12.3f}  {verdict}")
+        print(f"{loop:<28}  {ms:>8.3f}  {ratio:>12.3f}  {q1:>6.3f}-{q3:<6.3f}  {verdict}")
     for loop, run in loops.items():
         if isinstance(run.keep, gs.Recorder):  # type: ignore[attr-defined]
             assert len(run.keep.to_frame()) > 0, loop  # type: ignore[attr-defined]
@@ -199,6 +209,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--compiled", action="store_true", help="eager against torch.compile")
+    parser.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="only the loops with targets, the bare loop and the hook floor (shorter rounds)",
+    )
     args = parser.parse_args()
     if args.compiled:
         torch._dynamo.config.cache_size_limit = 64  # one model per loop, compiled apart
@@ -207,7 +222,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {STEPS} steps a block")
     for name in args.models.split(","):
-        measure(name, args.repeats)
+        measure(name, args.repeats, args.targets_only)
 
 
 if __name__ == "__main__":

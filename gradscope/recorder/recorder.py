@@ -335,11 +335,16 @@ class Recorder(RecorderResults):
     # -- step bookkeeping ------------------------------------------------------------------
 
     def _close_step(self) -> None:
-        if self._recording and not self._capture.empty():
-            self._collect(self._step)
-        self._capture.reset()
+        if self._recording:
+            if not self._capture.empty():
+                self._collect(self._step)
+            self._capture.reset()
+        # (a step not recorded captured nothing: its hooks were off, and capture was reset
+        # when the last recorded step closed; so an unrecorded step costs a few calls here)
         self._step += 1
-        self._set_recording(self._should_record(self._step))
+        record = self._should_record(self._step)
+        if record or self._recording:
+            self._set_recording(record)
 
     def _collect(self, step: int) -> None:
         """One step's statistics: to the host, per layer, merged over ranks, into rows."""
