@@ -25,6 +25,7 @@ from gradscope.recorder.backends import param_stats, recount_params, second_mome
 from gradscope.recorder.capture import ParamRead, Part, Tables, strided
 
 Local = Callable[[torch.Tensor], torch.Tensor]
+_STRIDED = torch.strided
 
 
 def same(t: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,9 @@ class ParamReader:
     def __init__(self, params: list[tuple[str, nn.Parameter]], local: Local = same) -> None:
         self.params = params
         self._local = local
+        self._tensors = [p for _, p in params]
+        self._ids = [id(p) for p in self._tensors]
+        self._all = list(range(len(params)))
         self._stats: Any = None  # the backend's buffers, made at the first read
         self._grads: list[torch.Tensor] = []  # the gradients read before the update
         # after the update: the present parameters and their gradients, for the recount
@@ -47,13 +51,14 @@ class ParamReader:
         """Before the update (`snapshot`: one will be measured; else the values now); None
         where no parameter has a gradient."""
         local = self._local
-        present, grads, tensors = [], [], []
-        for i, (_, p) in enumerate(self.params):
-            grad = p.grad
-            if grad is not None:
-                present.append(i)
-                grads.append(strided(local(grad)))
-                tensors.append(local(p))
+        tensors = self._tensors
+        grads = [p.grad for p in tensors]
+        if local is same and all(g is not None and g.layout is _STRIDED for g in grads):
+            present = self._all  # the usual step: every parameter has a dense gradient
+        else:
+            present = [i for i, g in enumerate(grads) if g is not None]
+            grads = [strided(local(grads[i])) for i in present]  # type: ignore[arg-type]
+            tensors = [local(tensors[i]) for i in present]
         if not present:
             return None
         if self._stats is not None and not self._stats.fits(present, tensors):
@@ -74,8 +79,11 @@ class ParamReader:
         and, with `geometry`, its dot products with the gradients and the second-moment
         sums."""
         # read again after the step: a DTensor's local shard may be a new tensor
-        params = self.params
-        tensors = [self._local(params[i][1]) for i in read.present]
+        params, local = self.params, self._local
+        if read.present is self._all and local is same:
+            tensors = self._tensors
+        else:
+            tensors = [local(params[i][1]) for i in read.present]
         self._after = (tensors, self._grads)
         if not read.snapshot:
             return read, None, None
@@ -98,7 +106,11 @@ class ParamReader:
     def _second_moments(self, present: list[int], optimizer: Any) -> Part:
         """Adam-like optimizers' second-moment states of the present parameters."""
         state = getattr(optimizer, "state", {})
-        second = [state.get(self.params[i][1], {}).get("exp_avg_sq") for i in present]
+        # by id, from one walk over the state: looking each parameter up hashes it through
+        # Tensor.__hash__, a Python call (~0.3 us a parameter)
+        by_id = {id(p): s.get("exp_avg_sq") for p, s in state.items() if isinstance(s, dict)}
+        ids = self._ids
+        second = [by_id.get(ids[i]) for i in present]
         local = [self._local(s) if isinstance(s, torch.Tensor) else None for s in second]
         with torch.no_grad():
             return second_moments(local)
