@@ -39,7 +39,7 @@ class ParamReader:
     def __init__(self, params: list[tuple[str, nn.Parameter]], local: Local = same) -> None:
         self.params = params
         self._local = local
-        self._tensors = [p for _, p in params]
+        self._tensors: list[torch.Tensor] = [p for _, p in params]
         self._ids = [id(p) for p in self._tensors]
         self._all = list(range(len(params)))
         self._stats: Any = None  # the backend's buffers, made at the first read
@@ -52,12 +52,13 @@ class ParamReader:
         where no parameter has a gradient."""
         local = self._local
         tensors = self._tensors
-        grads = [p.grad for p in tensors]
-        if local is same and all(g is not None and g.layout is _STRIDED for g in grads):
+        found = [p.grad for p in tensors]
+        if local is same and all(g is not None and g.layout is _STRIDED for g in found):
             present = self._all  # the usual step: every parameter has a dense gradient
+            grads: list[torch.Tensor] = found  # type: ignore[assignment]
         else:
-            present = [i for i, g in enumerate(grads) if g is not None]
-            grads = [strided(local(grads[i])) for i in present]  # type: ignore[arg-type]
+            present = [i for i, g in enumerate(found) if g is not None]
+            grads = [strided(local(found[i])) for i in present]  # type: ignore[arg-type]
             tensors = [local(tensors[i]) for i in present]
         if not present:
             return None
