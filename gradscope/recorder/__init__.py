@@ -3,8 +3,9 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 
 - recorder.py  the front: settings, attach/detach, the step schedule, results; `watch`
 - hooks.py     which modules are watched, forward and output-gradient hooks, the registry
-- params.py    the recorded parameters, read before the update and after it (the update,
-               its dot with the gradient, second moments), recounted exactly
+- params.py    the recorded parameters: copied before the update, read after it in one
+               pass (gradient, parameter, the update and its dot with the gradient, second
+               moments), recounted exactly
 - capture.py   one step's calls as typed records, and its one host transfer
 - backends.py  the statistics of a call: C kernels or torch ops, same schema, same order
 - compiled.py  the same statistics computed inside torch.compile graphs (traced hooks)
@@ -27,9 +28,16 @@ spilling, to_frame). The frame's kinds and stats are documented in gradscope.sch
 What waits and what does not: a step's statistics reach the host when it closes, so nothing
 on the device is held; turning them into rows is host bookkeeping that waits (deferred.py)
 until the frame is asked for, the calls change, 256 steps are held or the rows would reach
-the spill threshold. Steps merged over ranks, steps with a non-finite value and recorders
-with ``on_verdict`` are reduced as they close. The frame is the same, bit for bit, as if
-each step had been reduced alone (tests/test_deferred.py).
+the spill threshold. A held step keeps its numbers, not one Python object per call, so the
+garbage collector has little to promote. Steps merged over ranks, steps with a non-finite
+value and recorders with ``on_verdict`` are reduced as they close. The frame is the same,
+bit for bit, as if each step had been reduced alone (tests/test_deferred.py).
+
+What a recorded step reads: each module output and output gradient once (a tensor that two
+modules return in a row unchanged, as a block returns its last layer's output, is read once
+and its statistics copied: same object, same version counter); each recorded parameter twice
+on the C path (a copy before the update, summing its squares; after it, one pass over
+gradient, copy and parameter for everything else: five passes over memory in all).
 
 Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
 to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
@@ -43,7 +51,8 @@ micro-batches) are merged from additive moments. Forward passes under ``torch.no
 (evaluation) are skipped. Device statistics move to the host once per recorded step. From
 its first recorded step until detach the recorder keeps a copy of the recorded parameters
 (to measure the update) and work buffers (about the parameters' size again, plus the largest
-module output). Steps that are not recorded run no forward hook at all.
+module output). Steps that are not recorded run no forward hook at all, and the optimizer
+hooks only count them.
 
 Which modules' outputs are recorded: by default every leaf module and every block, a block
 being a composite module that is an element of an ``nn.ModuleList`` or ``nn.Sequential``

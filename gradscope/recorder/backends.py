@@ -22,6 +22,12 @@ GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
 assert ACT_FIELDS == native.MOMENT_FIELDS and GRAD_FIELDS == native.GRAD_FIELDS
 
 
+# tables of no calls, by width (read-only: shared by every step)
+_NO_ROWS = {width: np.zeros((0, width)) for width in (len(ACT_FIELDS), len(GRAD_FIELDS))}
+for _table in _NO_ROWS.values():
+    _table.flags.writeable = False
+
+
 class Reader:
     """Reads consecutive slices of the step's one host vector (the device parts, joined)."""
 
@@ -149,7 +155,7 @@ class TorchBackend:
 
     def activation_table(self, reader: Reader) -> np.ndarray:
         if not self._outputs:  # the usual case on the CPU: the kernels took every call
-            return np.zeros((0, len(ACT_FIELDS)))
+            return _NO_ROWS[len(ACT_FIELDS)]
         fields = len(stats.ACT_FIELDS)  # sum, min, max, nonzero, sumsq
         raw = reader.take(fields * len(self._outputs)).reshape(-1, fields)
         table = np.zeros((len(self._outputs), len(ACT_FIELDS)))
@@ -169,9 +175,9 @@ class TorchBackend:
         return table
 
     def grad_table(self, reader: Reader) -> np.ndarray:
-        table = np.zeros((len(self._grads), len(GRAD_FIELDS)))
         if not self._grads:
-            return table
+            return _NO_ROWS[len(GRAD_FIELDS)]
+        table = np.zeros((len(self._grads), len(GRAD_FIELDS)))
         sample_sumsq = reader.take(sum(samples for _, samples in self._grads))
         start = 0
         for c, (grad, samples) in enumerate(self._grads):

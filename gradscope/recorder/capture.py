@@ -208,7 +208,9 @@ class StepCapture:
         tables = Tables(
             outputs=self.outputs,
             output_stats=_in_call_order(self.outputs, act_tables, len(ACT_FIELDS)),
-            saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)],
+            saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)]
+            if self.saturated
+            else [],
             grads=self.grads,
             grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD_FIELDS)),
             params=self.params,
@@ -222,10 +224,11 @@ class StepCapture:
             tables.update_sumsq = reader.part(updates)
         if geometry is not None:
             tables.update_dot, tables.state_sumsq = (reader.part(g) for g in geometry)
-        tables.scalars = [
-            (name, float(v))
-            for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)
-        ]
+        if self.scalars:
+            tables.scalars = [
+                (name, float(v))
+                for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)
+            ]
         if scaler_scale is None:
             return tables, None
         now = scaler_scale  # the scale at the step's end, where no forward was seen
@@ -296,12 +299,12 @@ def _in_call_order(
     calls: list[OutputCall] | list[GradCall], tables: dict[int, np.ndarray], width: int
 ) -> np.ndarray:
     """Each backend's rows put back in the order the calls were made."""
-    out = np.empty((len(calls), width))
     if not calls:
-        return out
+        return np.empty((0, width))
     first = calls[0].backend
     if all(c.backend is first for c in calls):  # one backend took every call
         return tables[id(first)].copy()
+    out = np.empty((len(calls), width))
     owner = np.array([id(c.backend) for c in calls])
     for key, table in tables.items():
         mine = owner == key

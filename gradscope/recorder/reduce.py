@@ -67,12 +67,12 @@ def step_key(tables: Tables, scaled: bool, origins: dict[str, str]) -> Hashable:
 def nonfinite_origins(tables: Tables) -> dict[str, str]:
     """The first call with a non-finite value, by phase (forward, backward)."""
     origins: dict[str, str] = {}
-    bad = np.flatnonzero(tables.output_stats[:, 5] > 0)
-    if len(bad):
-        origins[Stat.FORWARD] = tables.outputs[int(bad[0])].label
-    bad = np.flatnonzero(tables.grad_stats[:, 2] > 0)
-    if len(bad):
-        origins[Stat.BACKWARD] = tables.grads[int(bad[0])].label
+    bad = tables.output_stats[:, 5] > 0
+    if bad.any():
+        origins[Stat.FORWARD] = tables.outputs[int(np.argmax(bad))].label
+    bad = tables.grad_stats[:, 2] > 0
+    if bad.any():
+        origins[Stat.BACKWARD] = tables.grads[int(np.argmax(bad))].label
     return origins
 
 
