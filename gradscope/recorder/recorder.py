@@ -201,7 +201,7 @@ class Recorder(RecorderResults):
         else:
             self._outputs = hooks.OutputHooks(
                 modules,
-                self._on_output if record_acts else None,
+                self._capture.output if record_acts else None,
                 self._on_output_grad if record_grads else None,
             )
         self.model, self.optimizer = outer, optimizer
@@ -285,9 +285,6 @@ class Recorder(RecorderResults):
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         if self._recording and torch.is_grad_enabled():
             self._capture.scale(self.grad_scaler)
-
-    def _on_output(self, label: str, band: tuple[float, float] | None, t: torch.Tensor) -> None:
-        self._capture.output(label, band, t)
 
     def _on_output_grad(self, label: str, grad: torch.Tensor) -> None:
         if self._recording:
