@@ -269,6 +269,7 @@ class FlatStats:
             for i, p in zip(present, params, strict=True)
         )
 
+    @torch.no_grad()
     def read(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
@@ -311,6 +312,7 @@ class FlatStats:
         both = self.updates(present, params, grads)
         return values, both[0], both[1]
 
+    @torch.no_grad()
     def updates(
         self,
         present: list[int],

@@ -253,17 +253,20 @@ def second_moments(states: list[torch.Tensor | None]) -> torch.Tensor | np.ndarr
     the states' device (a host array where there are none)."""
     present = [s for s in states if s is not None]
     if not present:  # SGD and other optimizers without one
-        return np.full(len(states), math.nan)
+        none = np.empty(len(states))
+        none.fill(math.nan)
+        return none
     device = present[0].device
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
-    return torch.stack(
-        [
-            torch.linalg.vector_norm(s, dtype=torch.float64).to(device) ** 2
-            if s is not None
-            else nan
-            for s in states
-        ]
-    )
+    with torch.no_grad():
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+        return torch.stack(
+            [
+                torch.linalg.vector_norm(s, dtype=torch.float64).to(device) ** 2
+                if s is not None
+                else nan
+                for s in states
+            ]
+        )
 
 
 class _HostRows:

@@ -67,11 +67,12 @@ class ParamReader:
         if self._stats is None:
             self._stats = param_stats([local(p) for _, p in self.params])
         self._grads = grads
-        with torch.no_grad():
-            if snapshot:
-                self._stats.snapshot(present, grads, tensors)
-                return ParamRead(present, True, [])  # the values come with the update
-            return ParamRead(present, False, self._stats.read(present, grads, tensors))
+        # (the backends read parameters without recording autograd graphs: the C kernels make
+        # none, and FlatStats's methods run under no_grad)
+        if snapshot:
+            self._stats.snapshot(present, grads, tensors)
+            return ParamRead(present, True, [])  # the values come with the update
+        return ParamRead(present, False, self._stats.read(present, grads, tensors))
 
     def after_update(
         self, read: ParamRead, optimizer: Any, geometry: bool
@@ -88,8 +89,7 @@ class ParamReader:
         self._after = (tensors, self._grads)
         if not read.snapshot:
             return read, None, None
-        with torch.no_grad():
-            values, updates, dots = self._stats.after(tensors, geometry)
+        values, updates, dots = self._stats.after(tensors, geometry)
         read = read._replace(values=values)
         if dots is None:
             return read, updates, None
@@ -113,5 +113,4 @@ class ParamReader:
         ids = self._ids
         second = [by_id.get(ids[i]) for i in present]
         local = [self._local(s) if isinstance(s, torch.Tensor) else None for s in second]
-        with torch.no_grad():
-            return second_moments(local)
+        return second_moments(local)
