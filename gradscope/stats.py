@@ -245,6 +245,7 @@ class FlatStats:
     """
 
     exact = False
+    grads_after = False  # snapshot() reads the gradients (before the update)
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = len(tensors)

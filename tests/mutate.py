@@ -146,9 +146,30 @@ MUTATIONS = [
     Mutation(
         "an output changed in place since the last call taken as unchanged",
         "gradscope/recorder/capture.py",
-        "        if last[0] is tensor and last[1] == _version(tensor) is not None:",
+        "        if last[0] is tensor and last[1] == version(tensor) is not None:",
         "        if last[0] is tensor:",
         ("tests/test_recorder.py::test_an_output_seen_by_two_modules",),
+    ),
+    Mutation(
+        "gradients an optimizer changes in place read only after the update",
+        "gradscope/recorder/params.py",
+        "        now = self._grads_before is not False and self._stats.grads_after",
+        "        now = False",
+        ("tests/test_recorder.py::test_gradients_changed_in_place_by_the_optimizer",),
+    ),
+    Mutation(
+        "a step nested in the optimizer's step (super().step()) counted as an update",
+        "gradscope/recorder/optimizers.py",
+        "        if self._outer is not None and _on_stack(self._outer, caller):",
+        "        if False:",
+        ("tests/test_recorder.py::test_gradients_changed_in_place_by_the_optimizer",),
+    ),
+    Mutation(
+        "a step that raised makes every later step look nested",
+        "gradscope/recorder/optimizers.py",
+        "        if self._outer is not None and _on_stack(self._outer, caller):",
+        "        if self._outer is not None:",
+        ("tests/test_recorder.py::test_a_step_that_raised_leaves_later_steps_recorded",),
     ),
     Mutation(
         "C snapshot: the copy made before the parameter is read",

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pandas as pd
 import pytest
@@ -279,6 +280,79 @@ def test_parameters_resized_or_retyped_between_steps():
                 float(grad.double().norm()), rel=1e-6
             )
             assert _value(frame, "0.weight", "param", "norm", step) > 0
+
+
+class _HalvingSGD(torch.optim.SGD):
+    """An optimizer that changes the gradients in place in its step, from step `start` on."""
+
+    def __init__(self, params, start: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, lr=0.1)
+        self.start, self.steps = start, 0
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        if self.steps >= self.start:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad.mul_(0.5)
+        self.steps += 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_gradients_changed_in_place_by_the_optimizer(start):
+    """Gradient statistics are of the gradients the update was given, also where the optimizer
+    changes them in place: seen at the first recorded step, they are read before the update
+    from then on; seen later (start=2), that step's are of the changed gradients, with a
+    warning, and later steps' are exact again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    # a plain SGD made first: torch then runs step hooks around SGD.step too, so that
+    # _HalvingSGD's super().step() runs them a second time, inside its own step
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    opt = _HalvingSGD(model.parameters(), start)
+    rec = gs.watch(model, optimizer=opt)
+    norms = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(5, 6)).pow(2).sum().backward()
+            norms.append(float(model[0].weight.grad.double().norm()))
+            opt.step()
+    after = rec._params._stats.grads_after  # the C kernels: gradients read after the update
+    rec.detach()
+    changed = [w for w in caught if "changed gradients in place" in str(w.message)]
+    assert len(changed) == (1 if start == 2 and after else 0)
+    frame = rec.to_frame()
+    assert sorted(set(frame.step)) == [0, 1, 2, 3]  # one step per update, not per hook call
+    for step, ref in enumerate(norms):
+        got = _value(frame, "0.weight", "param_grad", "norm", step)
+        want = ref / 2 if start == 2 and step == 2 and after else ref
+        assert got == pytest.approx(want, rel=1e-6), step
+
+
+def test_a_step_that_raised_leaves_later_steps_recorded():
+    """A step that raises inside the optimizer runs no post-hook; the next step is a new
+    update, not one nested in the failed one."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gs.watch(model, optimizer=opt)
+
+    def failing() -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    for step in range(4):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        if step == 1:
+            with pytest.raises(RuntimeError, match="boom"):
+                opt.step(failing)
+        else:
+            opt.step()
+    rec.detach()
+    frame = rec.to_frame()
+    assert sorted(set(frame[frame.kind == "param_grad"].step)) == [0, 1, 2]
 
 
 def test_update_is_what_the_optimizer_applied():

@@ -201,6 +201,7 @@ class ParamStats:
     """
 
     exact = True
+    grads_after = True  # after() reads the gradients (after the update)
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = n = len(tensors)

@@ -130,7 +130,7 @@ class StepCapture:
     def output(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
         numel = tensor.numel()
         last = self._last_output
-        if last[0] is tensor and last[1] == _version(tensor) is not None:
+        if last[0] is tensor and last[1] == version(tensor) is not None:
             # the very tensor the last call saw, unchanged (a block's output is its last
             # layer's): the same statistics, copied instead of computed again
             backend = last[2]
@@ -138,7 +138,7 @@ class StepCapture:
         else:
             backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
             backend.moments(tensor)
-            self._last_output = (tensor, _version(tensor), backend)
+            self._last_output = (tensor, version(tensor), backend)
         if band is not None:
             self.saturated.append((len(self.outputs), backend.saturated(tensor, band)))
         self.outputs.append(OutputCall(label, numel, backend))
@@ -146,13 +146,13 @@ class StepCapture:
     def grad(self, label: str, grad: torch.Tensor) -> None:
         samples = 1 if grad.dim() == 0 else grad.shape[0]
         last = self._last_grad
-        if last[0] is grad and last[1] == _version(grad) is not None:  # as in output()
+        if last[0] is grad and last[1] == version(grad) is not None:  # as in output()
             backend = last[2]
             backend.repeat_grad()
         else:
             backend = self.backends.for_tensor(grad)
             backend.grad(grad, samples)
-            self._last_grad = (grad, _version(grad), backend)
+            self._last_grad = (grad, version(grad), backend)
         self.grads.append(GradCall(label, samples, backend, len(self.scales) - 1))
 
     def graph_backward(self, module: int, rows: torch.Tensor) -> None:
@@ -313,7 +313,7 @@ def _in_call_order(
     return out
 
 
-def _version(tensor: torch.Tensor) -> int | None:
+def version(tensor: torch.Tensor) -> int | None:
     """The tensor's version counter (bumped by each in-place change); None for inference
     tensors, which keep none (a module may pass one through): never taken as unchanged."""
     try:

@@ -4,9 +4,11 @@ through torch's global optimizer step hooks (wherever a trainer creates it)."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -35,6 +37,11 @@ class OptimizerHooks:
         self._before, self._after = before, after
         self._param_ids = {id(p) for p in params}
         self._checked: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        # the frame of torch's step wrapper running the update now, and how many steps run
+        # inside it: a subclass whose step() calls super().step() runs the hooks again, inside
+        # the first; the outermost step is the update
+        self._outer: FrameType | None = None
+        self._nested = 0
         if optimizer is not None:
             self.handles: list[RemovableHandle] = [
                 optimizer.register_step_pre_hook(self._pre),
@@ -53,12 +60,12 @@ class OptimizerHooks:
 
     def _any_pre(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         if optimizer is self.optimizer:
-            return self._pre(optimizer, args, kwargs)
+            return self._pre(optimizer, args, kwargs, sys._getframe(1))
         if not self._steps_our_params(optimizer):
             return None
         if self.optimizer is None:  # the first optimizer over the model's parameters
             self.optimizer = optimizer
-            return self._pre(optimizer, args, kwargs)
+            return self._pre(optimizer, args, kwargs, sys._getframe(1))
         warnings.warn(
             f"gradscope: a second optimizer ({type(optimizer).__name__}) steps this model's "
             f"parameters; steps are closed by the first one ({type(self.optimizer).__name__})."
@@ -81,7 +88,13 @@ class OptimizerHooks:
         ids = self._param_ids
         return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
 
-    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any, caller: FrameType | None = None) -> Any:
+        caller = caller or sys._getframe(1)  # torch's step wrapper
+        if self._outer is not None and _on_stack(self._outer, caller):
+            self._nested += 1  # a step inside the step (super().step()): not another update
+            return None
+        # (an outer frame no longer on the stack: that step raised before its post-hook)
+        self._outer, self._nested = caller, 0
         # args are step()'s own: (optimizer, closure?)
         closure = kwargs.get("closure") if kwargs else None
         if closure is None and len(args) > 1 and callable(args[1]):
@@ -102,4 +115,18 @@ class OptimizerHooks:
         return (args[0], read_after, *args[2:]), kwargs
 
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._nested:
+            self._nested -= 1
+            return
+        self._outer = None
         self._after()
+
+
+def _on_stack(frame: FrameType, start: FrameType) -> bool:
+    """Whether `frame` is `start` or one of its callers."""
+    f: FrameType | None = start
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False

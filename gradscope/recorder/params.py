@@ -5,8 +5,12 @@ parameter that has a gradient; after it, in one pass over gradient, copy and par
 gradient's sum of squares, max and non-finite count, the parameter's sum of squares before
 the update, the update's sum of squares (parameter minus copy) and, with `geometry`, its dot
 product with the gradient, plus the optimizer's second-moment sums. Gradients are the ones
-present before the update (an optimizer that drops them does not lose them). In loops without
-an optimizer (`rec.step()`), one read of gradients and parameters, with no update.
+present before the update (an optimizer that drops them does not lose them). An optimizer
+that changes gradients in place during its step (their version counters move) would make
+the pass after it read the changed values: the first recorded step and, once such a change
+is seen, every later one also read the gradients before the update (one more pass over
+them), and a warning says so. In loops without an optimizer (`rec.step()`), one read of
+gradients and parameters, with no update.
 
 Values stay on the device until the step's one transfer (capture.py); `recount` then redoes
 in float64 the torch-op sums that may have lost squares. Which backend computes them (C
@@ -15,6 +19,7 @@ kernels or torch ops) is chosen in backends.param_stats.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from gradscope.recorder.backends import param_stats, recount_params, second_moments
-from gradscope.recorder.capture import ParamRead, Part, Tables, strided
+from gradscope.recorder.capture import ParamRead, Part, Tables, strided, version
 
 Local = Callable[[torch.Tensor], torch.Tensor]
 _STRIDED = torch.strided
@@ -46,6 +51,10 @@ class ParamReader:
         self._grads: list[torch.Tensor] = []  # the gradients read before the update
         # after the update: the present parameters and their gradients, for the recount
         self._after: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        # whether gradients are also read before the update (None: not known yet, so they
+        # are), and their version counters then
+        self._grads_before: bool | None = None
+        self._versions: list[int | None] = []
 
     def read(self, snapshot: bool) -> ParamRead | None:
         """Before the update (`snapshot`: one will be measured; else the values now); None
@@ -69,10 +78,15 @@ class ParamReader:
         self._grads = grads
         # (the backends read parameters without recording autograd graphs: the C kernels make
         # none, and FlatStats's methods run under no_grad)
-        if snapshot:
-            self._stats.snapshot(present, grads, tensors)
-            return ParamRead(present, True, [])  # the values come with the update
-        return ParamRead(present, False, self._stats.read(present, grads, tensors))
+        if not snapshot:
+            return ParamRead(present, False, self._stats.read(present, grads, tensors))
+        # the values come with the update, unless the gradients must be read now too (the
+        # torch-op backend reads them before the update anyway)
+        now = self._grads_before is not False and self._stats.grads_after
+        values = self._stats.read(present, grads, tensors) if now else []
+        self._stats.snapshot(present, grads, tensors)
+        self._versions = [version(g) for g in grads]
+        return ParamRead(present, True, values)
 
     def after_update(
         self, read: ParamRead, optimizer: Any, geometry: bool
@@ -90,10 +104,31 @@ class ParamReader:
         if not read.snapshot:
             return read, None, None
         values, updates, dots = self._stats.after(tensors, geometry)
+        if self._stats.grads_after:
+            self._check_gradients_kept()
+        if read.values:  # the gradients' statistics as read before the update
+            values = [*read.values[:3], values[3]]
         read = read._replace(values=values)
         if dots is None:
             return read, updates, None
         return read, updates, (dots, self._second_moments(read.present, optimizer))
+
+    def _check_gradients_kept(self) -> None:
+        """Whether the optimizer left the gradients as they were: if not, gradients are read
+        before the update from now on."""
+        changed = [version(g) for g in self._grads] != self._versions
+        if changed and not self._grads_before:
+            if self._grads_before is False:  # read after the change at this step
+                warnings.warn(
+                    "gradscope: the optimizer changed gradients in place during its step; "
+                    "gradient statistics of this step are of the changed gradients, and "
+                    "from the next recorded step on they are read before the update",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._grads_before = True
+        elif self._grads_before is None:
+            self._grads_before = False  # unchanged: the pass after the update reads them
 
     def recount(self, read: ParamRead, tables: Tables) -> None:
         """Exact float64 sums where the torch ops' may have under- or overflowed, in place."""
