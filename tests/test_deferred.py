@@ -53,16 +53,22 @@ def _run(geometry: bool, steps: int = 30, nan_at: int = 24) -> tuple[gs.Recorder
     return rec, counts
 
 
-@pytest.mark.parametrize("geometry", [True, False])
-def test_rows_made_later_equal_rows_made_at_each_step(monkeypatch, geometry):
-    batches = []
+@pytest.fixture
+def batches(monkeypatch) -> list[int]:
+    """The size of each batch of steps reduced together, as the recorder reduces them."""
+    sizes: list[int] = []
     reduce = Reducer.reduce
 
     def counted(self, batch, *args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(len(batch))
+        sizes.append(len(batch))
         return reduce(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(Reducer, "reduce", counted)
+    return sizes
+
+
+@pytest.mark.parametrize("geometry", [True, False])
+def test_rows_made_later_equal_rows_made_at_each_step(monkeypatch, batches, geometry):
     later, counts = _run(geometry)
     assert max(batches) > 1 and len(batches) < 30  # steps were reduced together
     assert sum(batches) == 30
@@ -106,16 +112,8 @@ def test_last_step_frame_and_held_rows_while_steps_wait():
 
 
 @pytest.mark.parametrize("spill_rows", [1, 500, 5000])
-def test_spilling_with_steps_held(tmp_path, spill_rows, monkeypatch):
+def test_spilling_with_steps_held(tmp_path, spill_rows, monkeypatch, batches):
     monkeypatch.setattr(deferred, "MAX_HELD", 1000)
-    batches = []
-    reduce = Reducer.reduce
-
-    def counted(self, batch, *args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(len(batch))
-        return reduce(self, batch, *args, **kwargs)
-
-    monkeypatch.setattr(Reducer, "reduce", counted)
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
