@@ -22,7 +22,6 @@ GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
 assert ACT_FIELDS == native.MOMENT_FIELDS and GRAD_FIELDS == native.GRAD_FIELDS
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the C kernels take (native.takes)
 # tables of no calls, by width (read-only: shared by every step)
 _NO_ROWS = {width: np.zeros((0, width)) for width in (len(ACT_FIELDS), len(GRAD_FIELDS))}
 for _table in _NO_ROWS.values():
@@ -201,9 +200,7 @@ class Backends:
         self.all: tuple[Backend, ...] = (self.native, self.torch)
 
     def for_tensor(self, tensor: torch.Tensor) -> Backend:
-        if tensor.dtype in _KERNEL_DTYPES and tensor.is_cpu and native.library() is not None:
-            return self.native
-        return self.torch
+        return self.native if native.takes(tensor) else self.torch
 
     def reset(self) -> None:
         for backend in self.all:
