@@ -20,7 +20,6 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -116,14 +115,7 @@ def library() -> ctypes.CDLL | None:
         for suffix in _SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = args, result
-    for dtype, suffix in _SUFFIX.items():  # the per-call kernels, without a lookup by name
-        _MOMENTS[dtype] = getattr(lib, f"moments_{suffix}")
-        _GRAD_ROWS[dtype] = getattr(lib, f"grad_rows_{suffix}")
     return lib
-
-
-_MOMENTS: dict[torch.dtype, Any] = {}
-_GRAD_ROWS: dict[torch.dtype, Any] = {}
 
 
 def takes(t: torch.Tensor) -> bool:
@@ -164,13 +156,8 @@ def _check(status: int) -> None:
 
 def moments(x: torch.Tensor, out: int) -> None:
     """Writes MOMENT_FIELDS of x as 6 float64 values at address `out`."""
-    if not x.is_contiguous():
-        x = x.detach().contiguous()
-    try:
-        fn = _MOMENTS[x.dtype]
-    except KeyError:  # the library not loaded yet
-        fn = _fn("moments", x.dtype)
-    fn(x.data_ptr(), x.numel(), out)
+    x = _dense(x)
+    _fn("moments", x.dtype)(x.data_ptr(), x.numel(), out)
 
 
 def saturated(x: torch.Tensor, band: tuple[float, float]) -> float:
@@ -181,13 +168,8 @@ def saturated(x: torch.Tensor, band: tuple[float, float]) -> float:
 
 def grad_rows(x: torch.Tensor, rows: int, out: int) -> None:
     """Writes GRAD_FIELDS of x, as a matrix of `rows` rows (samples), at address `out`."""
-    if not x.is_contiguous():
-        x = x.detach().contiguous()
-    try:
-        fn = _GRAD_ROWS[x.dtype]
-    except KeyError:  # the library not loaded yet
-        fn = _fn("grad_rows", x.dtype)
-    fn(x.data_ptr(), rows, x.numel() // rows if rows else 0, out)
+    x = _dense(x)
+    _fn("grad_rows", x.dtype)(x.data_ptr(), rows, x.numel() // rows if rows else 0, out)
 
 
 class ParamStats:
