@@ -109,6 +109,13 @@ MUTATIONS = [
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
+        "a non-finite output gradient's origin is not named",
+        "gradscope/recorder/reduce.py",
+        "if np.count_nonzero(backward):",
+        "if False:",
+        ("tests/test_recorder.py::test_nonfinite_values_are_counted_and_localized",),
+    ),
+    Mutation(
         "a step with module outputs but no parameter read is dropped",
         "gradscope/recorder/capture.py",
         "return not (self.outputs or self.grads or self.params or self.scalars or graph)",
