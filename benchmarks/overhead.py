@@ -2,8 +2,9 @@
 
 Three models, CPU, SGD with momentum: the 784-128-10 classifier (batch 64), 32 Linear+ReLU
 layers of width 128 (batch 256) and 32 Pre-LN blocks of width 128 (batch 256). For each, the
-loops alternate (bare, recorded, ..., bare, recorded, ...) over many repeats; the median
-ratio to the bare loop is printed, which cancels this machine's drift.
+loops alternate with the bare loop (bare, A, bare, B, bare, ...) over many repeats; each
+block's ratio is to the mean of the bare blocks on either side of it, and the median ratio
+is printed, which cancels this machine's drift.
 
 Reference rows put the recorder's cost in context:
 - "hook floor": the same loop with a do-nothing forward hook on every leaf module and a
@@ -134,17 +135,30 @@ def measure(name: str, repeats: int, only_targets: bool = False) -> None:
     }
     for run in loops.values():
         run()  # warm-up
+    # each recorded block between two bare blocks, its ratio to their mean: this machine's
+    # speed drifts within a round, so a bare block run several blocks earlier is a poor
+    # reference
     times: dict[str, list[float]] = {loop: [] for loop in loops}
+    ratios: dict[str, list[float]] = {loop: [] for loop in loops}
+    bare_run = loops["bare"]
     for _ in range(repeats):
+        before = bare_run()
+        times["bare"].append(before)
+        ratios["bare"].append(1.0)
         for loop, run in loops.items():
-            times[loop].append(run())
-    bare = times["bare"]
+            if loop == "bare":
+                continue
+            took, after = run(), bare_run()
+            times[loop].append(took)
+            ratios[loop].append(took / ((before + after) / 2))
+            times["bare"].append(after)
+            before = after
     print(f"\n{name} (batch {batch})")
     print(f"{'loop':<28}  {'ms/step':>8}  {'median ratio':>12}  {'middle half':>13}  target")
     for loop in variants:
-        ratios = [t / b for t, b in zip(times[loop], bare, strict=True)]
-        ratio = statistics.median(ratios)
-        q1, _, q3 = statistics.quantiles(ratios, n=4)  # where the middle half of blocks fell
+        ratio = statistics.median(ratios[loop])
+        # where the middle half of the blocks' ratios fell
+        q1, _, q3 = statistics.quantiles(ratios[loop], n=4)
         target = targets.get(loop)
         verdict = "" if target is None else f"<= {target} {'ok' if ratio <= target else 'MISSED'}"
         ms = statistics.median(times[loop]) * 1e3
