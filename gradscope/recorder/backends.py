@@ -250,9 +250,7 @@ def second_moments(states: list[torch.Tensor | None]) -> torch.Tensor | np.ndarr
     the states' device (a host array where there are none)."""
     present = [s for s in states if s is not None]
     if not present:  # SGD and other optimizers without one
-        none = np.empty(len(states))
-        none.fill(math.nan)
-        return none
+        return np.full(len(states), math.nan)
     device = present[0].device
     with torch.no_grad():
         nan = torch.tensor(math.nan, dtype=torch.float64, device=device)

@@ -208,9 +208,7 @@ class StepCapture:
         tables = Tables(
             outputs=self.outputs,
             output_stats=_in_call_order(self.outputs, act_tables, len(ACT_FIELDS)),
-            saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)]
-            if self.saturated
-            else [],
+            saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)],
             grads=self.grads,
             grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD_FIELDS)),
             params=self.params,

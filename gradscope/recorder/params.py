@@ -85,7 +85,8 @@ class ParamReader:
         now = self._grads_before is not False and self._stats.grads_after
         values = self._stats.read(present, grads, tensors) if now else []
         self._stats.snapshot(present, grads, tensors)
-        self._versions = [version(g) for g in grads]
+        if self._watching_gradients():
+            self._versions = [version(g) for g in grads]
         return ParamRead(present, True, values)
 
     def after_update(
@@ -104,7 +105,7 @@ class ParamReader:
         if not read.snapshot:
             return read, None, None
         values, updates, dots = self._stats.after(tensors, geometry)
-        if self._stats.grads_after:
+        if self._watching_gradients():
             self._check_gradients_kept()
         if read.values:  # the gradients' statistics as read before the update
             values = [*read.values[:3], values[3]]
@@ -113,11 +114,16 @@ class ParamReader:
             return read, updates, None
         return read, updates, (dots, self._second_moments(read.present, optimizer))
 
+    def _watching_gradients(self) -> bool:
+        """Whether the gradients' version counters are checked around the update: where the
+        pass after it reads them, until a change has been seen (then they are read before)."""
+        return bool(self._stats.grads_after) and not self._grads_before
+
     def _check_gradients_kept(self) -> None:
         """Whether the optimizer left the gradients as they were: if not, gradients are read
         before the update from now on."""
         changed = [version(g) for g in self._grads] != self._versions
-        if changed and not self._grads_before:
+        if changed:
             if self._grads_before is False:  # read after the change at this step
                 warnings.warn(
                     "gradscope: the optimizer changed gradients in place during its step; "
