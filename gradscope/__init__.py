@@ -10,6 +10,7 @@ from gradscope.lab.data import DataError, Dataset, load_dataset
 from gradscope.lab.models import build_model, build_named
 from gradscope.recorder import NonfiniteEvent, Recorder, RecorderError, watch
 from gradscope.runs import Run, RunError, load_run
+from gradscope.version import __version__ as __version__
 
 __all__ = [
     "DataError",
@@ -27,5 +28,3 @@ __all__ = [
     "load_run",
     "watch",
 ]
-
-__version__ = "0.1.0"

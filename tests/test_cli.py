@@ -185,6 +185,7 @@ def test_train_cli_and_bad_input(tmp_path):
         assert bad.exit_code == 2 and message in bad.output, bad.output
 
 
+@pytest.mark.e2e
 def test_deep_digit_default_train_reaches_97_percent(mnist_root):
     result = subprocess.run(
         [sys.executable, "-m", "gradscope", "train", "--data-root", str(mnist_root)],
@@ -197,6 +198,7 @@ def test_deep_digit_default_train_reaches_97_percent(mnist_root):
     assert accuracy >= 97.0, result.stdout
 
 
+@pytest.mark.e2e
 def test_real_mnist_sweep_shows_vanishing_in_plain_not_preln(tmp_path, mnist_root):
     out = tmp_path / "mnist"
     result = runner.invoke(

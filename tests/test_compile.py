@@ -105,6 +105,7 @@ def test_compiled_rows_equal_eager_rows(name):
             torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["mlp", "preln"])
 def test_inductor_rows_match_eager_rows(name):
     """The default backend: step 0's recording within 1e-6 of eager's; the model's outputs
@@ -169,6 +170,7 @@ def test_recompiles_are_few_whatever_every_is():
         assert graphs <= alone + (0 if every == 1 else 1), (every, graphs, alone)
 
 
+@pytest.mark.e2e
 def test_subnormal_output_gradients_exact_under_compile():
     """A 60-layer ReLU stack under the default init: first-layer output gradients around
     1e-24 and below are summed in float64 inside the graph, as eager sums them."""

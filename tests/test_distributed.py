@@ -48,6 +48,7 @@ def test_ddp_and_fsdp_equal_single_process_on_the_global_batch(tmp_path):
         _compare(single, pd.read_parquet(tmp_path / f"{name}.parquet"))
 
 
+@pytest.mark.e2e
 def test_sweep_over_ranks_equals_single_process(tmp_path):
     args = [
         "--depths",
@@ -157,6 +158,7 @@ def test_gradient_accumulation_describes_the_accumulated_gradient():
         assert got[name] == pytest.approx(float(p.grad.double().norm()), rel=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_compiled_model_parameter_statistics():
     torch.manual_seed(0)
