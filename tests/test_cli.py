@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from gradscope.cli import app
 from gradscope.lab.sweep import RUN_COLUMNS
+from gradscope.runs import load_run
 
 runner = CliRunner()
 TINY = [
@@ -168,17 +169,21 @@ def test_sweep_missing_data_is_clear(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_train_cli_and_bad_input(tmp_path):
-    result = runner.invoke(
-        app,
-        ["train", "--model", "preln", "--depth", "2", "--dataset", "synthetic", "--epochs", "1"],
-    )
+def test_train_cli_records_a_run_folder_and_rejects_bad_input(tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", "preln", "--depth", "2", "--dataset", "synthetic", "--steps", "12"]
+    result = runner.invoke(app, ["train", *args, "--every", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "test accuracy" in result.output
+    assert "test accuracy" in result.output and str(out) in result.output
+    run = load_run(out)
+    assert sorted(run.frame["step"].unique()) == [0, 3, 6, 9]
+    assert (run.frame["stat"] == "loss").any() and (out / "report.html").is_file()
     for args, message in (
         (["--model", "vgg"], "unknown model"),
         (["--model", "plain", "--depth", "0"], "depth"),
-        (["--activation", "swish", "--model", "plain"], "unknown activation"),
+        (["--activation", "swish", "--model", "plain"], "'swish' is not one of"),
+        (["--optimizer", "lion"], "'lion' is not one of"),
+        (["--every", "0"], "--every"),
         (["--data-root", str(tmp_path)], "GRADSCOPE_DATA"),
     ):
         bad = runner.invoke(app, ["train", *args])
@@ -186,9 +191,10 @@ def test_train_cli_and_bad_input(tmp_path):
 
 
 @pytest.mark.e2e
-def test_deep_digit_default_train_reaches_97_percent(mnist_root):
+def test_deep_digit_default_train_reaches_97_percent(tmp_path, mnist_root):
     result = subprocess.run(
-        [sys.executable, "-m", "gradscope", "train", "--data-root", str(mnist_root)],
+        [sys.executable, "-m", "gradscope", "train", "--data-root", str(mnist_root)]
+        + ["--out", str(tmp_path / "run")],
         capture_output=True,
         text=True,
         timeout=600,

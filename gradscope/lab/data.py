@@ -7,12 +7,12 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import torch
 
 from gradscope.lab import download
+from gradscope.lab.choices import DatasetName
 
 ENV_VAR = "GRADSCOPE_DATA"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -27,12 +27,6 @@ _COUNTS = {"train": 60000, "test": 10000}
 # Per-pixel mean and std of the training images, the usual normalization constants.
 _NORMALIZE = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 _IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # unsigned bytes, 1 or 3 dimensions
-
-
-class DatasetName(StrEnum):
-    MNIST = "mnist"
-    FASHION_MNIST = "fashion-mnist"
-    SYNTHETIC = "synthetic"
 
 
 class DataError(RuntimeError):

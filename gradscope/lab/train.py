@@ -6,26 +6,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 from torch import nn
 
+from gradscope.lab.choices import OptimizerName, Schedule
 from gradscope.lab.data import Dataset, iterate_batches, subset
 from gradscope.recorder import Recorder
 
 EVAL_BATCH = 5000
-
-
-class OptimizerName(StrEnum):
-    SGD = "sgd"  # with momentum
-    ADAM = "adam"
-    ADAMW = "adamw"
-
-
-class Schedule(StrEnum):
-    CONSTANT = "constant"
-    COSINE = "cosine"
 
 
 DEFAULT_LR = {OptimizerName.SGD: 0.05, OptimizerName.ADAM: 1e-3, OptimizerName.ADAMW: 1e-3}
