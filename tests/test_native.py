@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradscope import native, stats
+from gradscope.recorder.stats import native
+from gradscope.recorder.stats import torch_ops as stats
 
 pytestmark = pytest.mark.usefixtures("kernels")
 

@@ -41,7 +41,7 @@ gradient, copy and parameter for everything else: five passes over memory in all
 
 Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
 to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
-(``gradscope.native``, compiled on first use) that accumulate in float64 and count non-finite
+(``gradscope.recorder.stats.native``, compiled on first use) that accumulate in float64 and count non-finite
 values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
 torch ops, as float32 cascade sums of squares redone in float64 where a square may have
 underflowed or overflowed; for those, module outputs and output gradients are held until the

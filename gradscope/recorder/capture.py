@@ -10,17 +10,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from gradscope import stats
-from gradscope.recorder.backends import (
-    ACT_FIELDS,
-    GRAD_FIELDS,
+from gradscope.recorder.compiled import GraphTaps
+from gradscope.recorder.stats import torch_ops as stats
+from gradscope.recorder.stats.backends import (
     Backend,
     Backends,
     Reader,
     cat_float64,
     stack_float64,
 )
-from gradscope.recorder.compiled import ACC_WIDTH, OUTPUTS_PER_MODULE, PROBE_WIDTH, GraphTaps
+from gradscope.recorder.stats.fields import GRAD, OUTPUT
 from gradscope.recorder.stats.units import unit_axis
 
 
@@ -63,10 +62,10 @@ class Tables:
     """A closed step's per-call statistics on the host, each in the common schema."""
 
     outputs: list[OutputCall]
-    output_stats: np.ndarray  # (calls, ACT_FIELDS)
+    output_stats: np.ndarray  # (calls, fields.OUTPUT)
     saturated: list[tuple[int, float]]  # (output call, values in the saturation band)
     grads: list[GradCall]
-    grad_stats: np.ndarray  # (calls, GRAD_FIELDS), unscaled
+    grad_stats: np.ndarray  # (calls, fields.GRAD), unscaled
     params: ParamRead | None
     param_values: list[np.ndarray] = field(default_factory=list)  # as ParamRead.values
     update_sumsq: np.ndarray | None = None
@@ -215,10 +214,10 @@ class StepCapture:
         saturated = reader.take(len(self.saturated))
         tables = Tables(
             outputs=self.outputs,
-            output_stats=_in_call_order(self.outputs, act_tables, len(ACT_FIELDS)),
+            output_stats=_in_call_order(self.outputs, act_tables, len(OUTPUT)),
             saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)],
             grads=self.grads,
-            grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD_FIELDS)),
+            grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD)),
             params=self.params,
         )
         if graph is not None:
@@ -258,47 +257,23 @@ def _graph_tables(
 ) -> None:
     """Adds the calls the compiled graphs recorded (one per module output and step; one per
     output gradient and backward with a GradScaler, else per step) to the step's tables."""
-    fields, per_module = stats.ROW_FIELDS, OUTPUTS_PER_MODULE
-    slots = len(graph.labels) * per_module
     if graph.outputs:
-        acc = reader.take(slots * ACC_WIDTH).reshape(-1, ACC_WIDTH)
-        used = np.flatnonzero(acc[:, fields.index("count")] > 0)
-        rows = acc[used]
+        out = graph.decode_outputs(reader)
         first = len(tables.outputs)
-        counts = rows[:, fields.index("count")].astype(np.int64).tolist()
         tables.outputs = tables.outputs + [
-            OutputCall(label, n, graph)
-            for label, n in zip(graph.slot_labels(used), counts, strict=True)
+            OutputCall(label, n, graph) for label, n in zip(out.labels, out.numel, strict=True)
         ]
-        tables.output_stats = np.vstack([tables.output_stats, rows[:, : len(ACT_FIELDS)]])
-        bounded = np.flatnonzero(graph.bounded[used])
-        tables.saturated = tables.saturated + list(
-            zip(
-                (first + bounded).tolist(),
-                rows[bounded, fields.index("saturated")].tolist(),
-                strict=True,
-            )
-        )
+        tables.output_stats = np.vstack([tables.output_stats, out.table])
+        tables.saturated = tables.saturated + [(first + i, v) for i, v in out.saturated]
     if not graph.grads:
         return
-    if graph.per_backward:  # each backward's rows of one module, in backward order
-        modules = np.array([m for m, _, _ in backwards], dtype=np.int64)
-        owner = (modules[:, None] * per_module + np.arange(per_module)).ravel()
-        scale = np.repeat(np.array([s for _, s, _ in backwards], dtype=np.int64), per_module)
-        grads = reader.take(len(owner) * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)
-    else:  # summed over the step's backwards; in backward order: the last module first
-        owner = np.arange(slots).reshape(-1, per_module)[::-1].ravel()
-        scale = np.full(slots, -1, dtype=np.int64)
-        grads = reader.take(slots * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)[owner]
-    seen = grads[:, -1] > 0
-    if seen.any():
-        owner, scale, grads = owner[seen], scale[seen], grads[seen]
-        samples = grads[:, -1].astype(np.int64).tolist()
+    grads = graph.decode_grads(reader, backwards)
+    if grads.labels:
         tables.grads = tables.grads + [
             GradCall(label, n, graph, k)
-            for label, n, k in zip(graph.slot_labels(owner), samples, scale.tolist(), strict=True)
+            for label, n, k in zip(grads.labels, grads.samples, grads.scale, strict=True)
         ]
-        tables.grad_stats = np.vstack([tables.grad_stats, grads[:, : len(GRAD_FIELDS)]])
+        tables.grad_stats = np.vstack([tables.grad_stats, grads.table])
 
 
 def _in_call_order(

@@ -16,7 +16,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from gradscope import distributed
+from gradscope.recorder import distributed
 from gradscope.recorder.capture import Tables
 from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.reduce import ParamLayout, Reducer, step_key

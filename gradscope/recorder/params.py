@@ -14,7 +14,7 @@ gradients and parameters, with no update.
 
 Values stay on the device until the step's one transfer (capture.py); `recount` then redoes
 in float64 the torch-op sums that may have lost squares. Which backend computes them (C
-kernels or torch ops) is chosen in backends.param_stats.
+kernels or torch ops) is chosen in stats/backends.py (choose).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.recorder.backends import param_stats, recount_params, second_moments
 from gradscope.recorder.capture import ParamRead, Part, Tables, strided, version
+from gradscope.recorder.stats.backends import param_stats, recount_params, second_moments
 
 Local = Callable[[torch.Tensor], torch.Tensor]
 _STRIDED = torch.strided

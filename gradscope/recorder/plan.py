@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from gradscope import distributed
-from gradscope.recorder import hooks
+from gradscope.recorder import distributed, hooks
 from gradscope.recorder.reduce import ParamLayout
 from gradscope.recorder.stats import units
 

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradscope import distributed
 from gradscope.diagnose import OnlineDiagnosis
-from gradscope.recorder import hooks
+from gradscope.recorder import distributed, hooks
 from gradscope.recorder.capture import StepCapture, band
 from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
 from gradscope.recorder.deferred import DeferredRows

@@ -1,6 +1,6 @@
 """One-pass C kernels for the recorder's statistics of CPU tensors, compiled on first use.
 
-`kernels.c` is compiled with the system C compiler (``cc``, or ``$CC``) into
+`kernels.c` fills the rows of fields.py (OUTPUT_FIELDS, GRAD_FIELDS) and is compiled with the system C compiler (``cc``, or ``$CC``) into
 ``~/.cache/gradscope/native/`` (or ``$GRADSCOPE_CACHE``) the first time it is needed (about
 0.2 s), keyed by the source, the compiler flags and this CPU. Every statistic the kernels
 give is also computed, more slowly, by plain torch ops: where no compiler is found, where
@@ -33,6 +33,7 @@ FLAGS = [
     ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"],
 ]
 MOMENT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite")
+OUTPUT_FIELDS = (*MOMENT_FIELDS, "dead_units", "units")  # output_row()'s row
 GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -219,14 +220,6 @@ class ParamStats:
         return all(
             p.dtype is dtype and p.is_cpu and p.numel() == sizes[i]
             for i, p in zip(present, params, strict=True)
-        )
-
-    @staticmethod
-    def usable(tensors: list[torch.Tensor]) -> bool:
-        return (
-            bool(tensors)
-            and all(takes(t) for t in tensors)
-            and len({t.dtype for t in tensors}) == 1
         )
 
     def _present(self, present: list[int]) -> tuple[int, int]:

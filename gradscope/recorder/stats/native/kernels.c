@@ -2,7 +2,7 @@
  *
  * Every sum is accumulated in double, so sums of squares are exact to ~1e-16 relative even
  * for float32 subnormals (1e-39 squares to 1e-78, fine in double) and never overflow (a
- * float32 square is at most 1.2e77). Compiled on first use by gradscope/native/__init__.py;
+ * float32 square is at most 1.2e77). Compiled on first use by native/__init__.py;
  * where no compiler is found the recorder computes the same statistics with torch ops.
  *
  * The parameter kernels read a whole model's tensors at once: their elements, taken as one

@@ -1,31 +1,50 @@
 """Two ways to compute the statistics of a module output or an output gradient, with the same
-results in the same schema: the C kernels (CPU float32/float64 tensors, exact as they go) and
-torch ops (every other tensor: cascade sums on the device, recounted in float64 where a square
-may have under- or overflowed). Which one takes a tensor is decided in `Backends.for_tensor`,
-and for the parameters in `param_stats`; nothing else in the recorder tells them apart.
+results in the same rows (fields.OUTPUT, fields.GRAD): the C kernels (CPU float32/float64
+tensors, exact as they go) and torch ops (every other tensor: cascade sums on the device,
+recounted in float64 where a square may have under- or overflowed). Which one takes a tensor
+is decided in one function, `choose`, for module outputs, output gradients and parameters;
+nothing else in the recorder tells them apart. (The third, compiled graphs, is chosen at
+attach for a compiled model: recorder/compiled.py, rows from graph_ops.py.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from gradscope import native, stats
+from gradscope.recorder.stats import native
+from gradscope.recorder.stats import torch_ops as stats
+from gradscope.recorder.stats.fields import GRAD, OUTPUT
 from gradscope.recorder.stats.units import unit_shape
 
-# The per-call schema both backends fill, in this order: an output's moments (reduced over
-# calls and ranks by sum, except min and max), its dead units (min) and units (max), and an
-# output gradient's sums.
-ACT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite", "dead_units", "units")
-GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
-assert ACT_FIELDS[:6] == native.MOMENT_FIELDS and GRAD_FIELDS == native.GRAD_FIELDS
+# the C kernels write the rows in the schema's order
+assert OUTPUT.names == native.OUTPUT_FIELDS and GRAD.names == native.GRAD_FIELDS
+
+
+class Path(StrEnum):
+    """Which implementation computes a tensor's statistics."""
+
+    KERNELS = "kernels"
+    TORCH = "torch"
+
+
+def choose(tensors: Sequence[torch.Tensor]) -> Path:
+    """The C kernels where they take every tensor (CPU float32/float64, kernels built; one
+    dtype for a group of parameters), else torch ops: the one place that chooses."""
+    if not tensors or not all(native.takes(t) for t in tensors):
+        return Path.TORCH
+    if len(tensors) > 1 and len({t.dtype for t in tensors}) > 1:
+        return Path.TORCH
+    return Path.KERNELS
 
 
 # tables of no calls, by width (read-only: shared by every step)
-_NO_ROWS = {width: np.zeros((0, width)) for width in (len(ACT_FIELDS), len(GRAD_FIELDS))}
+_NO_ROWS = {width: np.zeros((0, width)) for width in (len(OUTPUT), len(GRAD))}
 for _table in _NO_ROWS.values():
     _table.flags.writeable = False
 
@@ -68,11 +87,11 @@ class Backend(Protocol):
         ...
 
     def activation_table(self, reader: Reader) -> np.ndarray:
-        """(calls, ACT_FIELDS), exact, in the order the calls were made."""
+        """(calls, fields.OUTPUT), exact, in the order the calls were made."""
         ...
 
     def grad_table(self, reader: Reader) -> np.ndarray:
-        """(calls, GRAD_FIELDS), exact, in the order the calls were made."""
+        """(calls, fields.GRAD), exact, in the order the calls were made."""
         ...
 
     def reset(self) -> None: ...
@@ -82,8 +101,8 @@ class NativeBackend:
     """The C kernels: each call's exact row written straight into a host table."""
 
     def __init__(self) -> None:
-        self._acts = _HostRows(len(ACT_FIELDS))
-        self._grads = _HostRows(len(GRAD_FIELDS))
+        self._acts = _HostRows(len(OUTPUT))
+        self._grads = _HostRows(len(GRAD))
 
     def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
         native.output_row(tensor, unit_shape(tensor.shape, axis), self._acts.take(1))
@@ -123,7 +142,7 @@ class TorchBackend:
         self.reset()
 
     def reset(self) -> None:
-        self._moments: list[torch.Tensor] = []  # stats.ACT_FIELDS of each call, flat
+        self._moments: list[torch.Tensor] = []  # stats.DEVICE_FIELDS of each call, flat
         self._outputs: list[torch.Tensor] = []
         self._units: list[int] = []
         self._sample_sumsq: list[torch.Tensor] = []
@@ -138,7 +157,7 @@ class TorchBackend:
         self._units.append((1 if axis is None else tensor.shape[axis]) if tensor.numel() else 0)
 
     def repeat_moments(self) -> None:
-        self._moments.extend(self._moments[-len(stats.ACT_FIELDS) :])
+        self._moments.extend(self._moments[-len(stats.DEVICE_FIELDS) :])
         self._outputs.append(self._outputs[-1])
         self._units.append(self._units[-1])
 
@@ -163,31 +182,33 @@ class TorchBackend:
 
     def activation_table(self, reader: Reader) -> np.ndarray:
         if not self._outputs:  # the usual case on the CPU: the kernels took every call
-            return _NO_ROWS[len(ACT_FIELDS)]
-        fields = len(stats.ACT_FIELDS)  # sum, min, max, nonzero, sumsq, dead_units
-        raw = reader.take(fields * len(self._outputs)).reshape(-1, fields)
-        table = np.zeros((len(self._outputs), len(ACT_FIELDS)))
-        table[:, :5] = raw[:, [0, 4, 1, 2, 3]]
-        table[:, 6] = raw[:, 5]
-        table[:, 7] = self._units
+            return _NO_ROWS[len(OUTPUT)]
+        fields = stats.DEVICE_FIELDS
+        raw = reader.take(len(fields) * len(self._outputs)).reshape(-1, len(fields))
+        table = np.zeros((len(self._outputs), len(OUTPUT)))
+        col = OUTPUT.columns(table)
+        for k, name in enumerate(fields):
+            col[name][:] = raw[:, k]
+        col["units"][:] = self._units
         numel = np.array([t.numel() for t in self._outputs], dtype=np.float64)
-        suspect = ~np.isfinite(table).all(axis=1) | stats.needs_exact(table[:, 1], numel)
+        suspect = ~np.isfinite(table).all(axis=1) | stats.needs_exact(col["sumsq"], numel)
         for i in np.flatnonzero(suspect):  # recount from the held output
             tensor = self._outputs[i]
-            table[i, 1] = float(stats.exact_norm(tensor)) ** 2
+            col["sumsq"][i] = float(stats.exact_norm(tensor)) ** 2
             if not np.isfinite(table[i]).all():
-                table[i, 5] = stats.count_nonfinite(tensor)
-                table[i, 4] = float(torch.count_nonzero(tensor))
+                col["nonfinite"][i] = stats.count_nonfinite(tensor)
+                col["nonzero"][i] = float(torch.count_nonzero(tensor))
                 finite = tensor[~torch.isnan(tensor)]  # extremes ignore NaN, as the kernels do
-                table[i, 2:4] = (
-                    [float(finite.min()), float(finite.max())] if finite.numel() else np.nan
-                )
+                lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (
+                    math.nan, math.nan,
+                )  # fmt: skip
+                col["min"][i], col["max"][i] = lo, hi
         return table
 
     def grad_table(self, reader: Reader) -> np.ndarray:
         if not self._grads:
-            return _NO_ROWS[len(GRAD_FIELDS)]
-        table = np.zeros((len(self._grads), len(GRAD_FIELDS)))
+            return _NO_ROWS[len(GRAD)]
+        table = np.zeros((len(self._grads), len(GRAD)))
         sample_sumsq = reader.take(sum(samples for _, samples in self._grads))
         start = 0
         for c, (grad, samples) in enumerate(self._grads):
@@ -210,7 +231,7 @@ class Backends:
         self.all: tuple[Backend, ...] = (self.native, self.torch)
 
     def for_tensor(self, tensor: torch.Tensor) -> Backend:
-        return self.native if native.takes(tensor) else self.torch
+        return self.native if choose((tensor,)) is Path.KERNELS else self.torch
 
     def reset(self) -> None:
         for backend in self.all:
@@ -220,7 +241,7 @@ class Backends:
 def param_stats(tensors: list[torch.Tensor]) -> stats.FlatStats | native.ParamStats:
     """Parameter statistics (with their buffers): the C kernels where they take every
     parameter (CPU, one float dtype), else torch ops over flat size-grouped buffers."""
-    if native.ParamStats.usable(tensors):
+    if choose(tensors) is Path.KERNELS:
         return native.ParamStats(tensors)
     return stats.FlatStats(tensors)
 

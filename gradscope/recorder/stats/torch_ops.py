@@ -1,7 +1,6 @@
-"""Tensor -> tensor statistics in additive form, and the stats derived from them.
-
-Moments add across calls, micro-batches and ranks: merge them, then derive norms, means and
-fractions. Sums of squares of float32 tensors use torch's cascade summation of the squares,
+"""The per-call statistics computed with torch ops (any device, any float dtype), in additive
+form: they add across calls, micro-batches and ranks (fields.py), and derive.py turns them
+into norms, means and fractions. Sums of squares of float32 tensors use torch's cascade summation of the squares,
 accurate to ~1e-7 relative at any length; where a square may have underflowed (subnormal
 values: first-layer gradients at depth 100 are about 1e-39) or overflowed, the result is
 flagged by `needs_exact` and the recorder redoes it in float64. Work buffers are reused
@@ -10,15 +9,15 @@ flagged by `needs_exact` and the recorder redoes it in float64. Work buffers are
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
 import torch
 from torch import nn
 
-# activation moments of one module call, in the output's float dtype
-ACT_FIELDS = ("sum", "min", "max", "nonzero", "sumsq", "dead_units")
+# the fields.OUTPUT values activation_moments computes on the device, in the output's float
+# dtype (nonfinite and units are filled on the host: backends.TorchBackend)
+DEVICE_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "dead_units")
 
 SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of that bound
 # a float32 sum of n squares is exact to ~1e-7 relative unless some squares left the normal
@@ -80,7 +79,7 @@ def dead_units(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 def activation_moments(
     x: torch.Tensor, scratch: Scratch, axis: int | None
 ) -> tuple[torch.Tensor, ...]:
-    """Moments of one tensor (ACT_FIELDS) as 0-d tensors; no host sync.
+    """DEVICE_FIELDS of one tensor as 0-d tensors; no host sync.
 
     (Stacking them per call would cost more than the sums: callers stack many calls at once.)
     Sums are float32 cascade sums (~1e-8 relative). `nonzero` counts inf and NaN only
@@ -100,7 +99,7 @@ def activation_moments(
     sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
     nonzero = torch.ne(x, 0, out=work).sum(dtype=acc)  # 1.0 for each non-zero
     dead = dead_units(x, axis).to(acc) if x.numel() else torch.zeros((), dtype=acc, device=x.device)
-    return torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq, dead
+    return torch.sum(x, dtype=acc), sumsq, lo.to(acc), hi.to(acc), nonzero, dead
 
 
 def saturation_band(bounds: tuple[float, float]) -> tuple[float, float]:
@@ -129,111 +128,6 @@ def needs_exact(sumsq: np.ndarray, numel: int | np.ndarray) -> np.ndarray:
     return (values < np.asarray(numel) * _TINY_SQUARE) | ~(values < np.finfo(np.float32).max)
 
 
-def activation_stats(
-    total: np.ndarray,
-    sumsq: np.ndarray,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    nonzero: np.ndarray,
-    count: np.ndarray,
-    nonfinite: np.ndarray,
-    dead: np.ndarray,
-    units: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """Derives mean, std, rms, zero_frac, min, max, nonfinite, dead_units and units from
-    merged moments (arrays)."""
-    n = np.maximum(count, 1.0)
-    mean = total / n
-    with np.errstate(invalid="ignore", over="ignore"):
-        var = np.maximum(sumsq / n - mean * mean, 0.0)
-        return {
-            "mean": mean,
-            "std": np.sqrt(var),
-            "rms": np.sqrt(sumsq / n),
-            "zero_frac": (count - nonzero) / n,
-            "min": lo,
-            "max": hi,
-            "nonfinite": nonfinite.astype(np.float64),
-            "dead_units": dead,
-            "units": units,
-        }
-
-
-# one output's row inside a compiled graph (all float64): ACT_FIELDS of the recorder's
-# schema, then the number of values and of saturated values
-ROW_FIELDS = (
-    "sum", "sumsq", "min", "max", "nonzero", "nonfinite", "dead_units", "units", "count",
-    "saturated",
-)  # fmt: skip
-# one output gradient's row: the recorder's GRAD_FIELDS, then the number of samples
-GRAD_ROW_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples", "samples")
-
-
-def output_row(x: torch.Tensor, band: tuple[float, float] | None, axis: int | None) -> torch.Tensor:
-    """ROW_FIELDS of one tensor: sums accumulated in float64 (exact at subnormal values),
-    extremes and counts in the tensor's own dtype (exact there too); extremes ignore NaN.
-    Pure torch ops with no host sync, so that a compiled graph fuses them into one pass
-    (on a CPU, only the sums pay for float64: ~3x cheaper than everything in float64)."""
-    x = x.detach()
-    wide = x.to(torch.float64)
-    number = x == x  # not NaN
-    if x.numel():
-        lo = torch.where(number, x, math.inf).amin().to(torch.float64)
-        hi = torch.where(number, x, -math.inf).amax().to(torch.float64)
-    else:
-        lo, hi = wide.new_full((), math.inf), wide.new_full((), -math.inf)
-    if band is not None:
-        saturated = (wide - band[0]).abs().ge(band[1]).sum().to(torch.float64)
-    else:
-        saturated = wide.new_zeros(())
-    return torch.stack(
-        [
-            wide.sum(),
-            (wide * wide).sum(),
-            lo,
-            hi,
-            x.ne(0).sum().to(torch.float64),
-            (x - x).ne(0).sum().to(torch.float64),  # inf - inf and NaN - NaN are NaN
-            dead_units(x, axis).to(torch.float64) if x.numel() else wide.new_zeros(()),
-            wide.new_full((), (1 if axis is None else x.shape[axis]) if x.numel() else 0),
-            torch.full((), x.numel(), dtype=torch.float64, device=x.device),
-            saturated,
-        ]
-    )
-
-
-def fold_rows(before: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Two ROW_FIELDS rows of one module merged: sums add, extremes and the dead units take
-    min, the units max."""
-    return torch.cat(
-        [
-            before[:2] + row[:2],
-            torch.minimum(before[2:3], row[2:3]),
-            torch.maximum(before[3:4], row[3:4]),
-            before[4:6] + row[4:6],
-            torch.minimum(before[6:7], row[6:7]),
-            torch.maximum(before[7:8], row[7:8]),
-            before[8:] + row[8:],
-        ]
-    )
-
-
-def grad_row(g: torch.Tensor) -> torch.Tensor:
-    """GRAD_ROW_FIELDS of one output gradient (samples along the first dimension), float64."""
-    g = g.detach()
-    rows = g.reshape(1, 1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
-    sumsq = (rows.to(torch.float64) ** 2).sum(dim=1)
-    norms = sumsq.sqrt()
-    return torch.stack(
-        [
-            sumsq.sum(),
-            norms.sum(),
-            torch.isfinite(norms).logical_not().sum().to(torch.float64),
-            sumsq.new_ones(sumsq.shape).sum(),
-        ]
-    )
-
-
 def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> torch.Tensor:
     """Per-sample sums of squares (samples along the first dimension), cascade-summed."""
     g = g.detach()
@@ -241,17 +135,6 @@ def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> torch.Tensor:
     if rows.dtype not in (torch.float32, torch.float64):
         rows = rows.float()
     return torch.mul(rows, rows, out=scratch.like(rows)).sum(dim=1)
-
-
-def grad_stats(
-    samples: np.ndarray, sumsq: np.ndarray, sample_norm_sum: np.ndarray, nonfinite: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Derives `norm` over the batch, `sample_norm` (mean per-sample norm) and `nonfinite`."""
-    return {
-        "norm": np.sqrt(sumsq),
-        "sample_norm": sample_norm_sum / np.maximum(samples, 1.0),
-        "nonfinite": nonfinite.astype(np.float64),
-    }
 
 
 class FlatStats:
