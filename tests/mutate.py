@@ -45,8 +45,8 @@ MUTATIONS = [
     Mutation(
         "zero_frac counts x > 0 instead of x != 0 (torch-op path)",
         "gradscope/recorder/stats/torch_ops.py",
-        "torch.ne(x, 0, out=work)",
-        "torch.gt(x, 0, out=work)",
+        "[torch.count_nonzero(x), dead_units(x, axis), nonfinite]",
+        "[torch.count_nonzero(x.gt(0)), dead_units(x, axis), nonfinite]",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
@@ -62,8 +62,8 @@ MUTATIONS = [
     Mutation(
         "GradScaler: a skipped step's gradients divided by the next step's scale",
         "gradscope/recorder/capture.py",
-        "np.array([scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads])",
-        "np.full(len(tables.grads), now)",
+        "[scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads]",
+        "[now for g in tables.grads]",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
@@ -292,9 +292,9 @@ MUTATIONS = [
     ),
     Mutation(
         "parameters: torch-op sums of squares never recounted in float64",
-        "gradscope/recorder/params.py",
-        "        tensors, grads = self._after\n",
-        "        tensors, grads = self._after\n        return\n",
+        "gradscope/recorder/stats/backends.py",
+        "    if numel is None:  # exact already\n",
+        "    if True:  # exact already\n",
         ("tests/test_recorder.py", "tests/test_native.py"),
     ),
 ]

@@ -64,18 +64,23 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
+def _transferred(backend: NativeBackend | TorchBackend) -> tuple[np.ndarray, np.ndarray]:
+    """The backend's tables read back as after the step's transfer."""
+    parts = backend.device_parts()
+    flat = torch.cat([p.reshape(-1).double() for p in parts]).numpy() if parts else np.zeros(0)
+    return backend.decoder()(Reader(flat))
+
+
 def _torch_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     backend = TorchBackend()
     backend.moments(x, axis)
-    parts = backend.device_parts()
-    flat = torch.cat([p.flatten() for p in parts]).numpy()
-    return backend.activation_table(Reader(flat))[0]
+    return _transferred(backend)[0][0]
 
 
 def _native_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     backend = NativeBackend()
     backend.moments(x, axis)
-    return backend.activation_table(Reader(np.zeros(0)))[0].copy()
+    return _transferred(backend)[0][0]
 
 
 def _graph_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
@@ -132,14 +137,13 @@ def test_output_fields_agree_with_float64_references(path, name, kernels):
 def _torch_grad_row(g: torch.Tensor) -> np.ndarray:
     backend = TorchBackend()
     backend.grad(g, g.shape[0])
-    flat = torch.cat([p.flatten() for p in backend.device_parts()]).numpy()
-    return backend.grad_table(Reader(flat))[0]
+    return _transferred(backend)[1][0]
 
 
 def _native_grad_row(g: torch.Tensor) -> np.ndarray:
     backend = NativeBackend()
     backend.grad(g, g.shape[0])
-    return backend.grad_table(Reader(np.zeros(0)))[0].copy()
+    return _transferred(backend)[1][0]
 
 
 def _graph_grad_row(g: torch.Tensor) -> np.ndarray:

@@ -352,9 +352,12 @@ class Recorder(RecorderResults):
             self._capture.params = read
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-        tables, scales = self._capture.collect(updates, scale, geometry)
-        if read is not None:
-            self._params.recount(read, tables)
+        # the transfer is read when it has arrived (this step on the CPU, a later one on a
+        # device): _finish then makes the step's rows
+        self._rows.pend(step, self._capture.collect(updates, scale, geometry), self._finish)
+
+    def _finish(self, step: int, tables: Any, scales: Any) -> None:
+        """A closed step's statistics, read on the host: origins, rows, online diagnosis."""
         origins = nonfinite_origins(tables)
         for phase, layer in origins.items():
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))

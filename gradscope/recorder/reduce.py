@@ -262,8 +262,10 @@ def _params(
     else:
         names = [layout.names[i] for i in present]
         ndims, sharded = layout.ndims[present], layout.sharded[present]
+    values = [t.param_values for t in batch]
     grad_sumsq, grad_max, nonfinite, param_sumsq = (
-        np.stack([t.param_values[k] for t in batch]) for k in range(4)
+        np.stack([getattr(v, name) for v in values])
+        for name in ("grad_sumsq", "grad_max", "nonfinite", "param_sumsq")
     )
     update_sumsq = _stacked([t.update_sumsq for t in batch])
     dot = _stacked([t.update_dot for t in batch])

@@ -10,7 +10,7 @@ attach for a compiled model: recorder/compiled.py, rows from graph_ops.py.)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Protocol
 
@@ -65,6 +65,9 @@ class Reader:
         return part if isinstance(part, np.ndarray) else self.take(part.numel())
 
 
+Decoder = Callable[[Reader], tuple[np.ndarray, np.ndarray]]
+
+
 class Backend(Protocol):
     """Per-call statistics of one step's module outputs and output gradients."""
 
@@ -86,12 +89,10 @@ class Backend(Protocol):
         """What must come to the host in the step's one transfer, in the order read back."""
         ...
 
-    def activation_table(self, reader: Reader) -> np.ndarray:
-        """(calls, fields.OUTPUT), exact, in the order the calls were made."""
-        ...
-
-    def grad_table(self, reader: Reader) -> np.ndarray:
-        """(calls, fields.GRAD), exact, in the order the calls were made."""
+    def decoder(self) -> Decoder:
+        """Reads this step's rows back from the transferred vector, later: (calls,
+        fields.OUTPUT) and (calls, fields.GRAD), exact, in call order. Keeps what it needs
+        of the step (the backend is reset for the next)."""
         ...
 
     def reset(self) -> None: ...
@@ -122,11 +123,13 @@ class NativeBackend:
     def device_parts(self) -> list[torch.Tensor]:
         return []
 
-    def activation_table(self, reader: Reader) -> np.ndarray:
-        return self._acts.rows()
-
-    def grad_table(self, reader: Reader) -> np.ndarray:
-        return self._grads.rows()
+    def decoder(self) -> Decoder:
+        acts, grads = self._acts.rows(), self._grads.rows()
+        tables = (
+            acts.copy() if len(acts) else _NO_ROWS[len(OUTPUT)],
+            grads.copy() if len(grads) else _NO_ROWS[len(GRAD)],
+        )
+        return lambda reader: tables
 
     def reset(self) -> None:
         self._acts.reset()
@@ -134,92 +137,111 @@ class NativeBackend:
 
 
 class TorchBackend:
-    """Torch ops on the tensor's device; outputs and gradients are held until the step closes
-    so that sums that may have lost squares (or met inf/NaN) are recounted exactly."""
+    """Torch ops on the tensor's device: each call's values stay there until the step's one
+    transfer; the float32 sums of squares or their float64 recounts are chosen on the host
+    (torch_ops.exact_sumsq), so no tensor is kept and nothing waits for the device."""
 
     def __init__(self) -> None:
         self._scratch = stats.Scratch()
         self.reset()
 
     def reset(self) -> None:
-        self._moments: list[torch.Tensor] = []  # stats.DEVICE_FIELDS of each call, flat
-        self._outputs: list[torch.Tensor] = []
+        # per call, flat: torch_ops.MOMENTS, torch_ops.COUNTS, the float64 norm
+        self._moments: list[torch.Tensor] = []
+        self._counts: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
+        self._numel: list[int] = []
         self._units: list[int] = []
+        # per gradient call: the per-sample float32 sums and float64 norms, samples, numel
         self._sample_sumsq: list[torch.Tensor] = []
-        self._grads: list[tuple[torch.Tensor, int]] = []
+        self._sample_norms: list[torch.Tensor] = []
+        self._grads: list[tuple[int, int]] = []
 
     def clear(self) -> None:
         self._scratch.clear()
 
     def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        self._moments.extend(stats.activation_moments(tensor, self._scratch, axis))
-        self._outputs.append(tensor)
+        moments, counts, norm = stats.activation_moments(tensor, self._scratch, axis)
+        self._moments.extend(moments)
+        self._counts.extend(counts)
+        self._norms.append(norm)
+        self._numel.append(tensor.numel())
         self._units.append((1 if axis is None else tensor.shape[axis]) if tensor.numel() else 0)
 
     def repeat_moments(self) -> None:
-        self._moments.extend(self._moments[-len(stats.DEVICE_FIELDS) :])
-        self._outputs.append(self._outputs[-1])
+        self._moments.extend(self._moments[-len(stats.MOMENTS) :])
+        self._counts.extend(self._counts[-len(stats.COUNTS) :])
+        self._norms.append(self._norms[-1])
+        self._numel.append(self._numel[-1])
         self._units.append(self._units[-1])
 
     def repeat_grad(self) -> None:
         self._sample_sumsq.append(self._sample_sumsq[-1])
+        self._sample_norms.append(self._sample_norms[-1])
         self._grads.append(self._grads[-1])
 
     def saturated(self, tensor: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
         return stats.saturated_count(tensor, band)
 
     def grad(self, grad: torch.Tensor, samples: int) -> None:
-        self._sample_sumsq.append(stats.sample_sumsq(grad, self._scratch))
-        self._grads.append((grad, samples))
+        sumsq, norms = stats.sample_sumsq(grad, self._scratch)
+        self._sample_sumsq.append(sumsq)
+        self._sample_norms.append(norms)
+        self._grads.append((samples, grad.numel()))
 
     def device_parts(self) -> list[torch.Tensor]:
-        parts = []
-        if self._moments:
-            parts.append(stack_float64(self._moments))
-        if self._sample_sumsq:
-            parts.append(cat_float64(self._sample_sumsq))
-        return parts
+        return [
+            *self._moments,
+            *self._counts,
+            *self._norms,
+            *self._sample_sumsq,
+            *self._sample_norms,
+        ]
 
-    def activation_table(self, reader: Reader) -> np.ndarray:
-        if not self._outputs:  # the usual case on the CPU: the kernels took every call
-            return _NO_ROWS[len(OUTPUT)]
-        fields = stats.DEVICE_FIELDS
-        raw = reader.take(len(fields) * len(self._outputs)).reshape(-1, len(fields))
-        table = np.zeros((len(self._outputs), len(OUTPUT)))
-        col = OUTPUT.columns(table)
-        for k, name in enumerate(fields):
-            col[name][:] = raw[:, k]
-        col["units"][:] = self._units
-        numel = np.array([t.numel() for t in self._outputs], dtype=np.float64)
-        suspect = ~np.isfinite(table).all(axis=1) | stats.needs_exact(col["sumsq"], numel)
-        for i in np.flatnonzero(suspect):  # recount from the held output
-            tensor = self._outputs[i]
-            col["sumsq"][i] = float(stats.exact_norm(tensor)) ** 2
-            if not np.isfinite(table[i]).all():
-                col["nonfinite"][i] = stats.count_nonfinite(tensor)
-                col["nonzero"][i] = float(torch.count_nonzero(tensor))
-                finite = tensor[~torch.isnan(tensor)]  # extremes ignore NaN, as the kernels do
-                lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (
-                    math.nan, math.nan,
-                )  # fmt: skip
-                col["min"][i], col["max"][i] = lo, hi
-        return table
+    def decoder(self) -> Decoder:
+        numel = np.array(self._numel, dtype=np.float64)
+        units = np.array(self._units, dtype=np.float64)
+        grads = list(self._grads)
+        return lambda reader: (_output_table(reader, numel, units), _grad_table(reader, grads))
 
-    def grad_table(self, reader: Reader) -> np.ndarray:
-        if not self._grads:
-            return _NO_ROWS[len(GRAD)]
-        table = np.zeros((len(self._grads), len(GRAD)))
-        sample_sumsq = reader.take(sum(samples for _, samples in self._grads))
-        start = 0
-        for c, (grad, samples) in enumerate(self._grads):
-            sumsq = sample_sumsq[start : start + samples]
-            start += samples
-            if stats.needs_exact(sumsq, grad.numel() // max(samples, 1)).any():
-                matrix = grad.reshape(1, -1) if grad.dim() == 0 else grad.reshape(samples, -1)
-                sumsq = np.square(stats.exact_norm(matrix, dim=1).cpu().numpy())
-            norms = np.sqrt(sumsq)
-            table[c] = sumsq.sum(), norms.sum(), np.count_nonzero(~np.isfinite(norms))
-        return table
+
+def _output_table(reader: Reader, numel: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """TorchBackend's output rows as transferred -> (calls, fields.OUTPUT)."""
+    calls = len(numel)
+    if not calls:  # the usual case on the CPU: the kernels took every call
+        return _NO_ROWS[len(OUTPUT)]
+    moments = reader.take(len(stats.MOMENTS) * calls).reshape(calls, -1)
+    counts = reader.take(len(stats.COUNTS) * calls).reshape(calls, -1)
+    norms = reader.take(calls)
+    table = np.zeros((calls, len(OUTPUT)))
+    col = OUTPUT.columns(table)
+    for values, names in ((moments, stats.MOMENTS), (counts, stats.COUNTS)):
+        for k, name in enumerate(names):
+            col[name][:] = values[:, k]
+    col["units"][:] = units
+    # the float64 recount where the float32 sum of squares may have lost squares, or where
+    # a value is inf or NaN
+    recount = ~np.isfinite(col["sum"]) | stats.needs_exact(col["sumsq"], numel)
+    col["sumsq"][recount] = np.square(norms[recount])
+    return table
+
+
+def _grad_table(reader: Reader, grads: list[tuple[int, int]]) -> np.ndarray:
+    """TorchBackend's gradient rows as transferred -> (calls, fields.GRAD)."""
+    if not grads:
+        return _NO_ROWS[len(GRAD)]
+    total = sum(samples for samples, _ in grads)
+    sample_sumsq, sample_norms = reader.take(total), reader.take(total)
+    table = np.zeros((len(grads), len(GRAD)))
+    start = 0
+    for c, (samples, numel) in enumerate(grads):
+        sumsq = sample_sumsq[start : start + samples]
+        if stats.needs_exact(sumsq, numel // max(samples, 1)).any():
+            sumsq = np.square(sample_norms[start : start + samples])
+        start += samples
+        norms = np.sqrt(sumsq)
+        table[c] = sumsq.sum(), norms.sum(), np.count_nonzero(~np.isfinite(norms))
+    return table
 
 
 class Backends:
@@ -246,34 +268,26 @@ def param_stats(tensors: list[torch.Tensor]) -> stats.FlatStats | native.ParamSt
     return stats.FlatStats(tensors)
 
 
-def recount_params(
-    flat: stats.FlatStats | native.ParamStats,
-    present: list[int],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    values: list[np.ndarray],
-    update_sumsq: np.ndarray | None,
-) -> None:
-    """Redoes in float64, in place, the torch-op sums where a float32 square may have under-
-    or overflowed, and counts non-finite gradient values (the kernels' sums are exact).
-
-    `params` and `grads`: each present parameter and its gradient as this rank holds them
-    (after the update); `values`: the read's grad sumsq, grad max, nonfinite, param sumsq.
-    """
-    if flat.exact:
-        return
-    grad_sumsq, _, nonfinite, param_sumsq = values
-    numel = np.array([p.numel() for p in params])
-    for k in np.flatnonzero(stats.needs_exact(grad_sumsq, numel)):
-        grad_sumsq[k] = float(stats.exact_norm(grads[k])) ** 2
-        if not np.isfinite(grad_sumsq[k]):
-            nonfinite[k] = stats.count_nonfinite(grads[k])
-    for k in np.flatnonzero(stats.needs_exact(param_sumsq, numel)):
-        param_sumsq[k] = float(stats.exact_norm(flat.before(present[k]))) ** 2  # type: ignore[arg-type]
-    if update_sumsq is not None:
-        for k in np.flatnonzero(stats.needs_exact(update_sumsq, numel)):
-            diff = params[k].detach() - flat.before(present[k])  # type: ignore[operator]
-            update_sumsq[k] = float(stats.exact_norm(diff)) ** 2
+def exact_param_values(
+    values: stats.ParamValues, update: np.ndarray | None, numel: np.ndarray | None
+) -> tuple[stats.ParamValues, np.ndarray | None]:
+    """On the host, after the transfer: the torch ops' float32 sums of squares where they are
+    exact, else their float64 recounts (`numel`: each parameter's size; None: the kernels'
+    values, exact already); `update`: the update's sums of squares, for the torch ops the
+    (2, k) float32 sums and float64 norms, flat."""
+    if numel is None:  # exact already
+        return values, update
+    if values.grad_norm is not None:
+        values = stats.ParamValues(
+            stats.exact_sumsq(values.grad_sumsq, values.grad_norm, numel),
+            values.grad_max,
+            values.nonfinite,
+            stats.exact_sumsq(values.param_sumsq, values.param_norm, numel),
+        )
+    if update is not None:  # (2, k) as transferred: the float32 sums, the float64 norms
+        pair = update.reshape(2, -1)
+        update = stats.exact_sumsq(pair[0], pair[1], numel)
+    return values, update
 
 
 def second_moments(states: list[torch.Tensor | None]) -> torch.Tensor | np.ndarray:
@@ -284,7 +298,7 @@ def second_moments(states: list[torch.Tensor | None]) -> torch.Tensor | np.ndarr
         return np.full(len(states), math.nan)
     device = present[0].device
     with torch.no_grad():
-        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+        nan = torch.full((), math.nan, dtype=torch.float64, device=device)  # no host copy
         return torch.stack(
             [
                 torch.linalg.vector_norm(s, dtype=torch.float64).to(device) ** 2

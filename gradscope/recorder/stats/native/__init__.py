@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradscope.recorder.stats.torch_ops import ParamValues
+
 SOURCE = Path(__file__).with_name("kernels.c")
 # Tried in order. -fopenmp links libgomp.so.1, which in a process with torch loaded is torch's
 # own OpenMP runtime; where it cannot be linked (clang without libomp), the kernels are built
@@ -234,7 +236,7 @@ class ParamStats:
 
     def read(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
-    ) -> list[np.ndarray]:
+    ) -> ParamValues:
         """Without an update (steps closed by rec.step()): for the tensors `present` (their
         gradients and parameters in that order), the gradients' sums of squares, largest
         absolute values (ignoring NaN) and non-finite counts, and the parameters' sums of
@@ -248,7 +250,7 @@ class ParamStats:
                 grad_at, param_at, self._present(present)[1], k, self._out.at
             )
         )
-        return list(self._out.array.reshape(-1)[: 4 * k].copy().reshape(4, k))
+        return ParamValues(*self._out.array.reshape(-1)[: 4 * k].copy().reshape(4, k))
 
     def snapshot(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
@@ -266,7 +268,7 @@ class ParamStats:
 
     def after(
         self, params: list[torch.Tensor], geometry: bool
-    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    ) -> tuple[ParamValues, np.ndarray, np.ndarray | None]:
         """After the update, for the parameters of the last snapshot(), as given now: read()'s
         four values (the parameters' sums of squares as they were before the update), the
         update's sums of squares (parameter minus copy) and, with `geometry`, its dot product
@@ -285,7 +287,7 @@ class ParamStats:
         )
         # the (6, k) table at the buffer's start: after()'s five rows, then snapshot()'s
         out = self._out.array.reshape(-1)[: 6 * k].copy().reshape(6, k)
-        values = [out[0], out[1], out[2], out[5]]
+        values = ParamValues(out[0], out[1], out[2], out[5])
         return values, out[3], out[4] if geometry else None
 
     def before(self, i: int) -> torch.Tensor | None:
