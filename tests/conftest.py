@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gradscope import native
 from gradscope.lab import download
 from gradscope.lab.data import load_dataset, resolve_root
+from gradscope.recorder.stats import native
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("GRADSCOPE_REQUIRE_DATA") == "1"

@@ -7,8 +7,13 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
                pass (gradient, parameter, the update and its dot with the gradient, second
                moments), recounted exactly
 - capture.py   one step's calls as typed records, and its one host transfer
-- backends.py  the statistics of a call: C kernels or torch ops, same schema, same order
+- stats/       the statistics: fields.py (the per-call fields, declared once with their
+               reduction), backends.py (the one path choice: C kernels in native/, torch ops
+               in torch_ops.py), graph_ops.py (inside compiled graphs), derive.py (mean, std,
+               rms, fractions, norms), units.py (dead units), transfer.py (the step's one
+               non-blocking copy to the host)
 - compiled.py  the same statistics computed inside torch.compile graphs (traced hooks)
+- distributed.py  what the recorder needs of DDP, FSDP2 and compiled wrappers
 - deferred.py  closed steps held as host tables, reduced many at once when rows are needed
 - reduce.py    per-layer reduction of a batch of steps' calls (vectorized over the steps)
 - merge.py     merging over ranks: one packed all-reduce per reduction
@@ -20,13 +25,20 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 
 A recorded step flows one way through the package's rooms: hooks.py (module outputs and
 their gradients) and optimizers.py with params.py (parameters before and after the update)
--> capture.py (the step's calls as typed records, computed by backends.py: C kernels or
-torch ops, and its one host transfer) -> deferred.py (held until rows are needed) ->
+-> capture.py (the step's calls as typed records, computed by stats/: C kernels or torch
+ops, and its one host transfer) -> deferred.py (held until rows are needed) ->
 reduce.py (per layer, many steps at once) -> merge.py (over ranks) -> rows.py (layouts,
 spilling, to_frame). The frame's kinds and stats are documented in gradscope.schema.
 
-What waits and what does not: a step's statistics reach the host when it closes, so nothing
-on the device is held; turning them into rows is host bookkeeping that waits (deferred.py)
+What waits and what does not: nothing in a recorded step waits for a device. A step's
+statistics are computed where its tensors are, joined there into one float64 vector when it
+closes and copied without blocking into a reused (page-locked where CUDA is available) host
+buffer, with an event; the host reads them when the event has completed: at a later step's
+close, or when rows, verdicts or a save are asked for (deferred.py; at most 2 steps in
+flight). No tensor is held for a recount: the torch ops compute the float64 recount beside
+each float32 sum and the host picks it where needed. On the CPU the values are there at once
+and a step is read as it closes; on a device, what needs them early (``rec.nonfinite``, the
+non-finite origin, ``on_verdict``) sees a step one step (or two) late. Turning them into rows is host bookkeeping that waits (deferred.py)
 until the frame is asked for, the calls change, 256 steps are held or the rows would reach
 the spill threshold. A held step keeps its numbers, not one Python object per call, so the
 garbage collector has little to promote. Steps merged over ranks, steps with a non-finite
@@ -41,11 +53,11 @@ gradient, copy and parameter for everything else: five passes over memory in all
 
 Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 relative, down
 to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
-(``gradscope.native``, compiled on first use) that accumulate in float64 and count non-finite
-values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
-torch ops, as float32 cascade sums of squares redone in float64 where a square may have
-underflowed or overflowed; for those, module outputs and output gradients are held until the
-recorded step closes so that they can be recounted. ``min`` and ``max`` ignore NaN (counted
+(``gradscope.recorder.stats.native``, compiled on first use) that accumulate in float64 and
+count non-finite values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
+torch ops, as float32 cascade sums of squares, with float64 norms computed beside them on
+the device that the host takes where a square may have underflowed or overflowed (nothing
+is held until the step closes). ``min`` and ``max`` ignore NaN (counted
 in ``nonfinite``). Statistics of all calls of a module within one step (shared weights,
 micro-batches) are merged from additive moments. Forward passes under ``torch.no_grad()``
 (evaluation) are skipped. Device statistics move to the host once per recorded step. From

@@ -4,23 +4,20 @@ host transfer and each call's statistics in the backends' common schema."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from gradscope import stats
-from gradscope.recorder.backends import (
-    ACT_FIELDS,
-    GRAD_FIELDS,
-    Backend,
-    Backends,
-    Reader,
-    cat_float64,
-    stack_float64,
-)
-from gradscope.recorder.compiled import ACC_WIDTH, OUTPUTS_PER_MODULE, PROBE_WIDTH, GraphTaps
+from gradscope.recorder.compiled import GraphTaps
+from gradscope.recorder.stats import torch_ops as stats
+from gradscope.recorder.stats.backends import Backend, Backends, Reader, exact_param_values
+from gradscope.recorder.stats.fields import GRAD, OUTPUT
+from gradscope.recorder.stats.torch_ops import ParamValues
+from gradscope.recorder.stats.transfer import StepTransfer, TransferPool
+from gradscope.recorder.stats.units import unit_axis
 
 
 class OutputCall(NamedTuple):
@@ -54,7 +51,8 @@ class ParamRead(NamedTuple):
 
     present: list[int]  # indices of the parameters that had a gradient
     snapshot: bool  # a pre-update copy was kept, so the update can be measured
-    values: list[Part]  # grad sumsq, grad max, nonfinite, param sumsq ([] until read)
+    values: ParamValues | None  # None until read
+    numel: np.ndarray | None = None  # each present parameter's size (torch ops: exact_sumsq)
 
 
 @dataclass
@@ -62,12 +60,12 @@ class Tables:
     """A closed step's per-call statistics on the host, each in the common schema."""
 
     outputs: list[OutputCall]
-    output_stats: np.ndarray  # (calls, ACT_FIELDS)
+    output_stats: np.ndarray  # (calls, fields.OUTPUT)
     saturated: list[tuple[int, float]]  # (output call, values in the saturation band)
     grads: list[GradCall]
-    grad_stats: np.ndarray  # (calls, GRAD_FIELDS), unscaled
+    grad_stats: np.ndarray  # (calls, fields.GRAD), unscaled
     params: ParamRead | None
-    param_values: list[np.ndarray] = field(default_factory=list)  # as ParamRead.values
+    param_values: ParamValues | None = None  # as ParamRead.values, on the host
     update_sumsq: np.ndarray | None = None
     update_dot: np.ndarray | None = None  # update . gradient, per present parameter
     state_sumsq: np.ndarray | None = None  # the optimizer's second moment (NaN: none)
@@ -104,6 +102,10 @@ class StepCapture:
         self.backends = Backends()
         # the statistics a compiled model's graphs computed (None: an eager model)
         self.graph: GraphTaps | None = None
+        self._transfers = TransferPool()  # host buffers for the steps' one transfer each
+        # labels of the watched modules whose 3-d outputs have their units on dim 1 (set at
+        # attach: units.channel_first)
+        self.channel_first: frozenset[str] = frozenset()
         self.reset()
 
     def reset(self) -> None:
@@ -123,22 +125,26 @@ class StepCapture:
         self.params: ParamRead | None = None
         self.scalars: list[tuple[str, torch.Tensor | float]] = []
         # the tensor of the last output call and of the last gradient call, its version
-        # counter then, and the backend that took it
-        self._last_output: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
+        # counter then, and the backend that took it (and the output's unit axis)
+        self._last_output: tuple[torch.Tensor | None, int | None, Any, int | None] = (
+            None, None, None, None,
+        )  # fmt: skip
         self._last_grad: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
 
     def output(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
         numel = tensor.numel()
+        ndim = tensor.dim()
+        axis = unit_axis(ndim, ndim == 3 and label.partition("[")[0] in self.channel_first)
         last = self._last_output
-        if last[0] is tensor and last[1] == version(tensor) is not None:
+        if last[0] is tensor and last[1] == version(tensor) is not None and last[3] == axis:
             # the very tensor the last call saw, unchanged (a block's output is its last
             # layer's): the same statistics, copied instead of computed again
             backend = last[2]
             backend.repeat_moments()
         else:
             backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
-            backend.moments(tensor)
-            self._last_output = (tensor, version(tensor), backend)
+            backend.moments(tensor, axis)
+            self._last_output = (tensor, version(tensor), backend, axis)
         if band is not None:
             self.saturated.append((len(self.outputs), backend.saturated(tensor, band)))
         self.outputs.append(OutputCall(label, numel, backend))
@@ -178,71 +184,97 @@ class StepCapture:
         updates: Part | None,
         scaler_scale: float | None,
         geometry: tuple[Part, Part] | None = None,
-    ) -> tuple[Tables, np.ndarray | None]:
-        """Moves the step's statistics to the host in one transfer; per-call tables, and the
-        scales of the step's backwards (None without a scaler)."""
+    ) -> PendingStep:
+        """Starts the step's one transfer to the host (without waiting for the device) and
+        returns what reads it back: per-call tables, and the scales of the step's backwards
+        (None without a scaler)."""
         backends = self.backends.all
         parts: list[Part] = [part for backend in backends for part in backend.device_parts()]
-        if self.saturated:
-            parts.append(stack_float64([count for _, count in self.saturated]))
-        graph = self.graph
+        parts += [count for _, count in self.saturated]
+        graph, backwards = self.graph, self.graph_grads
         if graph is not None:
-            parts += graph.device_parts([rows for _, _, rows in self.graph_grads])
-        grads_seen = self.grads or self.graph_grads
+            parts += graph.device_parts([rows for _, _, rows in backwards])
+        grads_seen = self.grads or backwards
         scales = self.scales if grads_seen and scaler_scale is not None else []
-        if scales:
-            parts.append(cat_float64(scales))
-        if self.params is not None:
-            parts += self.params.values
+        parts += scales
+        read = self.params
+        param_parts = [v for v in read.values if v is not None] if read and read.values else []
+        parts += param_parts
         if updates is not None:
             parts.append(updates)
         if geometry is not None:  # the update's dots with the gradients, second moments
             parts += geometry
-        if self.scalars:
-            values = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
-            parts.append(torch.stack(values))
-        reader = Reader(_to_host([p for p in parts if isinstance(p, torch.Tensor)]))
-        act_tables = {id(b): b.activation_table(reader) for b in backends}
-        grad_tables = {id(b): b.grad_table(reader) for b in backends}
-        saturated = reader.take(len(self.saturated))
-        tables = Tables(
-            outputs=self.outputs,
-            output_stats=_in_call_order(self.outputs, act_tables, len(ACT_FIELDS)),
-            saturated=[(i, float(v)) for (i, _), v in zip(self.saturated, saturated, strict=True)],
-            grads=self.grads,
-            grad_stats=_in_call_order(self.grads, grad_tables, len(GRAD_FIELDS)),
-            params=self.params,
-        )
-        if graph is not None:
-            _graph_tables(graph, self.graph_grads, reader, tables)
-        scale_values = reader.take(len(scales))
-        if self.params is not None:
-            tables.param_values = [reader.part(v) for v in self.params.values]
-        if updates is not None:
-            tables.update_sumsq = reader.part(updates)
-        if geometry is not None:
-            tables.update_dot, tables.state_sumsq = (reader.part(g) for g in geometry)
-        if self.scalars:
-            tables.scalars = [
-                (name, float(v))
-                for (name, _), v in zip(self.scalars, reader.take(len(self.scalars)), strict=True)
-            ]
-        if scaler_scale is None:
-            return tables, None
-        now = scaler_scale  # the scale at the step's end, where no forward was seen
-        per_call = np.array([scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads])
-        return tables, per_call
+        scalars = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in self.scalars]
+        parts += scalars
+        # what the host needs to read the values back, kept: the capture is reset for the
+        # next step before they are read
+        decoders = [(id(b), b.decoder()) for b in backends]
+        outputs, grads, saturated = self.outputs, self.grads, self.saturated
+        names = [name for name, _ in self.scalars]
+        device = [p for p in parts if isinstance(p, torch.Tensor)]
+
+        def decode(reader: Reader) -> tuple[Tables, np.ndarray | None]:
+            act_tables, grad_tables = {}, {}
+            for key, decoder in decoders:
+                act_tables[key], grad_tables[key] = decoder(reader)
+            sat = reader.take(len(saturated))
+            tables = Tables(
+                outputs=outputs,
+                output_stats=_in_call_order(outputs, act_tables, len(OUTPUT)),
+                saturated=[(i, float(v)) for (i, _), v in zip(saturated, sat, strict=True)],
+                grads=grads,
+                grad_stats=_in_call_order(grads, grad_tables, len(GRAD)),
+                params=read,
+            )
+            if graph is not None:
+                _graph_tables(graph, backwards, reader, tables)
+            scale_values = reader.take(len(scales))
+            values = None
+            if read is not None and read.values is not None:
+                got = iter([reader.part(p) for p in param_parts])
+                values = ParamValues(*(next(got) if v is not None else None for v in read.values))
+            update = reader.part(updates) if updates is not None else None
+            if read is not None and values is not None:
+                tables.param_values, update = exact_param_values(values, update, read.numel)
+            tables.update_sumsq = update
+            if geometry is not None:
+                tables.update_dot, tables.state_sumsq = (reader.part(g) for g in geometry)
+            if scalars:
+                tables.scalars = [
+                    (name, float(v))
+                    for name, v in zip(names, reader.take(len(scalars)), strict=True)
+                ]
+            if scaler_scale is None:
+                return tables, None
+            now = scaler_scale  # the scale at the step's end, where no forward was seen
+            per_call = np.array(
+                [scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads]
+            )
+            return tables, per_call
+
+        return PendingStep(self._transfers.start(device) if device else None, decode)
 
 
-def _to_host(parts: list[torch.Tensor]) -> np.ndarray:
-    """The step's device parts in one float64 host vector: the one transfer of the step (none
-    where the C kernels took every tensor: their results are host arrays already)."""
-    if not parts:
-        return np.zeros(0)
-    if all(p.is_cpu and p.dtype == torch.float64 for p in parts):  # joined in numpy
-        return np.concatenate([p.detach().numpy().ravel() for p in parts])
-    host = [p.to("cpu", torch.float64) for p in parts]
-    return torch.cat([p.flatten() for p in host]).numpy().copy()
+class PendingStep:
+    """A closed step whose statistics are on their way to the host: `ready()` asks without
+    waiting, `finish()` reads them (waiting where they have not arrived) into tables."""
+
+    def __init__(
+        self,
+        transfer: StepTransfer | None,
+        decode: Callable[[Reader], tuple[Tables, np.ndarray | None]],
+    ) -> None:
+        self._transfer, self._decode = transfer, decode
+
+    def ready(self) -> bool:
+        return self._transfer is None or self._transfer.ready()
+
+    def finish(self) -> tuple[Tables, np.ndarray | None]:
+        if self._transfer is None:
+            return self._decode(Reader(np.zeros(0)))
+        flat = self._transfer.values().copy()  # the tables keep slices of it
+        self._transfer.release()
+        return self._decode(Reader(flat))
 
 
 def _graph_tables(
@@ -250,47 +282,23 @@ def _graph_tables(
 ) -> None:
     """Adds the calls the compiled graphs recorded (one per module output and step; one per
     output gradient and backward with a GradScaler, else per step) to the step's tables."""
-    fields, per_module = stats.ROW_FIELDS, OUTPUTS_PER_MODULE
-    slots = len(graph.labels) * per_module
     if graph.outputs:
-        acc = reader.take(slots * ACC_WIDTH).reshape(-1, ACC_WIDTH)
-        used = np.flatnonzero(acc[:, fields.index("count")] > 0)
-        rows = acc[used]
+        out = graph.decode_outputs(reader)
         first = len(tables.outputs)
-        counts = rows[:, fields.index("count")].astype(np.int64).tolist()
         tables.outputs = tables.outputs + [
-            OutputCall(label, n, graph)
-            for label, n in zip(graph.slot_labels(used), counts, strict=True)
+            OutputCall(label, n, graph) for label, n in zip(out.labels, out.numel, strict=True)
         ]
-        tables.output_stats = np.vstack([tables.output_stats, rows[:, : len(ACT_FIELDS)]])
-        bounded = np.flatnonzero(graph.bounded[used])
-        tables.saturated = tables.saturated + list(
-            zip(
-                (first + bounded).tolist(),
-                rows[bounded, fields.index("saturated")].tolist(),
-                strict=True,
-            )
-        )
+        tables.output_stats = np.vstack([tables.output_stats, out.table])
+        tables.saturated = tables.saturated + [(first + i, v) for i, v in out.saturated]
     if not graph.grads:
         return
-    if graph.per_backward:  # each backward's rows of one module, in backward order
-        modules = np.array([m for m, _, _ in backwards], dtype=np.int64)
-        owner = (modules[:, None] * per_module + np.arange(per_module)).ravel()
-        scale = np.repeat(np.array([s for _, s, _ in backwards], dtype=np.int64), per_module)
-        grads = reader.take(len(owner) * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)
-    else:  # summed over the step's backwards; in backward order: the last module first
-        owner = np.arange(slots).reshape(-1, per_module)[::-1].ravel()
-        scale = np.full(slots, -1, dtype=np.int64)
-        grads = reader.take(slots * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)[owner]
-    seen = grads[:, -1] > 0
-    if seen.any():
-        owner, scale, grads = owner[seen], scale[seen], grads[seen]
-        samples = grads[:, -1].astype(np.int64).tolist()
+    grads = graph.decode_grads(reader, backwards)
+    if grads.labels:
         tables.grads = tables.grads + [
             GradCall(label, n, graph, k)
-            for label, n, k in zip(graph.slot_labels(owner), samples, scale.tolist(), strict=True)
+            for label, n, k in zip(grads.labels, grads.samples, grads.scale, strict=True)
         ]
-        tables.grad_stats = np.vstack([tables.grad_stats, grads[:, : len(GRAD_FIELDS)]])
+        tables.grad_stats = np.vstack([tables.grad_stats, grads.table])
 
 
 def _in_call_order(

@@ -22,21 +22,39 @@ are merged per layer.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradscope import stats
+from gradscope.recorder.stats import graph_ops, units
+from gradscope.recorder.stats.backends import Reader
+from gradscope.recorder.stats.fields import GRAD, GRAPH_GRAD, GRAPH_OUTPUT, OUTPUT
 
 OUTPUTS_PER_MODULE = 8
-# an acc row: the eager path's ACT_FIELDS, then the count of values and of saturated values
-ACC_WIDTH = len(stats.ROW_FIELDS)
-PROBE_WIDTH = len(stats.GRAD_ROW_FIELDS)  # GRAD_FIELDS, then the samples
+ACC_WIDTH = len(GRAPH_OUTPUT)  # an acc row: fields.OUTPUT, then the count and saturated
+PROBE_WIDTH = len(GRAPH_GRAD)  # a probe row: fields.GRAD, then the samples
+
+
+class GraphOutputs(NamedTuple):
+    """A step's output rows decoded: one per module output the graphs saw."""
+
+    labels: list[str]
+    numel: list[int]
+    table: np.ndarray  # (calls, fields.OUTPUT)
+    saturated: list[tuple[int, float]]  # (row, values in the saturation band)
+
+
+class GraphGrads(NamedTuple):
+    """A step's output-gradient rows decoded, in backward order."""
+
+    labels: list[str]
+    samples: list[int]
+    scale: list[int]  # each row's GradScaler scale index (-1: the step's)
+    table: np.ndarray  # (calls, fields.GRAD)
 
 
 class Tap(torch.autograd.Function):
@@ -49,7 +67,7 @@ class Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad, stats.grad_row(grad).to(ctx.probe_device)
+        return grad, graph_ops.grad_row(grad).to(ctx.probe_device)
 
 
 class GraphTaps:
@@ -69,6 +87,8 @@ class GraphTaps:
         self.outputs, self.grads = outputs, grads
         self.labels = [label for label, _, _ in modules]
         self.bands = [band for _, _, band in modules]
+        first = units.channel_first([(label, module) for label, module, _ in modules])
+        self.channel_first = [label in first for label in self.labels]
         shape = (OUTPUTS_PER_MODULE, ACC_WIDTH)
         self.accs = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in modules]
         self.probes = [
@@ -78,10 +98,8 @@ class GraphTaps:
             )
             for _ in modules
         ]  # fmt: skip
-        self._empty = torch.zeros(ACC_WIDTH, dtype=torch.float64)
-        self._empty[stats.ROW_FIELDS.index("min")] = math.inf
-        self._empty[stats.ROW_FIELDS.index("max")] = -math.inf
-        self._empty = self._empty.to(device).expand(shape)
+        # each field's reduction's identity, so that folding a row into it gives the row
+        self._empty = torch.from_numpy(GRAPH_OUTPUT.empty_row()).to(device).expand(shape)
         # labels of structured outputs (fqn[i], fqn[key]), written by the traced hooks
         self.names: dict[tuple[int, int], str] = {}
         self._handles: list[RemovableHandle] = []
@@ -143,8 +161,9 @@ class GraphTaps:
         if self.outputs:
             acc = self.accs[m]
             with torch.no_grad():
-                row = stats.output_row(out, band).to(acc.device)
-                acc[j].copy_(stats.fold_rows(acc[j], row))
+                axis = units.unit_axis(out.dim(), self.channel_first[m])
+                row = graph_ops.output_row(out, band, axis).to(acc.device)
+                acc[j].copy_(graph_ops.fold_rows(acc[j], row))
         if self.grads and out.requires_grad:
             return Tap.apply(out, self.probes[m][j])
         return out
@@ -195,6 +214,47 @@ class GraphTaps:
             zero = torch.zeros_like(self.probes[0])
             parts.append(torch.stack([p.grad if p.grad is not None else zero for p in self.probes]))
         return parts
+
+    def decode_outputs(self, reader: Reader) -> GraphOutputs:
+        """The output rows of the step (the first of device_parts()), one per module output
+        seen (one per output and step: a module's calls fold into one row)."""
+        count, saturated = GRAPH_OUTPUT.index("count"), GRAPH_OUTPUT.index("saturated")
+        slots = len(self.labels) * OUTPUTS_PER_MODULE
+        acc = reader.take(slots * ACC_WIDTH).reshape(-1, ACC_WIDTH)
+        used = np.flatnonzero(acc[:, count] > 0)
+        rows = acc[used]
+        bounded = np.flatnonzero(self.bounded[used])
+        return GraphOutputs(
+            self.slot_labels(used),
+            rows[:, count].astype(np.int64).tolist(),
+            rows[:, : len(OUTPUT)],
+            list(zip(bounded.tolist(), rows[bounded, saturated].tolist(), strict=True)),
+        )
+
+    def decode_grads(
+        self, reader: Reader, backwards: list[tuple[int, int, torch.Tensor]]
+    ) -> GraphGrads:
+        """The output-gradient rows of the step: each backward's rows of each module (with a
+        GradScaler: `backwards`, (module, scale index, rows)), else summed over the step's
+        backwards, in backward order (the last module first)."""
+        per_module, slots = OUTPUTS_PER_MODULE, len(self.labels) * OUTPUTS_PER_MODULE
+        if self.per_backward:
+            modules = np.array([m for m, _, _ in backwards], dtype=np.int64)
+            owner = (modules[:, None] * per_module + np.arange(per_module)).ravel()
+            scale = np.repeat(np.array([s for _, s, _ in backwards], dtype=np.int64), per_module)
+            grads = reader.take(len(owner) * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)
+        else:
+            owner = np.arange(slots).reshape(-1, per_module)[::-1].ravel()
+            scale = np.full(slots, -1, dtype=np.int64)
+            grads = reader.take(slots * PROBE_WIDTH).reshape(-1, PROBE_WIDTH)[owner]
+        seen = grads[:, GRAPH_GRAD.index("samples")] > 0
+        owner, scale, grads = owner[seen], scale[seen], grads[seen]
+        return GraphGrads(
+            self.slot_labels(owner) if len(owner) else [],
+            grads[:, GRAPH_GRAD.index("samples")].astype(np.int64).tolist(),
+            scale.tolist(),
+            grads[:, : len(GRAD)],
+        )
 
     def remove(self) -> None:
         self.on = False

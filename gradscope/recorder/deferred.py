@@ -1,4 +1,11 @@
-"""Closed steps held as their host tables until their rows are needed, then reduced together.
+"""Closed steps held as their host tables until their rows are needed, then reduced together;
+before that, steps whose statistics are still on their way to the host.
+
+A closed step's one transfer (capture.py) is read when it has arrived: at a later step's
+close, or when rows are asked for (`settled()`); nothing waits for the device while steps
+run, unless more than MAX_IN_FLIGHT steps are in flight. On the CPU a step's values are there
+at once, so it is read at its own close. What reads the values early (the non-finite origin,
+the online diagnosis) therefore sees a step on a device one step or more late.
 
 A recorded step's statistics reach the host when it closes (capture.py); turning them into
 rows (reduce.py) is host bookkeeping that does not need to happen then. Consecutive steps
@@ -12,17 +19,21 @@ value and recorders with an online diagnosis are reduced as they close.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections import deque
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from gradscope import distributed
-from gradscope.recorder.capture import Tables
+from gradscope.recorder import distributed
+from gradscope.recorder.capture import PendingStep, Tables
 from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.reduce import ParamLayout, Reducer, step_key
 from gradscope.recorder.rows import RowStore
 
 MAX_HELD = 256  # steps held unreduced at most (a few kB each)
+MAX_IN_FLIGHT = 2  # steps whose transfer may be unread (one host buffer each)
+
+Finish = Callable[[int, Tables, "np.ndarray | None"], None]
 
 
 class DeferredRows:
@@ -40,13 +51,32 @@ class DeferredRows:
         self._steps: list[int] = []
         self._scales: list[np.ndarray] = []
         self._origins: dict[str, str] = {}
+        self._in_flight: deque[tuple[int, PendingStep, Finish]] = deque()
 
     def reset(self, reducer: Reducer, params: ParamLayout, sync: bool) -> None:
         """Rows from now on come from a new attach (its model's layers and parameters)."""
+        self.drain()
         self.flush()
         self.reducer, self.params, self.sync = reducer, params, sync
         self.keep = not sync or distributed.rank() == 0
         self._key = None
+
+    def pend(self, step: int, pending: PendingStep, finish: Finish) -> None:
+        """A closed step whose transfer is under way: `finish(step, tables, scales)` is
+        called with its tables once they are read (in step order)."""
+        self._in_flight.append((step, pending, finish))
+        self.drain(wait=len(self._in_flight) > MAX_IN_FLIGHT)
+
+    def drain(self, wait: bool = True) -> None:
+        """Reads the steps in flight whose values have arrived (all of them with `wait`, the
+        oldest at least where more than MAX_IN_FLIGHT are in flight)."""
+        while self._in_flight:
+            step, pending, finish = self._in_flight[0]
+            if not (wait or pending.ready() or len(self._in_flight) > MAX_IN_FLIGHT):
+                return
+            self._in_flight.popleft()
+            tables, scales = pending.finish()
+            finish(step, tables, scales)
 
     @property
     def rows_held(self) -> int:
@@ -55,10 +85,11 @@ class DeferredRows:
 
     @property
     def empty(self) -> bool:
-        return self.store.empty and not self._held
+        return self.store.empty and not self._held and not self._in_flight
 
     def settled(self) -> RowStore:
         """The store with every closed step's rows in it."""
+        self.drain()
         self.flush()
         return self.store
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradscope import distributed
+from gradscope.recorder import distributed
 from gradscope.recorder.errors import RecorderError
 
 REDUCTIONS = ("sum", "min", "max")

@@ -12,9 +12,10 @@ is seen, every later one also read the gradients before the update (one more pas
 them), and a warning says so. In loops without an optimizer (`rec.step()`), one read of
 gradients and parameters, with no update.
 
-Values stay on the device until the step's one transfer (capture.py); `recount` then redoes
-in float64 the torch-op sums that may have lost squares. Which backend computes them (C
-kernels or torch ops) is chosen in backends.param_stats.
+Values stay on the device until the step's one transfer (capture.py); the host then takes
+the float64 recounts of the torch-op sums that may have lost squares (computed on the
+device beside them: backends.exact_param_values). Which backend computes them (C
+kernels or torch ops) is chosen in stats/backends.py (choose).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.recorder.backends import param_stats, recount_params, second_moments
-from gradscope.recorder.capture import ParamRead, Part, Tables, strided, version
+from gradscope.recorder.capture import ParamRead, Part, strided, version
+from gradscope.recorder.stats.backends import param_stats, second_moments
 
 Local = Callable[[torch.Tensor], torch.Tensor]
 _STRIDED = torch.strided
@@ -49,8 +50,6 @@ class ParamReader:
         self._all = list(range(len(params)))
         self._stats: Any = None  # the backend's buffers, made at the first read
         self._grads: list[torch.Tensor] = []  # the gradients read before the update
-        # after the update: the present parameters and their gradients, for the recount
-        self._after: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         # whether gradients are also read before the update (None: not known yet, so they
         # are), and their version counters then
         self._grads_before: bool | None = None
@@ -78,16 +77,17 @@ class ParamReader:
         self._grads = grads
         # (the backends read parameters without recording autograd graphs: the C kernels make
         # none, and FlatStats's methods run under no_grad)
+        numel = None if self._stats.exact else self._stats.numel[present]
         if not snapshot:
-            return ParamRead(present, False, self._stats.read(present, grads, tensors))
+            return ParamRead(present, False, self._stats.read(present, grads, tensors), numel)
         # the values come with the update, unless the gradients must be read now too (the
         # torch-op backend reads them before the update anyway)
         now = self._grads_before is not False and self._stats.grads_after
-        values = self._stats.read(present, grads, tensors) if now else []
+        values = self._stats.read(present, grads, tensors) if now else None
         self._stats.snapshot(present, grads, tensors)
         if self._watching_gradients():
             self._versions = [version(g) for g in grads]
-        return ParamRead(present, True, values)
+        return ParamRead(present, True, values, numel)
 
     def after_update(
         self, read: ParamRead, optimizer: Any, geometry: bool
@@ -101,14 +101,21 @@ class ParamReader:
             tensors = self._tensors
         else:
             tensors = [local(params[i][1]) for i in read.present]
-        self._after = (tensors, self._grads)
         if not read.snapshot:
+            self._grads = []
             return read, None, None
         values, updates, dots = self._stats.after(tensors, geometry)
         if self._watching_gradients():
             self._check_gradients_kept()
-        if read.values:  # the gradients' statistics as read before the update
-            values = [*read.values[:3], values[3]]
+        self._grads = []
+        before = read.values
+        if before is not None:  # the gradients' statistics as read before the update
+            values = values._replace(
+                grad_sumsq=before.grad_sumsq,
+                grad_max=before.grad_max,
+                nonfinite=before.nonfinite,
+                grad_norm=before.grad_norm,
+            )
         read = read._replace(values=values)
         if dots is None:
             return read, updates, None
@@ -135,15 +142,6 @@ class ParamReader:
             self._grads_before = True
         elif self._grads_before is None:
             self._grads_before = False  # unchanged: the pass after the update reads them
-
-    def recount(self, read: ParamRead, tables: Tables) -> None:
-        """Exact float64 sums where the torch ops' may have under- or overflowed, in place."""
-        tensors, grads = self._after
-        recount_params(
-            self._stats, read.present, tensors, grads, tables.param_values, tables.update_sumsq
-        )
-        self._after = ([], [])
-        self._grads = []
 
     def _second_moments(self, present: list[int], optimizer: Any) -> Part:
         """Adam-like optimizers' second-moment states of the present parameters."""

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradscope import distributed
 from gradscope.diagnose import OnlineDiagnosis
-from gradscope.recorder import hooks
+from gradscope.recorder import distributed, hooks
 from gradscope.recorder.capture import StepCapture, band
 from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
 from gradscope.recorder.deferred import DeferredRows
@@ -184,6 +183,7 @@ class Recorder(RecorderResults):
         self._params = ParamReader(plan.params, distributed.local if plan.dtensors else same)
         self._sync = plan.sync
         modules = [(label, module, band(module)) for label, module in plan.modules]
+        self._capture.channel_first = plan.channel_first
         self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
         if compiled and modules and (record_acts or record_grads):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
@@ -352,9 +352,12 @@ class Recorder(RecorderResults):
             self._capture.params = read
         scaler = self.grad_scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-        tables, scales = self._capture.collect(updates, scale, geometry)
-        if read is not None:
-            self._params.recount(read, tables)
+        # the transfer is read when it has arrived (this step on the CPU, a later one on a
+        # device): _finish then makes the step's rows
+        self._rows.pend(step, self._capture.collect(updates, scale, geometry), self._finish)
+
+    def _finish(self, step: int, tables: Any, scales: Any) -> None:
+        """A closed step's statistics, read on the host: origins, rows, online diagnosis."""
         origins = nonfinite_origins(tables)
         for phase, layer in origins.items():
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradscope import stats
 from gradscope.recorder.capture import Tables
 from gradscope.recorder.merge import StepMerge
 from gradscope.recorder.rows import StepRows
+from gradscope.recorder.stats import derive
+from gradscope.recorder.stats.fields import GRAD, OUTPUT, Fields, Reduction, by_reduction
 from gradscope.schema import TOTAL, Kind, Stat
 
 
@@ -37,15 +38,49 @@ class LabelIndex:
         return self._answer
 
 
-def by_label(values: np.ndarray, label_id: np.ndarray, shared: bool, ufunc: np.ufunc) -> np.ndarray:
-    """(steps, calls) -> (steps, labels): each label's calls reduced with `ufunc` (add, fmin
-    or fmax) one after the other in call order, as np.bincount adds them."""
+def by_label(
+    values: np.ndarray, label_id: np.ndarray, shared: bool, reduction: Reduction
+) -> np.ndarray:
+    """(steps, calls) -> (steps, labels): each label's calls reduced (add, fmin or fmax) one
+    after the other in call order, as np.bincount adds them."""
     if not shared:  # one call per label: label_id is 0, 1, 2, ...
         return values
-    start = 0.0 if ufunc is np.add else np.inf if ufunc is np.fmin else -np.inf
-    out = np.full((len(values), int(label_id.max()) + 1), start)
-    ufunc.at(out, (slice(None), label_id), values)  # type: ignore[arg-type]
+    out = np.full((len(values), int(label_id.max()) + 1), reduction.identity)
+    reduction.ufunc.at(out, (slice(None), label_id), values)  # type: ignore[arg-type]
     return out
+
+
+def merge_fields(
+    table: np.ndarray,
+    fields: Fields,
+    label_id: np.ndarray,
+    shared: bool,
+    merge: StepMerge,
+    extra_sums: dict[str, np.ndarray],
+) -> Callable[[], dict[str, np.ndarray]]:
+    """(steps, calls, fields) -> each field per label, merged over calls of a label and over
+    ranks by its reduction (one merge array per reduction); `extra_sums`: further (steps,
+    calls) values merged by sum. Returns the getter of the merged {name: (steps, labels)}."""
+    columns = fields.columns(table)
+    groups = by_reduction(fields)
+    groups.setdefault(Reduction.SUM, [])
+    groups[Reduction.SUM] = [*groups[Reduction.SUM], *extra_sums]
+    columns = {**columns, **extra_sums}
+    handles = {
+        reduction: merge.add(
+            np.stack([by_label(columns[n], label_id, shared, reduction) for n in names]),
+            reduction.value,
+        )
+        for reduction, names in groups.items()
+    }
+
+    def merged() -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for reduction, names in groups.items():
+            out.update(zip(names, merge.get(handles[reduction]), strict=True))
+        return out
+
+    return merged
 
 
 def step_key(tables: Tables, scaled: bool, origins: dict[str, str]) -> Hashable:
@@ -69,7 +104,8 @@ def nonfinite_origins(tables: Tables) -> dict[str, str]:
     origins: dict[str, str] = {}
     # (count_nonzero: one numpy call, a fifth of `(col > 0).any()`'s cost on every step;
     # the counts are never negative)
-    forward, backward = tables.output_stats[:, 5], tables.grad_stats[:, 2]
+    forward = tables.output_stats[:, OUTPUT.index("nonfinite")]
+    backward = tables.grad_stats[:, GRAD.index("nonfinite_samples")]
     if np.count_nonzero(forward):
         origins[Stat.FORWARD] = tables.outputs[int(np.argmax(forward > 0))].label
     if np.count_nonzero(backward):
@@ -134,35 +170,22 @@ class Reducer:
     def _outputs(self, batch: Sequence[Tables], merge: StepMerge) -> Callable[[StepRows], None]:
         first = batch[0]
         table = np.stack([t.output_stats for t in batch])
-        total, sumsq, lo, hi, nonzero, nonfinite = np.moveaxis(table, 2, 0)
         names, label_id, shared = self.output_labels([c.label for c in first.outputs])
         n = len(names)
-        numel = np.stack([t.output_numel() for t in batch])
-        # extremes over calls ignore NaN, as within a call (a kernel's call with no value but
-        # NaN gives inf, -inf; a torch-op call NaN)
-        lows = by_label(lo, label_id, shared, np.fmin)
-        highs = by_label(hi, label_id, shared, np.fmax)
         sat_calls = [i for i, _ in first.saturated]
-        sat_values = np.zeros_like(total)
+        sat_values = np.zeros(table.shape[:2])
         sat_values[:, sat_calls] = [[v for _, v in t.saturated] for t in batch]
         bounded_calls = np.bincount(label_id[sat_calls], minlength=n)
-        sums = np.stack(
-            [
-                by_label(values, label_id, shared, np.add)
-                for values in (total, sumsq, nonzero, numel, nonfinite, sat_values)
-            ]
-        )
+        numel = np.stack([t.output_numel() for t in batch])
         merge.expect_same(n)
-        handles = merge.add(sums, "sum"), merge.add(lows, "min"), merge.add(highs, "max")
+        merged = merge_fields(
+            table, OUTPUT, label_id, shared, merge, {"count": numel, "saturated": sat_values}
+        )
 
         def add(rows: StepRows) -> None:
-            sums, lo, hi = (merge.get(h) for h in handles)
-            lo, hi = lo.copy(), hi.copy()
-            no_value = lo > hi  # a layer with no value but NaN (counted in nonfinite)
-            lo[no_value] = hi[no_value] = np.nan
-            total, sumsq, nonzero, count, nonfinite, sat = sums
-            values = stats.activation_stats(total, sumsq, lo, hi, nonzero, count, nonfinite)
-            for stat, column in values.items():
+            values = merged()
+            count = values["count"]
+            for stat, column in derive.activation_stats(values, count).items():
                 rows.add(names, Kind.ACTIVATION, stat, column)
             self._add_block_rows(rows, Kind.ACTIVATION, names)
             bounded = np.flatnonzero(bounded_calls > 0)
@@ -171,7 +194,7 @@ class Reducer:
                     [names[i] for i in bounded],
                     Kind.ACTIVATION,
                     Stat.SATURATED_FRAC,
-                    (sat / np.maximum(count, 1.0))[:, bounded],
+                    derive.saturated_frac(values["saturated"], count)[:, bounded],
                 )
 
         return add
@@ -185,29 +208,26 @@ class Reducer:
     ) -> Callable[[StepRows], None]:
         first = batch[0]
         per_call = np.stack([t.grad_stats for t in batch])
+        powers = [f.power for f in GRAD]
         if scales is not None:  # each backward unscaled by the scale it was made with
             scale = np.stack(scales)
-            per_call[:, :, 0] /= scale**2
-            per_call[:, :, 1] /= scale
+            for k, power in enumerate(powers):
+                if power:
+                    per_call[:, :, k] /= scale**power
         names, label_id, shared = self.grad_labels([c.label for c in first.grads])
-        n = len(names)
         samples = np.stack([t.grad_samples() for t in batch])
-        sums = np.stack(
-            [
-                by_label(values, label_id, shared, np.add)
-                for values in (samples, per_call[:, :, 0], per_call[:, :, 1], per_call[:, :, 2])
-            ]
-        )
-        merge.expect_same(n)
-        handle = merge.add(sums, "sum")
+        merge.expect_same(len(names))
+        merged = merge_fields(per_call, GRAD, label_id, shared, merge, {"samples": samples})
 
         def add(rows: StepRows) -> None:
-            sums = merge.get(handle).copy()
+            values = merged()
             # each rank's loss averages its own batch; DDP and FSDP average the gradients over
             # ranks, so the global batch's output gradients are 1/world of the local ones
-            sums[1] /= world**2
-            sums[2] /= world
-            for stat, column in stats.grad_stats(*sums).items():
+            if world != 1:
+                for f in GRAD:
+                    if f.power:
+                        values[f.name] = values[f.name] / world**f.power
+            for stat, column in derive.grad_stats(values, values["samples"]).items():
                 rows.add(names, Kind.ACTIVATION_GRAD, stat, column)
             self._add_block_rows(rows, Kind.ACTIVATION_GRAD, names)
 
@@ -242,8 +262,10 @@ def _params(
     else:
         names = [layout.names[i] for i in present]
         ndims, sharded = layout.ndims[present], layout.sharded[present]
+    values = [t.param_values for t in batch]
     grad_sumsq, grad_max, nonfinite, param_sumsq = (
-        np.stack([t.param_values[k] for t in batch]) for k in range(4)
+        np.stack([getattr(v, name) for v in values])
+        for name in ("grad_sumsq", "grad_max", "nonfinite", "param_sumsq")
     )
     update_sumsq = _stacked([t.update_sumsq for t in batch])
     dot = _stacked([t.update_dot for t in batch])
@@ -264,17 +286,11 @@ def _params(
         rows.add(names, Kind.PARAM, Stat.NDIM, ndims)
         if update_sumsq is not None:
             update_norm = np.sqrt(update_sumsq)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(param_norm > 0, update_norm / param_norm, np.nan)
             rows.add(names, Kind.UPDATE, Stat.NORM, update_norm)
-            rows.add(names, Kind.UPDATE, Stat.RATIO, ratio)
+            rows.add(names, Kind.UPDATE, Stat.RATIO, derive.update_ratio(update_norm, param_norm))
             if dot is not None and state is not None:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    cos = np.where(
-                        update_norm * grad_norm > 0, -dot / (update_norm * grad_norm), np.nan
-                    )
-                    step = np.where(grad_norm > 0, update_norm / grad_norm, np.nan)
-                rows.add(names, Kind.UPDATE, Stat.COS_GRAD, np.clip(cos, -1.0, 1.0))
+                cos, step = derive.update_geometry(update_norm, grad_norm, dot)
+                rows.add(names, Kind.UPDATE, Stat.COS_GRAD, cos)
                 rows.add(names, Kind.UPDATE, Stat.STEP_SIZE, step)
                 adam = np.isfinite(state[0])  # the same in every step of a batch (its key)
                 if adam.any():
@@ -284,7 +300,6 @@ def _params(
                         Stat.EXP_AVG_SQ_NORM,
                         np.sqrt(state[:, adam]),
                     )
-        total = np.sqrt(np.square(grad_norm).sum(axis=1, keepdims=True))
-        rows.add([TOTAL], Kind.PARAM_GRAD, Stat.NORM, total)
+        rows.add([TOTAL], Kind.PARAM_GRAD, Stat.NORM, derive.total_norm(grad_norm))
 
     return add

@@ -1,6 +1,6 @@
 """One-pass C kernels for the recorder's statistics of CPU tensors, compiled on first use.
 
-`kernels.c` is compiled with the system C compiler (``cc``, or ``$CC``) into
+`kernels.c` fills the rows of fields.py (OUTPUT_FIELDS, GRAD_FIELDS) and is compiled with the system C compiler (``cc``, or ``$CC``) into
 ``~/.cache/gradscope/native/`` (or ``$GRADSCOPE_CACHE``) the first time it is needed (about
 0.2 s), keyed by the source, the compiler flags and this CPU. Every statistic the kernels
 give is also computed, more slowly, by plain torch ops: where no compiler is found, where
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradscope.recorder.stats.torch_ops import ParamValues
+
 SOURCE = Path(__file__).with_name("kernels.c")
 # Tried in order. -fopenmp links libgomp.so.1, which in a process with torch loaded is torch's
 # own OpenMP runtime; where it cannot be linked (clang without libomp), the kernels are built
@@ -33,6 +35,7 @@ FLAGS = [
     ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"],
 ]
 MOMENT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite")
+OUTPUT_FIELDS = (*MOMENT_FIELDS, "dead_units", "units")  # output_row()'s row
 GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -40,6 +43,7 @@ _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 # name: (argument types, result type); kernels with a result return 0, or -1 out of memory
 _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "moments": ([_PTR, _I64, _PTR], None),
+    "output_row": ([_PTR, _I64, _I64, _I64, _PTR], ctypes.c_int),
     "saturated": ([_PTR, _I64, ctypes.c_double, ctypes.c_double], ctypes.c_double),
     "grad_rows": ([_PTR, _I64, _I64, _PTR], None),
     "param_read": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
@@ -160,6 +164,13 @@ def moments(x: torch.Tensor, out: int) -> None:
     _fn("moments", x.dtype)(x.data_ptr(), x.numel(), out)
 
 
+def output_row(x: torch.Tensor, shape: tuple[int, int, int], out: int) -> None:
+    """Writes one output's row of the per-call schema at address `out`: MOMENT_FIELDS, then
+    the dead units and the units of x seen as `shape` (outer, units, inner)."""
+    x = _dense(x)
+    _check(_fn("output_row", x.dtype)(x.data_ptr(), *shape, out))
+
+
 def saturated(x: torch.Tensor, band: tuple[float, float]) -> float:
     """How many values of x lie in the saturation band (mid, half) of stats.saturation_band."""
     x = _dense(x)
@@ -213,14 +224,6 @@ class ParamStats:
             for i, p in zip(present, params, strict=True)
         )
 
-    @staticmethod
-    def usable(tensors: list[torch.Tensor]) -> bool:
-        return (
-            bool(tensors)
-            and all(takes(t) for t in tensors)
-            and len({t.dtype for t in tensors}) == 1
-        )
-
     def _present(self, present: list[int]) -> tuple[int, int]:
         """The addresses of the present tensors' copies and sizes."""
         if present == self._all:
@@ -233,7 +236,7 @@ class ParamStats:
 
     def read(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
-    ) -> list[np.ndarray]:
+    ) -> ParamValues:
         """Without an update (steps closed by rec.step()): for the tensors `present` (their
         gradients and parameters in that order), the gradients' sums of squares, largest
         absolute values (ignoring NaN) and non-finite counts, and the parameters' sums of
@@ -247,7 +250,7 @@ class ParamStats:
                 grad_at, param_at, self._present(present)[1], k, self._out.at
             )
         )
-        return list(self._out.array.reshape(-1)[: 4 * k].copy().reshape(4, k))
+        return ParamValues(*self._out.array.reshape(-1)[: 4 * k].copy().reshape(4, k))
 
     def snapshot(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
@@ -265,7 +268,7 @@ class ParamStats:
 
     def after(
         self, params: list[torch.Tensor], geometry: bool
-    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    ) -> tuple[ParamValues, np.ndarray, np.ndarray | None]:
         """After the update, for the parameters of the last snapshot(), as given now: read()'s
         four values (the parameters' sums of squares as they were before the update), the
         update's sums of squares (parameter minus copy) and, with `geometry`, its dot product
@@ -284,7 +287,7 @@ class ParamStats:
         )
         # the (6, k) table at the buffer's start: after()'s five rows, then snapshot()'s
         out = self._out.array.reshape(-1)[: 6 * k].copy().reshape(6, k)
-        values = [out[0], out[1], out[2], out[5]]
+        values = ParamValues(out[0], out[1], out[2], out[5])
         return values, out[3], out[4] if geometry else None
 
     def before(self, i: int) -> torch.Tensor | None:

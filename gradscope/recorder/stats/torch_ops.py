@@ -1,7 +1,6 @@
-"""Tensor -> tensor statistics in additive form, and the stats derived from them.
-
-Moments add across calls, micro-batches and ranks: merge them, then derive norms, means and
-fractions. Sums of squares of float32 tensors use torch's cascade summation of the squares,
+"""The per-call statistics computed with torch ops (any device, any float dtype), in additive
+form: they add across calls, micro-batches and ranks (fields.py), and derive.py turns them
+into norms, means and fractions. Sums of squares of float32 tensors use torch's cascade summation of the squares,
 accurate to ~1e-7 relative at any length; where a square may have underflowed (subnormal
 values: first-layer gradients at depth 100 are about 1e-39) or overflowed, the result is
 flagged by `needs_exact` and the recorder redoes it in float64. Work buffers are reused
@@ -12,13 +11,17 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-# activation moments of one module call, in the output's float dtype
-ACT_FIELDS = ("sum", "min", "max", "nonzero", "sumsq")
+# what activation_moments computes on the device for one output: moments in the output's
+# float dtype, counts (int64) and the float64 norm that replaces the float32 sum of squares
+# where a square may have left float32's normal range (chosen on the host: exact_sumsq)
+MOMENTS = ("sum", "sumsq", "min", "max")
+COUNTS = ("nonzero", "dead_units", "nonfinite")
 
 SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of that bound
 # a float32 sum of n squares is exact to ~1e-7 relative unless some squares left the normal
@@ -68,27 +71,52 @@ def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def activation_moments(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, ...]:
-    """Moments of one tensor (ACT_FIELDS) as 0-d tensors; no host sync.
+def dead_units(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """How many units of x (along `axis`; None: x is one unit) are exactly zero everywhere
+    else (NaN is not zero), as a 0-d int64 tensor; no host sync."""
+    if axis is None:
+        return torch.count_nonzero(x).eq(0).long()
+    dims = tuple(d for d in range(x.dim()) if d != axis)
+    return torch.count_nonzero(x, dim=dims).eq(0).sum()
 
-    (Stacking them per call would cost more than the sums: callers stack many calls at once.)
-    Sums are float32 cascade sums (~1e-8 relative). `nonzero` counts inf and NaN only
-    approximately, and `sumsq` may have underflowed (see needs_exact): where either matters
-    the recorder recounts from the tensor.
+
+def activation_moments(
+    x: torch.Tensor, scratch: Scratch, axis: int | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """MOMENTS and COUNTS of one tensor as 0-d tensors, and its float64 L2 norm; no host
+    sync, and nothing to recount later (the tensor need not be kept).
+
+    Sums are float32 cascade sums (~1e-8 relative); the float64 norm is exact where float32
+    squares under- or overflow (subnormal gradients of deep plain stacks), and exact_sumsq
+    picks it there. Extremes ignore NaN (+inf, -inf where there is no other value), counts are
+    exact. Kernels: one per reduction over x, plus the work buffer's fills (no allocation
+    of x's size: see Scratch).
     """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     # float32 counts are exact below 2**24 elements
     acc = torch.float64 if x.dtype == torch.float64 or x.numel() >= 1 << 24 else x.dtype
-    if x.numel():
-        lo, hi = torch.aminmax(x)
-    else:
-        lo = hi = torch.zeros((), dtype=x.dtype, device=x.device)
+    if not x.numel():
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        count = torch.zeros((), dtype=torch.int64, device=x.device)
+        return [zero] * 4, [count] * 3, zero.to(torch.float64)
     work = scratch.like(x)
+    inf = math.inf
+    lo = torch.nan_to_num(x, nan=inf, posinf=inf, neginf=-inf, out=work).amin()
+    hi = torch.nan_to_num(x, nan=-inf, posinf=inf, neginf=-inf, out=work).amax()
     sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
-    nonzero = torch.ne(x, 0, out=work).sum(dtype=acc)  # 1.0 for each non-zero
-    return torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq
+    nonfinite = torch.count_nonzero(torch.sub(x, x, out=work))  # inf - inf, NaN - NaN: NaN
+    moments = [torch.sum(x, dtype=acc), sumsq, lo.to(acc), hi.to(acc)]
+    counts = [torch.count_nonzero(x), dead_units(x, axis), nonfinite]
+    return moments, counts, torch.linalg.vector_norm(x, dtype=torch.float64)
+
+
+def exact_sumsq(sumsq: np.ndarray, norm: np.ndarray, numel: np.ndarray | int) -> np.ndarray:
+    """The float32 sums of squares where they are exact, else the float64 norm squared
+    (needs_exact: a square may have under- or overflowed)."""
+    sumsq = np.asarray(sumsq, dtype=np.float64)
+    return np.where(needs_exact(sumsq, numel), np.square(norm), sumsq)
 
 
 def saturation_band(bounds: tuple[float, float]) -> tuple[float, float]:
@@ -117,115 +145,29 @@ def needs_exact(sumsq: np.ndarray, numel: int | np.ndarray) -> np.ndarray:
     return (values < np.asarray(numel) * _TINY_SQUARE) | ~(values < np.finfo(np.float32).max)
 
 
-def activation_stats(
-    total: np.ndarray,
-    sumsq: np.ndarray,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    nonzero: np.ndarray,
-    count: np.ndarray,
-    nonfinite: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """Derives mean, std, rms, zero_frac, min, max, nonfinite from merged moments (arrays)."""
-    n = np.maximum(count, 1.0)
-    mean = total / n
-    with np.errstate(invalid="ignore", over="ignore"):
-        var = np.maximum(sumsq / n - mean * mean, 0.0)
-        return {
-            "mean": mean,
-            "std": np.sqrt(var),
-            "rms": np.sqrt(sumsq / n),
-            "zero_frac": (count - nonzero) / n,
-            "min": lo,
-            "max": hi,
-            "nonfinite": nonfinite.astype(np.float64),
-        }
-
-
-# one output's row inside a compiled graph (all float64): ACT_FIELDS of the recorder's
-# schema, then the number of values and of saturated values
-ROW_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite", "count", "saturated")
-# one output gradient's row: the recorder's GRAD_FIELDS, then the number of samples
-GRAD_ROW_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples", "samples")
-
-
-def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
-    """ROW_FIELDS of one tensor: sums accumulated in float64 (exact at subnormal values),
-    extremes and counts in the tensor's own dtype (exact there too); extremes ignore NaN.
-    Pure torch ops with no host sync, so that a compiled graph fuses them into one pass
-    (on a CPU, only the sums pay for float64: ~3x cheaper than everything in float64)."""
-    x = x.detach()
-    wide = x.to(torch.float64)
-    number = x == x  # not NaN
-    if x.numel():
-        lo = torch.where(number, x, math.inf).amin().to(torch.float64)
-        hi = torch.where(number, x, -math.inf).amax().to(torch.float64)
-    else:
-        lo, hi = wide.new_full((), math.inf), wide.new_full((), -math.inf)
-    if band is not None:
-        saturated = (wide - band[0]).abs().ge(band[1]).sum().to(torch.float64)
-    else:
-        saturated = wide.new_zeros(())
-    return torch.stack(
-        [
-            wide.sum(),
-            (wide * wide).sum(),
-            lo,
-            hi,
-            x.ne(0).sum().to(torch.float64),
-            (x - x).ne(0).sum().to(torch.float64),  # inf - inf and NaN - NaN are NaN
-            torch.full((), x.numel(), dtype=torch.float64, device=x.device),
-            saturated,
-        ]
-    )
-
-
-def fold_rows(before: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Two ROW_FIELDS rows of one module merged: sums add, extremes take min and max."""
-    return torch.cat(
-        [
-            before[:2] + row[:2],
-            torch.minimum(before[2:3], row[2:3]),
-            torch.maximum(before[3:4], row[3:4]),
-            before[4:] + row[4:],
-        ]
-    )
-
-
-def grad_row(g: torch.Tensor) -> torch.Tensor:
-    """GRAD_ROW_FIELDS of one output gradient (samples along the first dimension), float64."""
-    g = g.detach()
-    rows = g.reshape(1, 1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
-    sumsq = (rows.to(torch.float64) ** 2).sum(dim=1)
-    norms = sumsq.sqrt()
-    return torch.stack(
-        [
-            sumsq.sum(),
-            norms.sum(),
-            torch.isfinite(norms).logical_not().sum().to(torch.float64),
-            sumsq.new_ones(sumsq.shape).sum(),
-        ]
-    )
-
-
-def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """Per-sample sums of squares (samples along the first dimension), cascade-summed."""
+def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sums of squares (samples along the first dimension), cascade-summed, and
+    the per-sample float64 norms (exact_sumsq chooses)."""
     g = g.detach()
     rows = g.reshape(1, -1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
     if rows.dtype not in (torch.float32, torch.float64):
         rows = rows.float()
-    return torch.mul(rows, rows, out=scratch.like(rows)).sum(dim=1)
+    sumsq = torch.mul(rows, rows, out=scratch.like(rows)).sum(dim=1)
+    return sumsq, torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
 
 
-def grad_stats(
-    samples: np.ndarray, sumsq: np.ndarray, sample_norm_sum: np.ndarray, nonfinite: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Derives `norm` over the batch, `sample_norm` (mean per-sample norm) and `nonfinite`."""
-    return {
-        "norm": np.sqrt(sumsq),
-        "sample_norm": sample_norm_sum / np.maximum(samples, 1.0),
-        "nonfinite": nonfinite.astype(np.float64),
-    }
+class ParamValues(NamedTuple):
+    """A step's per-parameter statistics (device tensors until the step's transfer, then
+    host arrays), one value per present parameter. `grad_norm` and `param_norm`: the float64
+    norms that replace the float32 sums of squares where those may have lost squares (the
+    torch ops; exact_sumsq chooses on the host), None where the sums are exact already."""
+
+    grad_sumsq: Any
+    grad_max: Any
+    nonfinite: Any
+    param_sumsq: Any
+    grad_norm: Any = None
+    param_norm: Any = None
 
 
 class FlatStats:
@@ -239,9 +181,11 @@ class FlatStats:
     tensors) and twice the size of the tensors; they live as long as the object.
 
     Methods take the indices of the tensors present this step (e.g. parameters with a
-    gradient) and return one float64 value for each. Not `exact`: callers recount where
-    `needs_exact` says so, and count non-finite values themselves (the count returned by
-    read() is 0).
+    gradient) and return one float64 value for each, on the device: nothing waits for it.
+    Beside each float32 sum of squares they give the float64 norm of the same tensor (the
+    foreach norm, one kernel per device and dtype group where the device has one, as
+    torch.nn.utils.clip_grad_norm_ does), which the host takes where needs_exact says so
+    (`exact` is False).
     """
 
     exact = False
@@ -250,8 +194,9 @@ class FlatStats:
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = len(tensors)
         self._made_for = [(t.numel(), t.dtype, t.device) for t in tensors]
+        self.numel = np.array([t.numel() for t in tensors], dtype=np.float64)
         # between snapshot() and after(): the present indices, gradients and read() values
-        self._held: tuple[list[int], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._held: tuple[list[int], list[torch.Tensor], ParamValues] | None = None
         self._segments: list[_Segment] = []
         by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(tensors):
@@ -260,6 +205,12 @@ class FlatStats:
                 by_key.setdefault((dtype, t.device), []).append(i)
         for (dtype, device), idx in by_key.items():
             self._segments.append(_Segment(tensors, idx, dtype, device))
+        # each tensor's pre-update copy (a zero tensor of its shape where it is empty)
+        self._before: list[torch.Tensor] = [torch.zeros_like(t) for t in tensors]
+        for seg in self._segments:
+            for i, view in zip(seg.idx, seg.before_views, strict=True):
+                self._before[i] = view
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # present -> device index
 
     def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
         """Whether the tensors `present` still have the size, dtype and device the buffers
@@ -273,14 +224,15 @@ class FlatStats:
     @torch.no_grad()
     def read(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
+    ) -> ParamValues:
         """For tensors `present` (their gradients and parameters given in that order): the
-        gradients' sums of squares and largest absolute values, zeros for the non-finite
-        counts, and the parameters' sums of squares. The parameters are always kept as the
-        pre-update copy (a recount needs it)."""
-        sumsq, largest = self._empty(), self._empty()
+        gradients' sums of squares, largest absolute values and non-finite counts, the
+        parameters' sums of squares, and the float64 norms of both. The parameters are
+        always kept as the pre-update copy."""
+        sumsq, largest, bad = self._empty(), self._empty(), self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, grads)):
+                self._put(bad, seg, seg.row_reduce(torch.isfinite(seg.work).logical_not_(), "sum"))
                 seg.work.abs_()
                 self._put(largest, seg, seg.row_reduce(seg.work, "amax"))
                 seg.work.mul_(seg.work)
@@ -290,8 +242,16 @@ class FlatStats:
             if seg.load(seg.before_views, self._spread(present, params)):
                 torch.mul(seg.before, seg.before, out=seg.work)
                 self._put(param_sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        rows = torch.tensor(present, device=sumsq.device)
-        return [sumsq[rows], largest[rows], torch.zeros_like(sumsq[rows]), param_sumsq[rows]]
+        rows = self._rows_for(present, sumsq.device)
+        before = [self._before[i] for i in present]
+        return ParamValues(
+            sumsq[rows],
+            largest[rows],
+            bad[rows],
+            param_sumsq[rows],
+            self._norms(grads, sumsq.device),
+            self._norms(before, sumsq.device),
+        )
 
     def snapshot(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
@@ -301,17 +261,15 @@ class FlatStats:
 
     def after(
         self, params: list[torch.Tensor], geometry: bool
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
-        """After the update: the snapshot's read() values, the update's sums of squares and,
-        with `geometry`, its dot products with the gradients."""
+    ) -> tuple[ParamValues, torch.Tensor, torch.Tensor | None]:
+        """After the update: the snapshot's read() values, the update's sums of squares and
+        float64 norms (a (2, k) tensor) and, with `geometry`, its dot products with the
+        gradients."""
         if self._held is None:
             raise RuntimeError("FlatStats.after() without a snapshot() before it")
         present, grads, values = self._held
         self._held = None
-        if not geometry:
-            return values, self.updates(present, params), None
-        both = self.updates(present, params, grads)
-        return values, both[0], both[1]
+        return (values, *self.updates(present, params, grads if geometry else None))
 
     @torch.no_grad()
     def updates(
@@ -319,26 +277,44 @@ class FlatStats:
         present: list[int],
         params: list[torch.Tensor],
         grads: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Sums of squares of params - the copy kept by `read()` (the applied update); with
-        `grads`, a second row: each update's dot product with its gradient, in float64."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sums of squares of params - the copy kept by `read()` (the applied update) and
+        their float64 norms, as a (2, k) tensor; with `grads`, each update's dot product with
+        its gradient, in float64 (else None)."""
         sumsq = self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, params)):
                 seg.work.sub_(seg.before).square_()
                 self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
-        sumsq = sumsq[torch.tensor(present, device=sumsq.device)]
+        device = sumsq.device
+        sumsq = sumsq[self._rows_for(present, device)]
+        before = [self._before[i] for i in present]
+        diffs = torch._foreach_sub([p.detach() for p in params], before)
+        both = torch.stack([sumsq, self._norms(list(diffs), device)])
         if grads is None:
-            return sumsq
+            return both, None
         dots = []
-        for i, p, g in zip(present, params, grads, strict=True):
-            before = self.before(i)
-            if before is None:
-                dots.append(torch.zeros((), dtype=torch.float64, device=sumsq.device))
-                continue
-            update = p.detach().double().flatten() - before.double().flatten()
-            dots.append(torch.dot(update, g.detach().double().flatten()).to(sumsq.device))
-        return torch.stack([sumsq, torch.stack(dots)])
+        for p, b, g in zip(params, before, grads, strict=True):
+            update = p.detach().double().flatten() - b.double().flatten()
+            dots.append(torch.dot(update, g.detach().double().flatten()).to(device))
+        return both, torch.stack(dots)
+
+    @staticmethod
+    def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """float64 L2 norms, one foreach call (grouped by device and dtype inside)."""
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+        return torch.stack([n.to(device) for n in norms])
+
+    def _rows_for(self, present: list[int], device: torch.device) -> torch.Tensor:
+        """The present indices as a device tensor, made once per set (a host-to-device copy
+        the first time, without blocking)."""
+        key = tuple(present)
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = _to_device(torch.tensor(present, dtype=torch.long), device)
+        return rows
 
     def _spread(self, present: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         full: list[torch.Tensor | None] = [None] * self.n
@@ -359,7 +335,16 @@ class FlatStats:
 
     @staticmethod
     def _put(out: torch.Tensor, seg: _Segment, values: torch.Tensor) -> None:
-        out[seg.index.to(out.device)] = values.to(out.device, torch.float64)
+        out[seg.index] = values.to(out.device, torch.float64)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied without blocking (from page-locked memory)."""
+    if device.type == "cpu":
+        return t
+    if torch.cuda.is_available():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 class _Segment:
@@ -379,7 +364,7 @@ class _Segment:
         self.before_views = [
             v.view(s) for v, s in zip(self.before.split(sizes), shapes, strict=True)
         ]
-        self.index = torch.tensor(self.idx, dtype=torch.long)
+        self.index = _to_device(torch.tensor(self.idx, dtype=torch.long), device)
         self.groups: list[tuple[int, int, int]] = []  # (numel, start, count)
         start = 0
         for numel in sizes:
