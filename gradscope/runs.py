@@ -74,9 +74,7 @@ def save_run(recorder: Any, path: str | Path, name: str | None = None, report: b
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} is a file, not a run folder")
     if out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
-        raise RunError(
-            f"{out} holds other files and is not a run folder: save into a new folder"
-        )
+        raise RunError(f"{out} holds other files and is not a run folder: save into a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     staging = out.with_name(f".{out.name}.saving-{os.getpid()}")
