@@ -14,6 +14,7 @@ recorder's spill folder (part-*.parquet), whatever was written before a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -209,9 +210,15 @@ def _load_spill(out: Path) -> Run:
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     verdicts = diagnose(frame) if len(frame) else []
     steps = frame["step"].to_numpy()
+    about: dict[str, Any] = {"model": {"class": "model", "parameters": 0}, "recorder": {}}
+    with contextlib.suppress(OSError, ValueError):  # what the recorder said at attach
+        described = json.loads((out / "spill.json").read_text())
+        if isinstance(described, dict):
+            about |= {k: v for k, v in described.items() if isinstance(v, dict)}
     info = {
         "format": FORMAT,
         "name": out.name,
+        **about,
         "spill": {"parts": len(parts)},
         "steps": {"recorded": int(len(np.unique(steps)))}
         | ({"first": int(steps.min()), "last": int(steps.max())} if len(steps) else {}),

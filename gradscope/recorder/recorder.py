@@ -6,6 +6,7 @@ package docstring (gradscope/recorder/__init__.py).
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import warnings
@@ -242,6 +243,7 @@ class Recorder(RecorderResults):
             "blocks": len(plan.block_index),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
         }
+        self._describe_spill()
         hooks.register(outer, self)
         self._watched_root = outer
         if self.grad_scaler is not None and self.grad_scaler.is_enabled() and record_grads:
@@ -253,6 +255,24 @@ class Recorder(RecorderResults):
         self._attach_step = self._step
         self._set_recording(self._should_record(self._step))
         return self
+
+    def _describe_spill(self) -> None:
+        """Writes what a spill folder's parts are of (model, settings) as spill.json, so that
+        the folder of a killed job reads back as a run (gradscope.load_run)."""
+        folder = self.spill_to
+        if folder is None:
+            return
+        from gradscope.files import atomic_write_text, describe
+
+        text = json.dumps({"model": self._summary, "recorder": self.settings()}, default=str)
+        try:
+            atomic_write_text(folder / "spill.json", text)
+        except OSError as e:
+            warnings.warn(
+                f"gradscope: cannot write {folder / 'spill.json'} ({describe(e)})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _take_plan(self, plan: Any) -> list[tuple[str, nn.Module, tuple[float, float] | None]]:
         """Readers and rows for a plan of the model; its modules with their bands."""
