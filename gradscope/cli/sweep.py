@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -148,7 +152,8 @@ def _run_sweep_cli(
             )
 
         try:
-            sweep_run.run(config, target, data_root, workers, resume, on_progress=show)
+            with _terminate_as_interrupt():
+                sweep_run.run(config, target, data_root, workers, resume, on_progress=show)
         except (SweepError, DataError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -161,6 +166,24 @@ def _run_sweep_cli(
             err=True,
         )
         raise typer.Exit(130)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler's stop) ends the sweep as Ctrl-C does: workers stopped, the
+    finished runs written out, one line."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _write_outputs(target: Path) -> None:

@@ -1,10 +1,19 @@
-"""The depth sweep: (variant, depth, seed) runs, each recorded and saved as it finishes."""
+"""The depth sweep: (variant, depth, seed) runs, each recorded and saved as it finishes.
+
+Every file of a sweep folder is written through gradscope.files.atomic_write; each run's row
+is read back through gradscope.formats; a folder is locked while a sweep writes to it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
-from collections.abc import Callable
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gradscope import formats, theory
 from gradscope import frame as fr
-from gradscope import theory
 from gradscope.diagnose import diagnose
-from gradscope.files import atomic_write
+from gradscope.files import atomic_write, atomic_write_text, describe, pid_alive
 from gradscope.lab.data import Dataset
 from gradscope.lab.models import Variant, build_model
 from gradscope.lab.train import TrainConfig, total_steps, train
@@ -228,25 +237,41 @@ def save_run(out: Path, spec: RunSpec, frame: pd.DataFrame, row: dict[str, Any])
     losses = row.pop("_losses")
     atomic_write(runs / f"{spec.run_id}.parquet", lambda p: frame.to_parquet(p, index=False))
     atomic_write(runs / f"{spec.run_id}.loss.parquet", lambda p: losses.to_parquet(p, index=False))
-    atomic_write(
-        runs / f"{spec.run_id}.json", lambda p: p.write_text(json.dumps(row, default=float))
-    )
+    row = {"format": formats.SWEEP_ROW_FORMAT, **row}
+    atomic_write_text(runs / f"{spec.run_id}.json", json.dumps(row, default=float))
 
 
-def scan_runs(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def scan_runs(
+    out: Path, config: SweepConfig | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The finished runs of a sweep folder (id -> its row), and the damaged ones (id -> what
-    is wrong, naming the file): a row that is not JSON, or a run file that cannot be read."""
+    is wrong, naming the file and field): a row that is not JSON or not a run's row
+    (gradscope.formats), a run file that cannot be read, or, given `config`, a run that is
+    not one of its runs."""
     finished, damaged = {}, {}
+    planned = {r.run_id for r in plan_runs(config)} if config is not None else None
     for path in sorted((out / "runs").glob("*.json")):
         run_id = path.name[: -len(".json")]
         try:
-            row = json.loads(path.read_text())
-            if not isinstance(row, dict) or not {"variant", "depth", "seed"} <= set(row):
-                raise ValueError("not a run's row")
+            with warnings.catch_warnings():  # unknown fields: not worth a note per run
+                warnings.simplefilter("ignore")
+                row = formats.check_sweep_row(formats.read_json(path), path)
+            spec = RunSpec(row["variant"], row["depth"], row["seed"])
+            if spec.run_id != run_id:
+                raise formats.FormatError(f"{path} holds the row of run {spec.run_id}")
+            if planned is not None and run_id not in planned:
+                raise formats.FormatError(
+                    f"{path} is not a run of this sweep's config.json (variants, depths, "
+                    "seeds); move it out of runs/"
+                )
             for part in (f"{run_id}.parquet", f"{run_id}.loss.parquet"):
                 pq.read_metadata(out / "runs" / part)
-        except (ValueError, UnicodeDecodeError, OSError, pa.ArrowException) as e:
-            damaged[run_id] = f"{path.parent / run_id}.* is damaged ({e})"
+        except formats.FormatError as e:
+            damaged[run_id] = str(e)
+            continue
+        except (ValueError, OSError, pa.ArrowException) as e:
+            reason = describe(e) if isinstance(e, OSError) and e.strerror else str(e)
+            damaged[run_id] = f"{path.parent / run_id}.* is damaged ({reason})"
             continue
         finished[run_id] = row
     return finished, damaged
@@ -264,7 +289,7 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         SweepError: a run's files are damaged; the message names them.
     """
     runs_dir = out / "runs"
-    found, damaged = scan_runs(out)
+    found, damaged = scan_runs(out, read_config(out))
     if damaged:
         raise SweepError("; ".join(damaged.values()) + f"; rerun with --resume {out} to redo")
     ids = sorted(found)
@@ -285,16 +310,79 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return frame, runs, loss
 
 
+def read_config(out: Path) -> SweepConfig:
+    """A sweep folder's config.json.
+
+    Raises:
+        SweepError: there is none, or it is damaged; the message names it.
+    """
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        raise SweepError(f"{out} holds no config.json: not a sweep folder")
+    try:
+        data = formats.read_json(config_path)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        config = SweepConfig.from_json(data)
+        config.validate()
+        return config
+    except formats.FormatError as e:
+        raise SweepError(f"{e}; start a new --out") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise SweepError(f"{config_path} is damaged ({e}); start a new --out") from None
+    except OSError as e:
+        raise SweepError(f"{config_path}: {e.strerror or e}") from None
+
+
+LOCK = ".lock"
+_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # atomic_write's temporary names
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Holds the folder's lock while a sweep writes to it; a second sweep into the same
+    folder is refused (SweepError). The lock goes with its process, however it ends."""
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SweepError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise SweepError(
+                f"{out} is being written by another sweep (pid {holder}); wait for it to "
+                "end, or use another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def remove_stale_files(out: Path) -> None:
+    """Removes the temporary files that killed writers left in a sweep folder."""
+    for folder in (out, out / "runs"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = _TMP.match(entry.name)
+            if m and not pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
 def prepare_out(out: Path, config: SweepConfig, resume: bool) -> None:
     """Creates (or, resuming, checks) the output folder and its config.json."""
     config_path = out / "config.json"
     if resume:
         if not config_path.is_file():
             raise SweepError(f"{out} holds no config.json: not a sweep folder to resume")
-        try:
-            saved = SweepConfig.from_json(json.loads(config_path.read_text()))
-        except (ValueError, TypeError, KeyError) as e:
-            raise SweepError(f"{config_path} is damaged ({e}); start a new --out") from None
+        saved = read_config(out)
+        remove_stale_files(out)
         if saved != config:
             diff = [k for k in config.to_json() if getattr(saved, k) != getattr(config, k)]
             raise SweepError(
@@ -302,16 +390,13 @@ def prepare_out(out: Path, config: SweepConfig, resume: bool) -> None:
                 "rerun with the same options or a new --out"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(e.name != LOCK for e in out.iterdir()):
         raise SweepError(f"{out} exists and is not empty; use --resume {out} or a new --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        atomic_write_text(config_path, json.dumps(config.to_json(), indent=2))
     except OSError as e:
-        raise SweepError(f"cannot write to {out}: {e.strerror or e}") from None
-    config_path.write_text(json.dumps(config.to_json(), indent=2))
+        raise SweepError(f"cannot write to {out}: {describe(e)}") from None
 
 
 def write_outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -319,8 +404,8 @@ def write_outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     merged frame, run table and losses (see load_results)."""
     results = load_results(out)
     frame, runs, _ = results
-    frame.to_parquet(out / "frame.parquet", index=False)
-    runs.to_csv(out / "runs.csv", index=False)
+    atomic_write(out / "frame.parquet", lambda p: frame.to_parquet(p, index=False))
+    atomic_write(out / "runs.csv", lambda p: runs.to_csv(p, index=False))
     return results
 
 
@@ -332,6 +417,9 @@ def deepest_verdicts(out: Path, runs: pd.DataFrame) -> list[tuple[str, str, int,
     for phase in ("init", "end"):
         for r in deepest.itertuples():
             run_id = RunSpec(str(r.variant), int(r.depth), int(r.seed)).run_id
-            details = json.loads((out / "runs" / f"{run_id}.json").read_text())["details"]
+            path = out / "runs" / f"{run_id}.json"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                details = formats.check_sweep_row(formats.read_json(path), path)["details"]
             found += [(phase, str(r.variant), int(r.depth), v) for v in details[phase]]
     return found

@@ -1,11 +1,19 @@
 """Running a depth sweep: runs spread over local worker processes or torchrun ranks, each
-saved as it finishes, with progress reported in cost units."""
+saved as it finishes, with progress reported in cost units.
+
+Worker processes ignore Ctrl-C (the parent stops them) and end themselves when their parent
+is gone (kill -9, SIGTERM), so an interrupted sweep leaves no process behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -24,6 +32,7 @@ from gradscope.lab.sweep import (
     prepare_out,
     run_one,
     save_run,
+    sweep_lock,
 )
 from gradscope.lab.train import total_steps
 
@@ -56,10 +65,37 @@ def run(
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(dataset: str, data_root: str | None, updates: Any, threads: int) -> None:
+def _init_worker(
+    dataset: str, data_root: str | None, updates: Any, threads: int, parent: int | None = None
+) -> None:
+    if parent is not None:  # a worker process (not the parent's own loop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while spawned
+        threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     _worker["data"] = load_dataset(dataset, data_root)
     _worker["updates"] = updates
+
+
+def _end_with(parent: int) -> None:
+    """Ends this worker once its parent is gone (it is then adopted: its ppid changes)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Any:
+    """Ctrl-C held back while worker processes start: they inherit the blocked signal (and
+    so never see it before they ignore it); the parent gets it once they have started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _work(spec: RunSpec, config: SweepConfig, out: str) -> str:
@@ -149,7 +185,22 @@ def run_sweep(
     """
     config.validate()
     data = load_dataset(config.dataset, data_root)  # fail early and clearly on missing data
-    prepare_out(out, config, resume)
+    if not resume:
+        prepare_out(out, config, resume)  # (made before it can be locked)
+    with sweep_lock(out):
+        if resume:
+            prepare_out(out, config, resume)
+        return _run_locked(config, out, data_root, workers, on_progress, data)
+
+
+def _run_locked(
+    config: SweepConfig,
+    out: Path,
+    data_root: str | None,
+    workers: int,
+    on_progress: Callable[[SweepProgress], None] | None,
+    data: Any,
+) -> list[str]:
     done = finished_runs(out)
     todo = [r for r in plan_runs(config) if r.run_id not in done]
     n_steps = total_steps(config.train_config(0), len(data.y_train))
@@ -158,7 +209,8 @@ def run_sweep(
     if not todo:
         return []
     ctx = mp.get_context("spawn")
-    updates = ctx.Manager().Queue() if workers > 1 else queue.Queue()
+    # a plain multiprocessing queue, given to the workers as they start: no Manager process
+    updates: Any = ctx.Queue() if workers > 1 else queue.Queue()
     finished: list[str] = []
     workers = max(1, min(workers, len(todo)))
     # one thread per run whatever the worker count: results do not depend on how they were
@@ -188,22 +240,32 @@ def run_sweep(
         for spec in todo:
             mark(_work(spec, config, str(out)))
         return finished
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(config.dataset, data_root, updates, threads),
-    ) as pool:
-        pending: set[Future[str]] = {pool.submit(_work, s, config, str(out)) for s in todo}
-        try:
-            while pending:
-                complete, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for fut in complete:
-                    mark(fut.result())
-                drain()
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        initargs=(config.dataset, data_root, updates, threads, os.getpid()),
+    )
+    try:
+        with _sigint_blocked():
+            pending: set[Future[str]] = {pool.submit(_work, s, config, str(out)) for s in todo}
+        while pending:
+            complete, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in complete:
+                mark(fut.result())
+            drain()
+    except BaseException:
+        # the runs in flight are dropped (their files are written whole or not at all), so
+        # the folder can be resumed; the workers are stopped now, not after their run
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.terminate()
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.join(5)
+        raise
+    pool.shutdown()
+    updates.close()
     return finished

@@ -132,6 +132,11 @@ class OutputHooks:
             self._handles.clear()
 
     @property
+    def records(self) -> tuple[bool, bool]:
+        """Whether outputs and whether their gradients are recorded."""
+        return self._on_output is not None, self._on_grad is not None
+
+    @property
     def armed(self) -> bool:
         return bool(self._handles)
 

@@ -6,6 +6,8 @@ package docstring (gradscope/recorder/__init__.py).
 
 from __future__ import annotations
 
+import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -14,6 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.utils.hooks import RemovableHandle
 
 from gradscope.diagnose import OnlineDiagnosis
@@ -50,8 +56,14 @@ class Recorder(RecorderResults):
             skips (inf/NaN found) runs no optimizer hook; its statistics merge into the next
             recorded step.
         spill_to: a directory for long runs: rows go to Parquet parts there instead of
-            accumulating in memory (it must not hold another recording's parts).
+            accumulating in memory (it must not hold another recording's parts). A killed
+            job's folder reads back with gradscope.load_run (and `gradscope report`); a part
+            that cannot be written (a full disk) is warned about once and its rows stay
+            in memory.
         spill_rows: how many rows are held in memory before they are written out.
+        spill_steps, spill_seconds: the held rows are also written out after this many
+            recorded steps or this many seconds, whichever comes first (so a kill loses
+            at most the last few seconds).
         on_verdict: called with each new warning or error (gradscope.Verdict) as training
             goes, e.g. to stop or checkpoint: after each recorded step the diagnosis runs
             over the last `diagnose_window` recorded steps (spikes, non-finite values, the
@@ -83,12 +95,18 @@ class Recorder(RecorderResults):
         grad_scaler: Any = None,
         spill_to: str | os.PathLike[str] | None = None,
         spill_rows: int = 200_000,
+        spill_steps: int = 1000,
+        spill_seconds: float = 5.0,
         on_verdict: Callable[[Any], object] | None = None,
         diagnose_window: int = 32,
         geometry: bool = True,
     ) -> None:
-        if not callable(every) and (isinstance(every, bool) or int(every) < 1):
-            raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
+        if not callable(every) and (
+            isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1
+        ):
+            raise ValueError(
+                f"every must be an integer >= 1 or a callable step -> bool, got {every!r}"
+            )
         self.every = every
         self.include = include
         self.exclude = exclude
@@ -101,7 +119,12 @@ class Recorder(RecorderResults):
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._rows = DeferredRows(
-            RowStore(Path(spill_to) if spill_to is not None else None, spill_rows)
+            RowStore(
+                Path(spill_to) if spill_to is not None else None,
+                spill_rows,
+                spill_steps,
+                spill_seconds,
+            )
         )
         self._capture = StepCapture()
         self._handles: list[RemovableHandle] = []
@@ -114,6 +137,10 @@ class Recorder(RecorderResults):
         self._recording = False
         self._optimizer_hooks: OptimizerHooks | None = None
         self._summary: dict[str, Any] = {}
+        self._planned: tuple[nn.Module, str] | None = None  # the unwrapped model, its wrapper
+        self._module_ids: set[int] = set()  # of every module in it, to see it change
+        self._stale = False  # modules or parameters changed since the plan
+        self._noted: set[str] = set()  # notes given once
         self.on_verdict = on_verdict
         self.geometry = geometry
         self._online = OnlineDiagnosis(diagnose_window) if on_verdict is not None else None
@@ -178,13 +205,7 @@ class Recorder(RecorderResults):
                 "the model has no trainable parameters, so there is nothing for the optimizer "
                 "to update; watch it without an optimizer to record activations only"
             )
-        # a parameter (or its gradient) as this rank holds it: the local shard of an FSDP2
-        # DTensor, else the tensor itself (decided here, so plain models pay nothing)
-        self._params = ParamReader(plan.params, distributed.local if plan.dtensors else same)
-        self._sync = plan.sync
-        modules = [(label, module, band(module)) for label, module in plan.modules]
-        self._capture.channel_first = plan.channel_first
-        self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
+        modules = self._take_plan(plan)
         if compiled and modules and (record_acts or record_grads):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
             make_dynamo_see_hooks(outer)
@@ -205,6 +226,13 @@ class Recorder(RecorderResults):
                 self._on_output_grad if record_grads else None,
             )
         self.model, self.optimizer = outer, optimizer
+        self._planned = (model, kind)
+        self._module_ids = {id(m) for m in model.modules()}
+        self._stale = False
+        self._handles += [
+            register_module_module_registration_hook(self._on_registration),
+            register_module_parameter_registration_hook(self._on_registration),
+        ]
         self._summary = {
             "class": type(model).__name__,
             "wrapper": kind,
@@ -214,17 +242,100 @@ class Recorder(RecorderResults):
             "blocks": len(plan.block_index),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
         }
+        self._describe_spill()
         hooks.register(outer, self)
         self._watched_root = outer
         if self.grad_scaler is not None and self.grad_scaler.is_enabled() and record_grads:
             self._handles.append(outer.register_forward_pre_hook(self._on_root_forward))
         # the given optimizer, or any, wherever it is made (in trainer.fit(), Trainer.train())
         self._optimizer_hooks = OptimizerHooks(
-            optimizer, (p for _, p in plan.params), self._before_update, self._close_step
+            optimizer, self._trainable, self._before_update, self._close_step
         )
         self._attach_step = self._step
         self._set_recording(self._should_record(self._step))
         return self
+
+    def _describe_spill(self) -> None:
+        """Writes what a spill folder's parts are of (model, settings) as spill.json, so that
+        the folder of a killed job reads back as a run (gradscope.load_run)."""
+        folder = self.spill_to
+        if folder is None:
+            return
+        from gradscope.files import atomic_write_text, describe
+
+        text = json.dumps({"model": self._summary, "recorder": self.settings()}, default=str)
+        try:
+            atomic_write_text(folder / "spill.json", text)
+        except OSError as e:
+            warnings.warn(
+                f"gradscope: cannot write {folder / 'spill.json'} ({describe(e)})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _take_plan(self, plan: Any) -> list[tuple[str, nn.Module, tuple[float, float] | None]]:
+        """Readers and rows for a plan of the model; its modules with their bands."""
+        # a parameter (or its gradient) as this rank holds it: the local shard of an FSDP2
+        # DTensor, else the tensor itself (decided here, so plain models pay nothing)
+        self._params = ParamReader(plan.params, distributed.local if plan.dtensors else same)
+        self._sync = plan.sync
+        self._capture.channel_first = plan.channel_first
+        self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
+        return [(label, module, band(module)) for label, module in plan.modules]
+
+    def _trainable(self) -> list[torch.Tensor]:
+        """The model's trainable parameters now (a new optimizer is matched against them)."""
+        planned = self._planned
+        return [p for p in planned[0].parameters() if p.requires_grad] if planned else []
+
+    def _on_registration(self, module: nn.Module, name: str, value: Any) -> None:
+        # torch's global registration hooks: any module anywhere; ours are a set lookup
+        if id(module) in self._module_ids:
+            self._stale = True
+
+    def _replan(self) -> None:
+        """Follows modules or parameters added or replaced after attach (eager models); other
+        models are warned about once."""
+        self._stale = False
+        planned = self._planned
+        if planned is None:
+            return
+        model, kind = planned
+        self._module_ids = {id(m) for m in model.modules()}
+        if kind != "eager" or self._sync or not isinstance(self._outputs, hooks.OutputHooks):
+            if "replan" not in self._noted:
+                self._noted.add("replan")
+                warnings.warn(
+                    f"gradscope: modules or parameters of this {kind} model changed after "
+                    "attach; they are not recorded until you detach() and attach() again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return
+        plan = plan_model(model, kind, self.include, self.exclude, self.sync)
+        modules = self._take_plan(plan)
+        outputs = self._outputs
+        record_acts, record_grads = outputs.records
+        outputs.arm(False)
+        self._outputs = hooks.OutputHooks(
+            modules,
+            self._capture.output if record_acts else None,
+            self._on_output_grad if record_grads else None,
+        )
+        self._outputs.arm(self._recording)
+        before = (self._summary.get("recorded_parameters"), self._summary.get("watched_modules"))
+        self._summary["recorded_parameters"] = len(plan.params)
+        self._summary["watched_modules"] = len(modules)
+        if "replan" not in self._noted:
+            self._noted.add("replan")
+            warnings.warn(
+                f"gradscope: the model's modules or parameters changed after attach "
+                f"({before[0]} -> {len(plan.params)} parameters, {before[1]} -> "
+                f"{len(modules)} modules recorded); recorded as they are from step "
+                f"{self._step} on (noted once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def detach(self) -> None:
         """Removes every hook and buffer; the recorded rows stay. Safe to call twice.
@@ -291,8 +402,10 @@ class Recorder(RecorderResults):
             self._capture.grad(label, grad)
 
     def _before_update(self) -> None:
+        if self._stale:  # the parameters this update steps are read from the new plan
+            self._replan()
         hooks = self._optimizer_hooks
-        if hooks is not None and self.optimizer is None:  # found: it closes the steps now
+        if hooks is not None and self.optimizer is not hooks.optimizer:  # found, or made anew
             self.optimizer = hooks.optimizer
             self._summary["optimizer"] = type(hooks.optimizer).__name__
         if self._recording:
@@ -319,6 +432,8 @@ class Recorder(RecorderResults):
             self._optimizer_hooks, self.optimizer = None, None
         if self.optimizer is not None:
             raise RecorderError("an optimizer is attached: its step() closes each step")
+        if self._stale:
+            self._replan()
         if self._recording:
             self._capture.params = self._params.read(snapshot=False)
         self._close_step()
@@ -335,7 +450,12 @@ class Recorder(RecorderResults):
         if self._recording:
             if not self._capture.empty():
                 self._collect(self._step)
+                store = self._rows.store
+                if store.spill_to is not None and store.step_recorded():  # by steps or time
+                    self._rows.settled().spill()
             self._capture.reset()
+        if self._stale:
+            self._replan()
         # (a step not recorded captured nothing: its hooks were off, and capture was reset
         # when the last recorded step closed; so an unrecorded step costs a few calls here)
         self._step += 1

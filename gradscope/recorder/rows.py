@@ -3,13 +3,18 @@
 Rows are held compactly: batches of steps (see deferred.py), each a matrix of values (8
 bytes a row) and the index of its layout (the layer, kind and stat of each row, shared by
 all steps that record the same); nothing else grows with the number of steps. With a spill
-directory, whenever `spill_rows` rows are held they are written to ``DIR/part-NNNNNN.parquet`` (each part complete on disk as soon as it is
-written), and `to_frame()` reads the parts back.
+directory, the rows held are written to ``DIR/part-NNNNNN.parquet`` whenever `spill_rows`
+rows are held, `spill_steps` steps were recorded or `spill_seconds` have passed (so a killed
+job loses at most the last few seconds); each part is complete on disk as soon as it has its
+name, and `to_frame()` (or gradscope.load_run on the folder) reads the parts back. A part
+that cannot be written (a full disk) is warned about once, and its rows stay in memory.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradscope.files import atomic_write
+from gradscope.files import atomic_write, describe
 from gradscope.recorder.errors import RecorderError
 
 
@@ -101,11 +106,28 @@ def _same_blocks(
 class RowStore:
     """Recorded steps held in memory or spilled to Parquet parts."""
 
-    def __init__(self, spill_to: Path | None, spill_rows: int) -> None:
-        if spill_rows < 1:
-            raise ValueError(f"spill_rows must be >= 1, got {spill_rows}")
+    def __init__(
+        self,
+        spill_to: Path | None,
+        spill_rows: int,
+        spill_steps: int = 1000,
+        spill_seconds: float = 5.0,
+    ) -> None:
+        for name, value in (("spill_rows", spill_rows), ("spill_steps", spill_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(spill_seconds, bool) or not isinstance(spill_seconds, int | float):
+            raise ValueError(f"spill_seconds must be a number > 0, got {spill_seconds!r}")
+        if not spill_seconds > 0:
+            raise ValueError(f"spill_seconds must be a number > 0, got {spill_seconds!r}")
         self.spill_to = spill_to
-        self.spill_rows = spill_rows
+        self.spill_rows = spill_rows  # raised for a while after a part could not be written
+        self._spill_rows = spill_rows
+        self.spill_steps = spill_steps
+        self.spill_seconds = float(spill_seconds)
+        self._steps_since = 0
+        self._due = time.monotonic() + self.spill_seconds
+        self.failed: OSError | None = None  # the last write that failed, until one succeeds
         self.parts: list[Path] = []
         # batches of steps: their indices, their layout's index, their values (steps, rows)
         self._steps: list[tuple[np.ndarray, int, np.ndarray]] = []
@@ -146,6 +168,17 @@ class RowStore:
                 f"spill_to={str(directory)!r} already holds another recording's parts; "
                 "give each recording its own directory"
             )
+        try:  # made now, so that a folder that cannot be made fails before training
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpillError(f"spill_to={str(directory)!r} cannot be made: {describe(e)}") from None
+        self._due = time.monotonic() + self.spill_seconds
+
+    def step_recorded(self) -> bool:
+        """Counts a recorded step; whether the held rows are due to be spilled (by steps or
+        by time: one clock read per recorded step, none per row)."""
+        self._steps_since += 1
+        return self._steps_since >= self.spill_steps or time.monotonic() >= self._due
 
     def append(self, steps: Sequence[int], rows: StepRows) -> None:
         """Adds a batch of steps' rows (one row of `rows`' values per step)."""
@@ -159,13 +192,35 @@ class RowStore:
             self.spill()
 
     def spill(self) -> None:
-        """Writes the rows held in memory to the next Parquet part and forgets them."""
+        """Writes the rows held in memory to the next Parquet part and forgets them.
+
+        Never raises an OSError into the training loop: where the part cannot be written,
+        the rows stay held (a warning, once), and the next spill tries again.
+        """
+        self._steps_since = 0
+        self._due = time.monotonic() + self.spill_seconds
         if self.spill_to is None or not self.rows_held:
             return
-        self.spill_to.mkdir(parents=True, exist_ok=True)
         path = self.spill_to / f"part-{len(self.parts):06d}.parquet"
         frame = self.held_frame()
-        atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+        try:
+            self.spill_to.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: frame.to_parquet(p, index=False))
+        except OSError as e:
+            if self.failed is None:
+                warnings.warn(
+                    f"gradscope: cannot write the spill part {path} ({describe(e)}); the "
+                    f"rows stay in memory ({self.rows_held} now) and are written at the "
+                    "next spill that succeeds",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.failed = e
+            # try again after as many rows again (not at every step) or after spill_seconds
+            self.spill_rows = self.rows_held + self._spill_rows
+            return
+        self.failed = None
+        self.spill_rows = self._spill_rows
         self.parts.append(path)
         self._steps.clear()
         self.rows_held = 0
