@@ -1,4 +1,4 @@
-"""Children for the fault tests (and benchmarks/faults.py): a training job that saves or
+"""Children for the fault tests (and benchmarks/survival.py): a training job that saves or
 spills and kills itself with SIGKILL at a chosen point.
 
     python tests/faults.py save OUT POINT     # POINT: frame, exchange, swapped, report, none

@@ -9,7 +9,7 @@ stopped sweep), case by case, each outcome counted as
                user's opt.step())
     silent     a wrong or lost result without a word (a mixed folder accepted, steps lost)
 
-    python benchmarks/faults.py [--group NAME] [--quick]
+    python benchmarks/survival.py [--group NAME] [--quick]
 
 Kill cases run a child (tests/faults.py) that SIGKILLs itself at a chosen point; the full
 disk is an injected OSError(ENOSPC) (no small filesystem can be mounted without root).
