@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from gradscope import frame as fr
 from gradscope.diagnose import SEVERITIES, Verdict, diagnose
 from gradscope.files import file_digest, named, pid_alive, replace_dir
 from gradscope.schema import COLUMNS, Kind, Stat
+from gradscope.version import __version__
 
 FORMAT = formats.RUN_FORMAT  # run.json's "format": bumped when the folder's layout changes
 # the files a save writes: everything else in a run folder (your notes) is carried over
@@ -59,8 +61,16 @@ class Run:
         return [Verdict(**v) for v in self.info.get("verdicts", [])]
 
 
-def save_run(recorder: Any, path: str | Path, name: str | None = None, report: bool = True) -> Path:
+def save_run(
+    recorder: Any,
+    path: str | Path,
+    name: str | None = None,
+    render: Callable[[Run], object] | None = None,
+) -> Path:
     """Writes a recorder's run folder (see the module docstring); returns its path.
+
+    The run folder holds data; `render(run)`, when given, writes the report into the folder
+    before it is swapped in (`Recorder.save` passes gradscope.report.run's renderer).
 
     The folder is written whole under a temporary name beside `path` and swapped in: an
     existing run there is replaced at once, and a failed or killed save leaves it as it was.
@@ -82,7 +92,7 @@ def save_run(recorder: Any, path: str | Path, name: str | None = None, report: b
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        _write_folder(recorder, staging, name or out.name, report)
+        _write_folder(recorder, staging, name or out.name, render)
         if out.is_dir():  # carry over what is not the run's own (notes, spill parts)
             for entry in out.iterdir():
                 if entry.name not in RUN_FILES:
@@ -97,7 +107,9 @@ def save_run(recorder: Any, path: str | Path, name: str | None = None, report: b
     return out
 
 
-def _write_folder(recorder: Any, out: Path, name: str, report: bool) -> None:
+def _write_folder(
+    recorder: Any, out: Path, name: str, render: Callable[[Run], object] | None
+) -> None:
     parts = list(getattr(recorder, "spill_parts", []))
     held = recorder.held_frame() if parts else recorder.to_frame()
     _write_frame(out / "frame.parquet", parts, held)
@@ -111,17 +123,15 @@ def _write_folder(recorder: Any, out: Path, name: str, report: bool) -> None:
         "steps": _steps(out / "frame.parquet"),
         "frame": {"rows": len(whole), "sha256": file_digest(out / "frame.parquet")},
         "versions": {
-            "gradscope": _version(),
+            "gradscope": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
         "verdicts": [_jsonable(v.to_dict()) for v in verdicts],
     }
     (out / "run.json").write_text(json.dumps(info, indent=2))
-    if report:
-        from gradscope.report.run import render_run_report
-
-        render_run_report(load_run(out))
+    if render is not None:
+        render(load_run(out))
 
 
 def _remove_stale(out: Path) -> None:
@@ -259,12 +269,6 @@ def _steps(path: Path) -> dict[str, int]:
         "first": int(steps.min()),
         "last": int(steps.max()),
     }
-
-
-def _version() -> str:
-    from gradscope import __version__
-
-    return __version__
 
 
 def _jsonable(value: Any) -> Any:

@@ -73,9 +73,12 @@ class RecorderResults:
             >>> rec.save(tempfile.mkdtemp()).joinpath("run.json").is_file()
             True
         """
-        from gradscope.runs import save_run  # plotting and reports load only when saving
+        # The one place the recorder reaches up to the reports, and only when called: a
+        # saved run comes with its report, while importing the recorder loads no plotting.
+        from gradscope.report.run import render_run_report
+        from gradscope.runs import save_run
 
-        return save_run(self, Path(path), name)
+        return save_run(self, Path(path), name, render=render_run_report)
 
     def diagnose(self) -> list[Any]:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""
