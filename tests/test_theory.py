@@ -1,4 +1,4 @@
-"""gradscope.theory against known values and against measured plain stacks at init."""
+"""gradscope.lab.theory against known values and against measured plain stacks at init."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import gradscope as gs
-from gradscope import theory
 from gradscope.frame import decay_slope, gradient_profile
+from gradscope.lab import theory
 from gradscope.lab.models import build_model
 
 

@@ -24,10 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gradscope import formats, theory
+from gradscope import formats
 from gradscope import frame as fr
 from gradscope.diagnose import diagnose
 from gradscope.files import atomic_write, atomic_write_text, describe, pid_alive
+from gradscope.lab import theory
 from gradscope.lab.data import Dataset
 from gradscope.lab.models import Variant, build_model
 from gradscope.lab.train import TrainConfig, total_steps, train

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
-from gradscope import theory  # noqa: E402
+from gradscope.lab import theory  # noqa: E402
 from gradscope.lab.models import Variant  # noqa: E402
 from gradscope.lab.sweep import load_results  # noqa: E402
 from gradscope.report.html import (  # noqa: E402
