@@ -231,8 +231,9 @@ def run_one(
 # -- saving ------------------------------------------------------------------------------
 
 
-def save_run(out: Path, spec: RunSpec, frame: pd.DataFrame, row: dict[str, Any]) -> None:
-    """Writes one finished run: its frame, losses, then its row (the row marks it finished)."""
+def store_run(out: Path, spec: RunSpec, frame: pd.DataFrame, row: dict[str, Any]) -> None:
+    """Stores one finished sweep run in the sweep folder: its frame, losses, then its row (the
+    row marks it finished)."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     losses = row.pop("_losses")
@@ -410,13 +411,19 @@ def write_outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return results
 
 
+def deepest_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The deepest run of each variant (its first seed), in the variants' order of appearance:
+    what the report's per-variant figures and verdicts show."""
+    first_seed = runs[runs["seed"] == runs.groupby("variant")["seed"].transform("min")]
+    return first_seed.sort_values("depth").groupby("variant", sort=False).tail(1)
+
+
 def deepest_verdicts(out: Path, runs: pd.DataFrame) -> list[tuple[str, str, int, dict[str, Any]]]:
     """(phase, variant, depth, verdict) of the deepest run of each variant, at init ("init")
     and after training ("end")."""
-    deepest = runs.sort_values("depth").groupby("variant", sort=False).tail(1)
     found = []
     for phase in ("init", "end"):
-        for r in deepest.itertuples():
+        for r in deepest_runs(runs).itertuples():
             run_id = RunSpec(str(r.variant), int(r.depth), int(r.seed)).run_id
             path = out / "runs" / f"{run_id}.json"
             with warnings.catch_warnings():

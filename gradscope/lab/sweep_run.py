@@ -31,7 +31,7 @@ from gradscope.lab.sweep import (
     plan_runs,
     prepare_out,
     run_one,
-    save_run,
+    store_run,
     sweep_lock,
 )
 from gradscope.lab.train import total_steps
@@ -106,7 +106,7 @@ def _work(spec: RunSpec, config: SweepConfig, out: str) -> str:
             updates.put((spec.run_id, step, total))
 
     frame, row = run_one(spec, config, _worker["data"], progress)
-    save_run(Path(out), spec, frame, row)
+    store_run(Path(out), spec, frame, row)
     return spec.run_id
 
 
