@@ -281,7 +281,7 @@ class NanAt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # (probes run under no_grad)
             self.calls += 1
             if self.calls == self.at + 1:
                 y = torch.log(y - y.detach().max() - 1.0)  # log of negatives: NaN

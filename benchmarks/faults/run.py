@@ -162,7 +162,11 @@ def run_case(case: Case, seed: int = 0, online: bool = False) -> dict[str, Any]:
 def score(record: dict[str, Any]) -> dict[str, Any]:
     """The scores of one run (None where a score does not apply)."""
     verdicts = record["verdicts"]
-    top = verdicts[0] if verdicts else {"id": "healthy", "severity": "ok", "layers": []}
+    # the top verdict: the first that is not "ok" (a healthy headline may precede info)
+    top = next(
+        (v for v in verdicts if v["severity"] != "ok"),
+        {"id": "healthy", "severity": "ok", "layers": []},
+    )
     alarms = [v for v in verdicts if v["severity"] in ALARM]
     healthy = record["cause"] == "healthy"
     out: dict[str, Any] = {"top": top["id"], "top_layer": (top["layers"] or [None])[0]}
@@ -174,14 +178,9 @@ def score(record: dict[str, Any]) -> dict[str, Any]:
     out["cause_first"] = detected and top["id"] == record["expected"]
     if record["layer"] is not None:
         out["layer_first"] = detected and _layer_matches(out["top_layer"], record["layer"])
-    first_alarm = min(
-        (
-            v["first_step"]
-            for v in verdicts
-            if v["severity"] != "ok" and v["first_step"] is not None
-        ),
-        default=None,
-    )
+    # detection: where the verdict naming the cause (else the top one) says it began
+    named = next((v for v in verdicts if v["id"] == record["expected"]), top)
+    first_alarm = named.get("first_step")
     out["detect_step"] = first_alarm
     if record["step"] is not None and first_alarm is not None:
         out["delay"] = first_alarm - record["step"]
