@@ -46,8 +46,9 @@ def span(holds: pd.Series) -> Span:
 
 
 def module_of(param: str) -> str:
-    """The module fqn of a parameter fqn ("blocks.0.fc.weight" -> "blocks.0.fc")."""
-    return param.rsplit(".", 1)[0] if "." in param else ""
+    """The module fqn of a parameter fqn ("blocks.0.fc.weight" -> "blocks.0.fc"); a
+    parameter of the root module ("pos") names itself."""
+    return param.rsplit(".", 1)[0] if "." in param else param
 
 
 class RunView:

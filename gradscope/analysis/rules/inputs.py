@@ -1,4 +1,6 @@
-"""Unnormalized inputs: the first module's outputs far from unit scale at the start."""
+"""Unnormalized inputs: the first module's outputs far from unit scale at the first recorded
+step (before updates change its weights: a learning rate far too high also makes them
+large, a few steps later)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from gradscope.verdict import Verdict, fmt
 # A default-initialized first layer fed inputs of unit scale gives outputs of rms 0.3 to 1.5
 # (the tuning half's healthy runs: 0.55 to 1.4); ten times more means the inputs are not.
 RMS_HIGH = 10.0
-EARLY_STEPS = 5
 
 
 def check(view: RunView) -> list[Verdict]:
@@ -17,10 +18,10 @@ def check(view: RunView) -> list[Verdict]:
     if acts.empty:
         return []
     first = str(acts.columns[0])
-    early = acts[first].dropna().iloc[:EARLY_STEPS]
+    early = acts[first].dropna().iloc[:1]
     if early.empty:
         return []
-    rms = float(early.median())
+    rms = float(early.iloc[0])
     if not rms >= RMS_HIGH:
         return []
     return [
