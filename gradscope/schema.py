@@ -18,6 +18,14 @@ A frame has exactly the columns ``step, layer, kind, stat, value``. Kinds and th
   ``mean``, ``std``, ``rms``, ``zero_frac`` (exact zeros: dead ReLU outputs), ``min``,
   ``max``, ``nonfinite``; ``saturated_frac`` for bounded activations (tanh, sigmoid,
   hardtanh, ...): outputs within 1% of a bound's magnitude of that bound.
+  ``dead_units``: the number of units (features, or channels of convolution-shaped outputs:
+  the rule is in ``recorder/stats/units.py``) that are exactly zero for every sample and
+  position of the step's batch, and ``units``, their number (``dead_units / units`` is the
+  dead fraction; unlike ``zero_frac`` it does not count the zeros a healthy ReLU makes).
+  A unit is dead over several calls of one module in a step (micro-batches) and over ranks
+  only if dead in each, so calls and ranks merge by the smallest count: exact for one call
+  per step and rank, and for parts whose dead units are the same (units dead through their
+  weights are dead on every batch); otherwise an upper bound of the merged count.
 - ``activation_grad``: gradient w.r.t. the module's output (the back-propagated signal):
   ``norm`` over the whole batch, ``sample_norm`` (mean over samples, indexed by the first
   dimension, of each sample's norm), ``nonfinite`` (samples whose gradient holds inf/NaN).
@@ -65,6 +73,8 @@ class Stat(StrEnum):
     MIN = "min"
     MAX = "max"
     SATURATED_FRAC = "saturated_frac"
+    DEAD_UNITS = "dead_units"
+    UNITS = "units"
     SAMPLE_NORM = "sample_norm"
     BLOCK_INDEX = "block_index"
     COS_GRAD = "cos_grad"

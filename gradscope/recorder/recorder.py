@@ -184,6 +184,7 @@ class Recorder(RecorderResults):
         self._params = ParamReader(plan.params, distributed.local if plan.dtensors else same)
         self._sync = plan.sync
         modules = [(label, module, band(module)) for label, module in plan.modules]
+        self._capture.channel_first = plan.channel_first
         self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
         if compiled and modules and (record_acts or record_grads):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
