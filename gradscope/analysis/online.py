@@ -48,12 +48,8 @@ class OnlineDiagnosis:
         self.window = window
         self._recent: collections.deque[Rows] = collections.deque(maxlen=window)
         self._first: Rows | None = None
-        self._grad: collections.deque[float] = collections.deque(
-            maxlen=instability.BASELINE_WINDOW
-        )
-        self._size: collections.deque[float] = collections.deque(
-            maxlen=instability.BASELINE_WINDOW
-        )
+        self._grad: collections.deque[float] = collections.deque(maxlen=instability.BASELINE_WINDOW)
+        self._size: collections.deque[float] = collections.deque(maxlen=instability.BASELINE_WINDOW)
         self._announced: set[str] = set()
         self._since_full = 0
         self._last_full_end = time.perf_counter()
@@ -135,7 +131,9 @@ class OnlineDiagnosis:
         """Row indices of the step's layout, cached while the layout stays the same object
         (the recorder reuses it from step to step)."""
         if self._masks is None or self._masks[0] != id(layer):
-            total = np.flatnonzero((kind == Kind.PARAM_GRAD) & (stat == Stat.NORM) & (layer == TOTAL))
+            total = np.flatnonzero(
+                (kind == Kind.PARAM_GRAD) & (stat == Stat.NORM) & (layer == TOTAL)
+            )
             ratio = np.flatnonzero((kind == Kind.UPDATE) & (stat == Stat.RATIO))
             size = np.flatnonzero((kind == Kind.UPDATE) & (stat == Stat.STEP_SIZE))
             bad = np.flatnonzero(stat == Stat.NONFINITE)
