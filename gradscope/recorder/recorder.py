@@ -22,7 +22,7 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from gradscope.diagnose import OnlineDiagnosis
+from gradscope.analysis import OnlineDiagnosis
 from gradscope.recorder import distributed, hooks
 from gradscope.recorder.capture import StepCapture, band
 from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
@@ -488,8 +488,11 @@ class Recorder(RecorderResults):
             self._rows.add(step, tables, scales, origins)
             return
         self._rows.add(step, tables, scales, origins, now=True)
-        for verdict in online.update(self._rows.store.last_frame()):
-            on_verdict(verdict)
+        last = self._rows.store._last  # the step's rows as arrays: no frame per step
+        if last is not None:
+            at, layout, values = last
+            for verdict in online.update_rows(at, layout.layer, layout.kind, layout.stat, values):
+                on_verdict(verdict)
 
 
 def watch(
