@@ -9,6 +9,7 @@ from gradscope.diagnose import Verdict, diagnose
 from gradscope.lab.data import DataError, Dataset, load_dataset
 from gradscope.lab.models import build_model, build_named
 from gradscope.recorder import NonfiniteEvent, Recorder, RecorderError, watch
+from gradscope.remedies import try_remedies
 from gradscope.runs import Run, RunError, load_run
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "diagnose",
     "load_dataset",
     "load_run",
+    "try_remedies",
     "watch",
 ]
 
