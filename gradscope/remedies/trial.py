@@ -204,6 +204,7 @@ def try_remedies(
     workers: int = 1,
     every: int = 1,
     limit: int = 6,
+    threads: int | None = 1,
 ) -> Trial:
     """Reruns `steps` steps of training for the baseline and for each remedy, from the same
     start, on deep copies of what `make()` returns; each run recorded and diagnosed.
@@ -222,6 +223,11 @@ def try_remedies(
         eval: `eval(model) -> float` (an accuracy, higher is better), called after each run.
         workers: processes to run the remedies in (forked after the baseline; 1: here).
         every: record every n-th step.
+        limit: the most remedies tried when the verdicts choose them.
+        threads: torch's intra-op threads while the runs train (restored after); None keeps
+            the current setting. One by default: small models train fastest on one thread
+            (a trial of the 784-128-10 MLP took 4-7 s on one thread, 35-87 s on two busy
+            cores: benchmarks/remedies_speed.py); forked workers always use one.
 
     Example:
         >>> import torch
@@ -251,15 +257,23 @@ def try_remedies(
             "batches is a one-shot iterator, so every run could not see the same data: pass a "
             "list, a DataLoader, or a function that returns a fresh iterator"
         )
+    if threads is not None and threads < 1:
+        raise TrialError(f"threads must be >= 1, got {threads}")
     chosen = [remedy(r) for r in remedies] if remedies is not None else None
     spec = _Spec(make, step, batches, steps, seed, eval, every)
     spec.start = _start(spec)
-    baseline = _run(spec, None)
-    if baseline.failed is not None:
-        raise TrialError(f"the baseline run failed: {baseline.failed}")
-    if chosen is None:
-        chosen = propose(baseline.verdicts, limit)
-    runs = [baseline] + _run_all(spec, chosen, workers)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        baseline = _run(spec, None)
+        if baseline.failed is not None:
+            raise TrialError(f"the baseline run failed: {baseline.failed}")
+        if chosen is None:
+            chosen = propose(baseline.verdicts, limit)
+        runs = [baseline] + _run_all(spec, chosen, workers)
+    finally:
+        torch.set_num_threads(before)
     return Trial(runs, steps, seed)
 
 
