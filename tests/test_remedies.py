@@ -426,3 +426,19 @@ def test_bad_arguments_are_named() -> None:
         gs.try_remedies(lambda: good, _step, [], steps=5)
     with pytest.raises(KeyError, match="no remedy"):
         gs.try_remedies(lambda: good, _step, _data(), steps=5, remedies=["nope"])
+
+
+def test_warmup_leaves_the_loops_own_schedule_working() -> None:
+    model = nn.Linear(4, 1, bias=False)
+    opt = REMEDIES["warmup"].apply(model, torch.optim.SGD(model.parameters(), lr=0.2), Context(50))
+    steps = []
+    for k in range(14):
+        if k == 5:
+            opt.param_groups[0]["lr"] *= 3  # the loop's own change, mid-warm-up
+        model.weight.grad = torch.ones_like(model.weight)
+        before = model.weight.detach().clone()
+        opt.step()
+        steps.append(float((before - model.weight.detach()).mean()))
+    expected = [(0.2 if k < 5 else 0.6) * min(1.0, (k + 1) / 10) for k in range(14)]
+    assert steps == pytest.approx(expected, rel=1e-5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.6)

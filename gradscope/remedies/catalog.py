@@ -79,17 +79,27 @@ def _warmup(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimiz
     if all(lr == 0 for lr in _lrs(optimizer)):
         raise CannotApply("the learning rate is zero: there is nothing to warm up to")
     length = max(1, min(WARMUP_STEPS, context.steps // 5))
-    base = [g["lr"] for g in optimizer.param_groups]
     taken = [0]
+    held: list[Any] = []
 
-    # set just before each update, so the update of step k uses base * (k + 1) / length
-    def hook(opt: Optimizer, args: Any, kwargs: Any) -> None:
-        scale = min(1.0, (taken[0] + 1) / length)
-        for group, lr in zip(opt.param_groups, base, strict=False):
-            group["lr"] = lr * scale
+    # the update of step k uses (k + 1) / length of the learning rate the loop set, which is
+    # put back after the update: a schedule of the loop's own keeps working under it
+    def before(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        held.clear()
+        if taken[0] < length:
+            scale = (taken[0] + 1) / length
+            for group in opt.param_groups:
+                held.append(group["lr"])
+                group["lr"] = group["lr"] * scale
         taken[0] += 1
 
-    optimizer.register_step_pre_hook(hook)
+    def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        for group, lr in zip(opt.param_groups, held, strict=False):
+            group["lr"] = lr
+        held.clear()
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
     return optimizer
 
 

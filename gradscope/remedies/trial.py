@@ -217,7 +217,8 @@ def try_remedies(
         batches: a re-iterable (a list, a DataLoader) or a function returning a fresh
             iterator; restarted when it runs out before `steps`.
         remedies: names or Remedy objects to try; by default the ones the baseline's
-            verdicts propose (gradscope.remedies.propose), at most `limit` of them.
+            verdicts propose (gradscope.remedies.propose): the first `limit` of them that
+            apply, and a row (not run) for each proposed before those that cannot, saying why.
         seed: torch, numpy and random are seeded with it before the start is made and
             before each run, so a trial is deterministic.
         eval: `eval(model) -> float` (an accuracy, higher is better), called after each run.
@@ -269,12 +270,37 @@ def try_remedies(
         baseline = _run(spec, None)
         if baseline.failed is not None:
             raise TrialError(f"the baseline run failed: {baseline.failed}")
+        skipped: list[TrialRun] = []
         if chosen is None:
-            chosen = propose(baseline.verdicts, limit)
-        runs = [baseline] + _run_all(spec, chosen, workers)
+            chosen, skipped = _applicable(spec, propose(baseline.verdicts), limit)
+        runs = [baseline] + _run_all(spec, chosen, workers) + skipped
     finally:
         torch.set_num_threads(before)
     return Trial(runs, steps, seed)
+
+
+def _applicable(
+    spec: _Spec, proposed: list[Remedy], limit: int
+) -> tuple[list[Remedy], list[TrialRun]]:
+    """The first `limit` proposed remedies that apply to the start (each tried on a copy, which
+    is cheap next to a run), and a row for each that does not, with its reason: so a remedy
+    that cannot apply does not take the place of one that can."""
+    assert spec.start is not None
+    chosen: list[Remedy] = []
+    skipped: list[TrialRun] = []
+    for r in proposed:
+        if len(chosen) == limit:
+            break
+        model, optimizer = copy.deepcopy(spec.start)
+        try:
+            r.apply(model, optimizer, Context(spec.steps, spec.seed))
+        except CannotApply as e:
+            skipped.append(TrialRun(r.name, r, skipped=str(e)))
+            continue
+        except Exception:  # left to the run, which says how it failed
+            pass
+        chosen.append(r)
+    return chosen, skipped
 
 
 def _seed(seed: int) -> None:
