@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 # activation moments of one module call, in the output's float dtype
-ACT_FIELDS = ("sum", "min", "max", "nonzero", "sumsq")
+ACT_FIELDS = ("sum", "min", "max", "nonzero", "sumsq", "dead_units")
 
 SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of that bound
 # a float32 sum of n squares is exact to ~1e-7 relative unless some squares left the normal
@@ -68,7 +68,18 @@ def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def activation_moments(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, ...]:
+def dead_units(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """How many units of x (along `axis`; None: x is one unit) are exactly zero everywhere
+    else (NaN is not zero), as a 0-d int64 tensor; no host sync."""
+    if axis is None:
+        return torch.count_nonzero(x).eq(0).long()
+    dims = tuple(d for d in range(x.dim()) if d != axis)
+    return torch.count_nonzero(x, dim=dims).eq(0).sum()
+
+
+def activation_moments(
+    x: torch.Tensor, scratch: Scratch, axis: int | None
+) -> tuple[torch.Tensor, ...]:
     """Moments of one tensor (ACT_FIELDS) as 0-d tensors; no host sync.
 
     (Stacking them per call would cost more than the sums: callers stack many calls at once.)
@@ -88,7 +99,8 @@ def activation_moments(x: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor,
     work = scratch.like(x)
     sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
     nonzero = torch.ne(x, 0, out=work).sum(dtype=acc)  # 1.0 for each non-zero
-    return torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq
+    dead = dead_units(x, axis).to(acc) if x.numel() else torch.zeros((), dtype=acc, device=x.device)
+    return torch.sum(x, dtype=acc), lo.to(acc), hi.to(acc), nonzero, sumsq, dead
 
 
 def saturation_band(bounds: tuple[float, float]) -> tuple[float, float]:
@@ -125,8 +137,11 @@ def activation_stats(
     nonzero: np.ndarray,
     count: np.ndarray,
     nonfinite: np.ndarray,
+    dead: np.ndarray,
+    units: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Derives mean, std, rms, zero_frac, min, max, nonfinite from merged moments (arrays)."""
+    """Derives mean, std, rms, zero_frac, min, max, nonfinite, dead_units and units from
+    merged moments (arrays)."""
     n = np.maximum(count, 1.0)
     mean = total / n
     with np.errstate(invalid="ignore", over="ignore"):
@@ -139,17 +154,22 @@ def activation_stats(
             "min": lo,
             "max": hi,
             "nonfinite": nonfinite.astype(np.float64),
+            "dead_units": dead,
+            "units": units,
         }
 
 
 # one output's row inside a compiled graph (all float64): ACT_FIELDS of the recorder's
 # schema, then the number of values and of saturated values
-ROW_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite", "count", "saturated")
+ROW_FIELDS = (
+    "sum", "sumsq", "min", "max", "nonzero", "nonfinite", "dead_units", "units", "count",
+    "saturated",
+)  # fmt: skip
 # one output gradient's row: the recorder's GRAD_FIELDS, then the number of samples
 GRAD_ROW_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples", "samples")
 
 
-def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
+def output_row(x: torch.Tensor, band: tuple[float, float] | None, axis: int | None) -> torch.Tensor:
     """ROW_FIELDS of one tensor: sums accumulated in float64 (exact at subnormal values),
     extremes and counts in the tensor's own dtype (exact there too); extremes ignore NaN.
     Pure torch ops with no host sync, so that a compiled graph fuses them into one pass
@@ -174,6 +194,8 @@ def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tenso
             hi,
             x.ne(0).sum().to(torch.float64),
             (x - x).ne(0).sum().to(torch.float64),  # inf - inf and NaN - NaN are NaN
+            dead_units(x, axis).to(torch.float64) if x.numel() else wide.new_zeros(()),
+            wide.new_full((), (1 if axis is None else x.shape[axis]) if x.numel() else 0),
             torch.full((), x.numel(), dtype=torch.float64, device=x.device),
             saturated,
         ]
@@ -181,13 +203,17 @@ def output_row(x: torch.Tensor, band: tuple[float, float] | None) -> torch.Tenso
 
 
 def fold_rows(before: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """Two ROW_FIELDS rows of one module merged: sums add, extremes take min and max."""
+    """Two ROW_FIELDS rows of one module merged: sums add, extremes and the dead units take
+    min, the units max."""
     return torch.cat(
         [
             before[:2] + row[:2],
             torch.minimum(before[2:3], row[2:3]),
             torch.maximum(before[3:4], row[3:4]),
-            before[4:] + row[4:],
+            before[4:6] + row[4:6],
+            torch.minimum(before[6:7], row[6:7]),
+            torch.maximum(before[7:8], row[7:8]),
+            before[8:] + row[8:],
         ]
     )
 

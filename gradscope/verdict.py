@@ -25,6 +25,8 @@ class Verdict:
     threshold: float | None = None
     first_step: int | None = None
     last_step: int | None = None
+    # the ids of the symptoms this root cause explains (gradscope.analysis.rank)
+    explains: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,3 +38,17 @@ class Verdict:
 
 def fmt(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 layer', '3 layers' (never 'layer(s)')."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def share(x: float) -> str:
+    """A share in words a person reads at once: 'all', '93%', 'under 1%'."""
+    if x >= 1.0:
+        return "all"
+    if 0 < x < 0.01:
+        return "under 1%"
+    return f"{x:.0%}"

@@ -40,6 +40,7 @@ _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 # name: (argument types, result type); kernels with a result return 0, or -1 out of memory
 _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "moments": ([_PTR, _I64, _PTR], None),
+    "output_row": ([_PTR, _I64, _I64, _I64, _PTR], ctypes.c_int),
     "saturated": ([_PTR, _I64, ctypes.c_double, ctypes.c_double], ctypes.c_double),
     "grad_rows": ([_PTR, _I64, _I64, _PTR], None),
     "param_read": ([_PTR, _PTR, _PTR, _I64, _PTR], ctypes.c_int),
@@ -158,6 +159,13 @@ def moments(x: torch.Tensor, out: int) -> None:
     """Writes MOMENT_FIELDS of x as 6 float64 values at address `out`."""
     x = _dense(x)
     _fn("moments", x.dtype)(x.data_ptr(), x.numel(), out)
+
+
+def output_row(x: torch.Tensor, shape: tuple[int, int, int], out: int) -> None:
+    """Writes one output's row of the per-call schema at address `out`: MOMENT_FIELDS, then
+    the dead units and the units of x seen as `shape` (outer, units, inner)."""
+    x = _dense(x)
+    _check(_fn("output_row", x.dtype)(x.data_ptr(), *shape, out))
 
 
 def saturated(x: torch.Tensor, band: tuple[float, float]) -> float:

@@ -96,6 +96,65 @@ COUNT_NONFINITE(count_nonfinite_f64, double)
 MOMENTS(moments_f32, float, count_nonfinite_f32)
 MOMENTS(moments_f64, double, count_nonfinite_f64)
 
+/* units (a feature or a channel) of x, seen as an outer x units x inner array, that are
+ * exactly zero at every outer and inner position (NaN is not zero); -1 out of memory. Where
+ * units are the last axis (inner == 1) the rows are OR-ed into per-unit flags, stopping
+ * once every unit has been seen non-zero; else each unit's inner run is scanned until its
+ * first non-zero. */
+#define DEAD_UNITS(NAME, T)                                                                 \
+    double NAME(const T* x, int64_t outer, int64_t units, int64_t inner) {                  \
+        if (units <= 0 || outer <= 0 || inner <= 0) return 0.0;                             \
+        uint8_t* alive = calloc((size_t)units, 1);                                          \
+        if (alive == NULL) return -1.0;                                                     \
+        int64_t seen = 0;                                                                   \
+        if (inner == 1) {                                                                   \
+            for (int64_t o = 0; o < outer; ++o) {                                           \
+                const T* row = x + o * units;                                               \
+                _Pragma("omp simd simdlen(16)")                                             \
+                for (int64_t u = 0; u < units; ++u) alive[u] |= (row[u] != 0);             \
+                if ((o & 7) == 0 || o == outer - 1) {                                       \
+                    seen = 0;                                                               \
+                    for (int64_t u = 0; u < units; ++u) seen += alive[u];                   \
+                    if (seen == units) break;                                               \
+                }                                                                           \
+            }                                                                               \
+        } else {                                                                            \
+            for (int64_t o = 0; o < outer && seen < units; ++o) {                           \
+                for (int64_t u = 0; u < units; ++u) {                                       \
+                    if (alive[u]) continue;                                                 \
+                    const T* p = x + (o * units + u) * inner;                               \
+                    for (int64_t i = 0; i < inner; ++i) {                                   \
+                        if (p[i] != 0) {                                                    \
+                            alive[u] = 1;                                                   \
+                            ++seen;                                                         \
+                            break;                                                          \
+                        }                                                                   \
+                    }                                                                       \
+                }                                                                           \
+            }                                                                               \
+            seen = 0;                                                                       \
+            for (int64_t u = 0; u < units; ++u) seen += alive[u];                           \
+        }                                                                                   \
+        free(alive);                                                                        \
+        return (double)(units - seen);                                                      \
+    }
+DEAD_UNITS(dead_units_f32, float)
+DEAD_UNITS(dead_units_f64, double)
+
+/* one module output's row of the recorder's per-call schema (recorder/stats/fields.py
+ * OUTPUT): moments() into out[0..5], then the dead units and the units; 0, or -1 out of
+ * memory */
+#define OUTPUT_ROW(NAME, T, MOMENTS, DEAD)                                                  \
+    int NAME(const T* x, int64_t outer, int64_t units, int64_t inner, double* out) {        \
+        MOMENTS(x, outer * units * inner, out);                                             \
+        double dead = DEAD(x, outer, units, inner);                                         \
+        out[6] = dead;                                                                      \
+        out[7] = (double)units;                                                             \
+        return dead < 0 ? -1 : 0;                                                           \
+    }
+OUTPUT_ROW(output_row_f32, float, moments_f32, dead_units_f32)
+OUTPUT_ROW(output_row_f64, double, moments_f64, dead_units_f64)
+
 /* how many of x lie at least `half` away from `mid` (NaN never does): outputs of a bounded
  * activation near its bounds */
 #define SATURATED(NAME, T)                                                                  \

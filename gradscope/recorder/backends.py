@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from gradscope import native, stats
+from gradscope.recorder.stats.units import unit_shape
 
 # The per-call schema both backends fill, in this order: an output's moments (reduced over
-# calls and ranks by sum, except min and max) and an output gradient's sums.
-ACT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite")
+# calls and ranks by sum, except min and max), its dead units (min) and units (max), and an
+# output gradient's sums.
+ACT_FIELDS = ("sum", "sumsq", "min", "max", "nonzero", "nonfinite", "dead_units", "units")
 GRAD_FIELDS = ("sumsq", "sample_norm_sum", "nonfinite_samples")
-assert ACT_FIELDS == native.MOMENT_FIELDS and GRAD_FIELDS == native.GRAD_FIELDS
+assert ACT_FIELDS[:6] == native.MOMENT_FIELDS and GRAD_FIELDS == native.GRAD_FIELDS
 
 
 # tables of no calls, by width (read-only: shared by every step)
@@ -47,7 +49,10 @@ class Reader:
 class Backend(Protocol):
     """Per-call statistics of one step's module outputs and output gradients."""
 
-    def moments(self, tensor: torch.Tensor) -> None: ...
+    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
+        """The output's row; `axis`: its units' dim (units.unit_axis)."""
+        ...
+
     def repeat_moments(self) -> None:
         """The last call's moments again (the same tensor seen by another module)."""
         ...
@@ -80,8 +85,8 @@ class NativeBackend:
         self._acts = _HostRows(len(ACT_FIELDS))
         self._grads = _HostRows(len(GRAD_FIELDS))
 
-    def moments(self, tensor: torch.Tensor) -> None:
-        native.moments(tensor, self._acts.take(1))
+    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
+        native.output_row(tensor, unit_shape(tensor.shape, axis), self._acts.take(1))
 
     def repeat_moments(self) -> None:
         self._acts.repeat()
@@ -120,19 +125,22 @@ class TorchBackend:
     def reset(self) -> None:
         self._moments: list[torch.Tensor] = []  # stats.ACT_FIELDS of each call, flat
         self._outputs: list[torch.Tensor] = []
+        self._units: list[int] = []
         self._sample_sumsq: list[torch.Tensor] = []
         self._grads: list[tuple[torch.Tensor, int]] = []
 
     def clear(self) -> None:
         self._scratch.clear()
 
-    def moments(self, tensor: torch.Tensor) -> None:
-        self._moments.extend(stats.activation_moments(tensor, self._scratch))
+    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
+        self._moments.extend(stats.activation_moments(tensor, self._scratch, axis))
         self._outputs.append(tensor)
+        self._units.append((1 if axis is None else tensor.shape[axis]) if tensor.numel() else 0)
 
     def repeat_moments(self) -> None:
         self._moments.extend(self._moments[-len(stats.ACT_FIELDS) :])
         self._outputs.append(self._outputs[-1])
+        self._units.append(self._units[-1])
 
     def repeat_grad(self) -> None:
         self._sample_sumsq.append(self._sample_sumsq[-1])
@@ -156,10 +164,12 @@ class TorchBackend:
     def activation_table(self, reader: Reader) -> np.ndarray:
         if not self._outputs:  # the usual case on the CPU: the kernels took every call
             return _NO_ROWS[len(ACT_FIELDS)]
-        fields = len(stats.ACT_FIELDS)  # sum, min, max, nonzero, sumsq
+        fields = len(stats.ACT_FIELDS)  # sum, min, max, nonzero, sumsq, dead_units
         raw = reader.take(fields * len(self._outputs)).reshape(-1, fields)
         table = np.zeros((len(self._outputs), len(ACT_FIELDS)))
         table[:, :5] = raw[:, [0, 4, 1, 2, 3]]
+        table[:, 6] = raw[:, 5]
+        table[:, 7] = self._units
         numel = np.array([t.numel() for t in self._outputs], dtype=np.float64)
         suspect = ~np.isfinite(table).all(axis=1) | stats.needs_exact(table[:, 1], numel)
         for i in np.flatnonzero(suspect):  # recount from the held output

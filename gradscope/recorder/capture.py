@@ -21,6 +21,7 @@ from gradscope.recorder.backends import (
     stack_float64,
 )
 from gradscope.recorder.compiled import ACC_WIDTH, OUTPUTS_PER_MODULE, PROBE_WIDTH, GraphTaps
+from gradscope.recorder.stats.units import unit_axis
 
 
 class OutputCall(NamedTuple):
@@ -104,6 +105,9 @@ class StepCapture:
         self.backends = Backends()
         # the statistics a compiled model's graphs computed (None: an eager model)
         self.graph: GraphTaps | None = None
+        # labels of the watched modules whose 3-d outputs have their units on dim 1 (set at
+        # attach: units.channel_first)
+        self.channel_first: frozenset[str] = frozenset()
         self.reset()
 
     def reset(self) -> None:
@@ -123,22 +127,26 @@ class StepCapture:
         self.params: ParamRead | None = None
         self.scalars: list[tuple[str, torch.Tensor | float]] = []
         # the tensor of the last output call and of the last gradient call, its version
-        # counter then, and the backend that took it
-        self._last_output: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
+        # counter then, and the backend that took it (and the output's unit axis)
+        self._last_output: tuple[torch.Tensor | None, int | None, Any, int | None] = (
+            None, None, None, None,
+        )  # fmt: skip
         self._last_grad: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
 
     def output(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
         numel = tensor.numel()
+        ndim = tensor.dim()
+        axis = unit_axis(ndim, ndim == 3 and label.partition("[")[0] in self.channel_first)
         last = self._last_output
-        if last[0] is tensor and last[1] == version(tensor) is not None:
+        if last[0] is tensor and last[1] == version(tensor) is not None and last[3] == axis:
             # the very tensor the last call saw, unchanged (a block's output is its last
             # layer's): the same statistics, copied instead of computed again
             backend = last[2]
             backend.repeat_moments()
         else:
             backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
-            backend.moments(tensor)
-            self._last_output = (tensor, version(tensor), backend)
+            backend.moments(tensor, axis)
+            self._last_output = (tensor, version(tensor), backend, axis)
         if band is not None:
             self.saturated.append((len(self.outputs), backend.saturated(tensor, band)))
         self.outputs.append(OutputCall(label, numel, backend))

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradscope import stats
+from gradscope.recorder.stats import units
 
 OUTPUTS_PER_MODULE = 8
 # an acc row: the eager path's ACT_FIELDS, then the count of values and of saturated values
@@ -69,6 +70,8 @@ class GraphTaps:
         self.outputs, self.grads = outputs, grads
         self.labels = [label for label, _, _ in modules]
         self.bands = [band for _, _, band in modules]
+        first = units.channel_first([(label, module) for label, module, _ in modules])
+        self.channel_first = [label in first for label in self.labels]
         shape = (OUTPUTS_PER_MODULE, ACC_WIDTH)
         self.accs = [torch.zeros(shape, dtype=torch.float64, device=device) for _ in modules]
         self.probes = [
@@ -81,6 +84,8 @@ class GraphTaps:
         self._empty = torch.zeros(ACC_WIDTH, dtype=torch.float64)
         self._empty[stats.ROW_FIELDS.index("min")] = math.inf
         self._empty[stats.ROW_FIELDS.index("max")] = -math.inf
+        self._empty[stats.ROW_FIELDS.index("dead_units")] = math.inf  # merged by min
+        self._empty[stats.ROW_FIELDS.index("units")] = -math.inf  # by max
         self._empty = self._empty.to(device).expand(shape)
         # labels of structured outputs (fqn[i], fqn[key]), written by the traced hooks
         self.names: dict[tuple[int, int], str] = {}
@@ -143,7 +148,8 @@ class GraphTaps:
         if self.outputs:
             acc = self.accs[m]
             with torch.no_grad():
-                row = stats.output_row(out, band).to(acc.device)
+                axis = units.unit_axis(out.dim(), self.channel_first[m])
+                row = stats.output_row(out, band, axis).to(acc.device)
                 acc[j].copy_(stats.fold_rows(acc[j], row))
         if self.grads and out.requires_grad:
             return Tap.apply(out, self.probes[m][j])

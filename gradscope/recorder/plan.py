@@ -12,6 +12,7 @@ from torch import nn
 from gradscope import distributed
 from gradscope.recorder import hooks
 from gradscope.recorder.reduce import ParamLayout
+from gradscope.recorder.stats import units
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelPlan:
     dtensors: bool  # FSDP2 parameters: statistics of each rank's local shard
     modules: list[tuple[str, nn.Module]]  # (label, module) whose outputs are recorded
     block_index: dict[str, float]  # each watched block's position in the stream
+    channel_first: frozenset[str]  # modules whose 3-d outputs have units on dim 1 (units.py)
 
 
 def unwrapped_name(fqn: str) -> str:
@@ -71,4 +73,5 @@ def plan_model(
         any(distributed.local(p) is not p for _, p in params),
         modules,
         block_index,
+        units.channel_first(modules),
     )

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradscope import distributed
-from gradscope.diagnose import OnlineDiagnosis
+from gradscope.analysis import OnlineDiagnosis
 from gradscope.recorder import hooks
 from gradscope.recorder.capture import StepCapture, band
 from gradscope.recorder.compiled import GraphTaps, compiled_parts, make_dynamo_see_hooks
@@ -184,6 +184,7 @@ class Recorder(RecorderResults):
         self._params = ParamReader(plan.params, distributed.local if plan.dtensors else same)
         self._sync = plan.sync
         modules = [(label, module, band(module)) for label, module in plan.modules]
+        self._capture.channel_first = plan.channel_first
         self._rows.reset(Reducer(plan.block_index), plan.layout, plan.sync)
         if compiled and modules and (record_acts or record_grads):
             # hooks traced into the compiled graphs (see recorder/compiled.py)
@@ -365,8 +366,11 @@ class Recorder(RecorderResults):
             self._rows.add(step, tables, scales, origins)
             return
         self._rows.add(step, tables, scales, origins, now=True)
-        for verdict in online.update(self._rows.store.last_frame()):
-            on_verdict(verdict)
+        last = self._rows.store._last  # the step's rows as arrays: no frame per step
+        if last is not None:
+            at, layout, values = last
+            for verdict in online.update_rows(at, layout.layer, layout.kind, layout.stat, values):
+                on_verdict(verdict)
 
 
 def watch(

@@ -134,7 +134,7 @@ class Reducer:
     def _outputs(self, batch: Sequence[Tables], merge: StepMerge) -> Callable[[StepRows], None]:
         first = batch[0]
         table = np.stack([t.output_stats for t in batch])
-        total, sumsq, lo, hi, nonzero, nonfinite = np.moveaxis(table, 2, 0)
+        total, sumsq, lo, hi, nonzero, nonfinite, dead, units = np.moveaxis(table, 2, 0)
         names, label_id, shared = self.output_labels([c.label for c in first.outputs])
         n = len(names)
         numel = np.stack([t.output_numel() for t in batch])
@@ -142,6 +142,10 @@ class Reducer:
         # NaN gives inf, -inf; a torch-op call NaN)
         lows = by_label(lo, label_id, shared, np.fmin)
         highs = by_label(hi, label_id, shared, np.fmax)
+        # a unit is dead over several calls (micro-batches, ranks) only where dead in each:
+        # the smallest count (see schema.Stat.DEAD_UNITS)
+        dead = by_label(dead, label_id, shared, np.fmin)
+        units = by_label(units, label_id, shared, np.fmax)
         sat_calls = [i for i, _ in first.saturated]
         sat_values = np.zeros_like(total)
         sat_values[:, sat_calls] = [[v for _, v in t.saturated] for t in batch]
@@ -153,15 +157,21 @@ class Reducer:
             ]
         )
         merge.expect_same(n)
-        handles = merge.add(sums, "sum"), merge.add(lows, "min"), merge.add(highs, "max")
+        handles = (
+            merge.add(sums, "sum"),
+            merge.add(np.stack([lows, dead]), "min"),
+            merge.add(np.stack([highs, units]), "max"),
+        )
 
         def add(rows: StepRows) -> None:
-            sums, lo, hi = (merge.get(h) for h in handles)
+            sums, (lo, dead), (hi, units) = (merge.get(h) for h in handles)
             lo, hi = lo.copy(), hi.copy()
             no_value = lo > hi  # a layer with no value but NaN (counted in nonfinite)
             lo[no_value] = hi[no_value] = np.nan
             total, sumsq, nonzero, count, nonfinite, sat = sums
-            values = stats.activation_stats(total, sumsq, lo, hi, nonzero, count, nonfinite)
+            values = stats.activation_stats(
+                total, sumsq, lo, hi, nonzero, count, nonfinite, dead, units
+            )
             for stat, column in values.items():
                 rows.add(names, Kind.ACTIVATION, stat, column)
             self._add_block_rows(rows, Kind.ACTIVATION, names)

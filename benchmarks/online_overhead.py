@@ -1,0 +1,76 @@
+"""What `on_verdict` (the online diagnosis) adds to a recorded step of the 784-128-10 MLP.
+
+Blocks of steps alternate: recorded without on_verdict (A), recorded with it (B), A, B, ...;
+each B block's time is divided by the mean of the A blocks on either side of it and the
+median ratio is printed (this machine's speed drifts by 20%). Batch 64, SGD with momentum,
+every step recorded, the loss logged; each block's time includes making its frame
+(`to_frame()`), since without on_verdict the recorder makes rows later, in batches.
+
+    python benchmarks/online_overhead.py [--repeats 15] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import gradscope as gs
+
+
+def block(model: nn.Module, opt: torch.optim.Optimizer, data, online: bool, steps: int) -> float:  # type: ignore[no-untyped-def]
+    fired = []
+    kwargs = {"on_verdict": fired.append} if online else {}
+    x, y = data
+    with gs.watch(model, optimizer=opt, every=1, **kwargs) as rec:
+        for _ in range(3):  # warm-up: the first steps build the recorder's buffers
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.log_scalar("loss", loss)
+            opt.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.log_scalar("loss", loss)
+            opt.step()
+    rec.to_frame()  # rows made later (without on_verdict) count too
+    elapsed = time.perf_counter() - start
+    if fired:
+        print(f"  (on_verdict fired on a healthy run: {[v.id for v in fired]})")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = (torch.randn(64, 784), torch.randint(0, 10, (64,)))
+    times_a, times_b = [], []
+    times_a.append(block(model, opt, data, False, args.steps))
+    for _ in range(args.repeats):
+        times_b.append(block(model, opt, data, True, args.steps))
+        times_a.append(block(model, opt, data, False, args.steps))
+    ratios = [b / ((a0 + a1) / 2) for b, a0, a1 in zip(times_b, times_a, times_a[1:], strict=False)]
+    per_step_a = statistics.median(times_a) / args.steps * 1e3
+    per_step_b = statistics.median(times_b) / args.steps * 1e3
+    q = statistics.quantiles(ratios, n=4)
+    print(
+        f"recorded step without on_verdict: {per_step_a:.3f} ms, with: {per_step_b:.3f} ms; "
+        f"median ratio {statistics.median(ratios):.3f} (middle half {q[0]:.3f} to {q[2]:.3f}; "
+        f"{args.repeats} alternating blocks of {args.steps} steps)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Reference frames of representative recordings on both statistics paths, and the check that
+a later tree records exactly the same frames ("behaviour unchanged" for refactors).
+
+    python tools/stats_reference.py write /tmp/stats-ref      # on the tree before a change
+    python tools/stats_reference.py check /tmp/stats-ref      # on the tree after it
+
+Each run is recorded twice, in child processes: with the C kernels and with torch ops
+(GRADSCOPE_NATIVE=0). `check` compares every frame with the stored one: the same rows in the
+same order and exactly equal values (NaN equal to NaN). Rows of statistics a tree adds
+(stats not in the reference) are reported and left out of the comparison, so that a new
+statistic does not hide a change in the old ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+PATHS = {"kernels": "1", "torch": "0"}
+
+
+def _mlp() -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.Tanh(),
+        nn.Linear(64, 10),
+    )  # fmt: skip
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), 32
+
+
+def _deep_plain() -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    from gradscope.lab.models import build_model
+
+    model = build_model("plain", depth=100, width=64)  # default init: subnormal gradients
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), 16
+
+
+def _preln() -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    from gradscope.lab.models import build_model
+
+    model = build_model("preln", depth=6, width=64)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), 16
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.seq = nn.Conv1d(16, 4, 3, padding=1)  # a 1-d convolution over the flattened rows
+        self.relu3 = nn.ReLU()
+        self.head = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 28, 28)
+        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.seq(x.flatten(2)))
+        return self.head(x.flatten(1))
+
+
+def _cnn() -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    model = _CNN()
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 16
+
+
+def _compiled() -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    model = nn.Sequential(
+        nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 64), nn.Sigmoid(), nn.Linear(64, 10)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return torch.compile(model, backend="aot_eager"), opt, 32  # type: ignore[return-value]
+
+
+RUNS = {
+    "mlp": _mlp,
+    "deep_plain": _deep_plain,
+    "preln": _preln,
+    "cnn": _cnn,
+    "compiled": _compiled,
+}
+STEPS = 3
+
+
+def record(name: str) -> pd.DataFrame:
+    """The frame of run `name`: STEPS recorded steps, the last with two micro-batches."""
+    import gradscope as gs
+
+    torch.manual_seed(0)
+    model, opt, batch = RUNS[name]()
+    gen = torch.Generator().manual_seed(1)
+    with gs.watch(model, optimizer=opt, every=1) as rec:
+        for step in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            for _ in range(2 if step == STEPS - 1 else 1):
+                x = torch.randn(batch, 784, generator=gen)
+                y = torch.randint(0, 10, (batch,), generator=gen)
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                rec.log_scalar("loss", loss)
+            opt.step()
+    return rec.to_frame()
+
+
+def _child(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUNS:
+        record(name).to_parquet(out / f"{name}.parquet")
+
+
+def _run_children(out: Path) -> None:
+    for path, flag in PATHS.items():
+        env = {**os.environ, "GRADSCOPE_NATIVE": flag}
+        subprocess.run([sys.executable, __file__, "child", str(out / path)], env=env, check=True)
+
+
+def _compare(ref: pd.DataFrame, new: pd.DataFrame) -> str | None:
+    added = sorted(set(new["stat"]) - set(ref["stat"]))
+    if added:
+        new = new[~new["stat"].isin(added)].reset_index(drop=True)
+    if len(ref) != len(new):
+        return f"{len(new)} rows, reference {len(ref)}"
+    for col in ("step", "layer", "kind", "stat"):
+        if not (ref[col].astype(str).to_numpy() == new[col].astype(str).to_numpy()).all():
+            return f"column {col} differs"
+    a, b = ref["value"].to_numpy(), new["value"].to_numpy()
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    if not same.all():
+        i = int(np.argmax(~same))
+        row = ref.iloc[i]
+        return (
+            f"{int((~same).sum())} values differ, first {row['layer']} {row['kind']} "
+            f"{row['stat']} step {row['step']}: {a[i]!r} vs {b[i]!r}"
+        )
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("write", "check", "child"):
+        print(__doc__)
+        return 2
+    what, folder = argv[0], Path(argv[1])
+    if what == "child":
+        _child(folder)
+        return 0
+    if what == "write":
+        _run_children(folder)
+        print(f"references written to {folder}")
+        return 0
+    fresh = folder.with_name(folder.name + "-new")
+    _run_children(fresh)
+    failures = 0
+    for path in PATHS:
+        for name in RUNS:
+            ref = pd.read_parquet(folder / path / f"{name}.parquet")
+            new = pd.read_parquet(fresh / path / f"{name}.parquet")
+            added = sorted(set(new["stat"]) - set(ref["stat"]))
+            problem = _compare(ref, new)
+            failures += problem is not None
+            extra = f" (new stats left out: {', '.join(added)})" if added else ""
+            print(f"{path:8} {name:11} {len(ref):5} rows: {problem or 'identical'}{extra}")
+    print("all frames identical" if not failures else f"{failures} frames differ")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
