@@ -175,12 +175,69 @@ def _working_lr(optimizer: Optimizer) -> float:
 
 
 def _remove_zero_lr(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimizer:
-    zero = [g for g in optimizer.param_groups if float(g["lr"]) == 0]
-    if not zero:
-        raise CannotApply("no learning rate is zero")
+    if not _params(optimizer):
+        raise CannotApply("the optimizer holds no parameters")
     lr = _working_lr(optimizer)
-    for group in zero:
-        group["lr"] = lr
+    for group in optimizer.param_groups:
+        if float(group["lr"]) == 0:
+            group["lr"] = lr
+    held: list[Any] = []
+
+    # a schedule may set a learning rate to 0 later: replaced for each update, and put back
+    # after it so the schedule's own state goes on
+    def before(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        held[:] = [g["lr"] for g in opt.param_groups]
+        for group in opt.param_groups:
+            if float(group["lr"]) == 0:
+                group["lr"] = lr
+
+    def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        for group, old in zip(opt.param_groups, held, strict=False):
+            group["lr"] = old
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
+
+
+def _cap_lr(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimizer:
+    base = [float(g["lr"]) for g in optimizer.param_groups]
+    if all(lr == 0 for lr in base):
+        raise CannotApply("the learning rate is zero: there is nothing to cap it at")
+    held: list[Any] = []
+
+    # each update uses at most the learning rate of the start; the loop's own value is put
+    # back after it, so its schedule goes on (and may come back down under the cap)
+    def before(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        held[:] = [g["lr"] for g in opt.param_groups]
+        for group, cap in zip(opt.param_groups, base, strict=False):
+            if float(group["lr"]) > cap:
+                group["lr"] = cap
+
+    def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        for group, old in zip(opt.param_groups, held, strict=False):
+            group["lr"] = old
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return optimizer
+
+
+def _standardize_inputs(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimizer:
+    stats: list[float] = []
+
+    # one mean and one standard deviation, from the first batch the model sees: per-feature
+    # statistics would divide by zero on constant features (an image's border pixels)
+    def before_forward(module: nn.Module, args: Any) -> Any:
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            raise CannotApply("the model's input is not a floating-point tensor (token ids?)")
+        x = args[0]
+        if not stats:
+            std = float(x.detach().double().std())
+            stats[:] = [float(x.detach().double().mean()), std if std > 0 else 1.0]
+        return ((x - stats[0]) / stats[1], *args[1:])
+
+    model.register_forward_pre_hook(before_forward)
     return optimizer
 
 
@@ -344,9 +401,23 @@ REMEDIES: dict[str, Remedy] = {
             _to_adamw,
         ),
         Remedy(
+            "cap_lr",
+            "keep every learning rate at most its value at the start (undoes a mid-run "
+            "increase, e.g. a schedule edited by mistake)",
+            'for group in optimizer.param_groups: group["lr"] = min(group["lr"], base_lr)',
+            _cap_lr,
+        ),
+        Remedy(
+            "standardize_inputs",
+            "standardize the model's input by the mean and standard deviation of the first "
+            "batch (one number each)",
+            "x = (x - x_mean) / x_std  # the training inputs' statistics, before model(x)",
+            _standardize_inputs,
+        ),
+        Remedy(
             "remove_zero_lr",
-            "give the parameter groups whose learning rate is 0 the optimizer's working "
-            "learning rate",
+            "give the parameter groups whose learning rate is 0 (from the start, or set by a "
+            "schedule) the optimizer's working learning rate",
             'for group in optimizer.param_groups: group["lr"] = group["lr"] or base_lr',
             _remove_zero_lr,
         ),
@@ -360,7 +431,8 @@ PROPOSALS: dict[str, tuple[str, ...]] = {
     "nonfinite_values": ("lr_x0.1", "clip_1.0", "warmup"),
     "nonfinite_forward": ("lr_x0.1", "clip_1.0", "warmup"),
     "divergence": ("lr_x0.1", "clip_1.0", "warmup"),
-    "lr_too_high": ("lr_x0.1", "lr_x0.3", "warmup", "clip_1.0"),
+    "lr_too_high": ("lr_x0.1", "lr_x0.3", "cap_lr", "sgd_to_adamw", "warmup", "clip_1.0"),
+    "unnormalized_inputs": ("standardize_inputs",),
     "exploding_gradients": ("reinit_matched", "clip_1.0", "lr_x0.3", "reinit_orthogonal"),
     "vanishing_gradients": ("reinit_matched", "reinit_orthogonal", "sgd_to_adamw"),
     "gradient_spike": ("clip_1.0", "lr_x0.3", "lr_x0.1", "warmup"),
@@ -388,7 +460,7 @@ PROPOSALS: dict[str, tuple[str, ...]] = {
     "update_too_large": ("lr_x0.3", "lr_x0.1", "clip_1.0"),
     "dead_units": ("reinit_matched", "lr_x0.3"),
     "dead_units_rising": ("lr_x0.3", "lr_x0.1", "reinit_matched"),
-    "saturated_units": ("reinit_matched", "reinit_orthogonal"),
+    "saturated_units": ("reinit_matched", "standardize_inputs", "reinit_orthogonal"),
     "saturated_units_rising": ("reinit_matched", "lr_x0.3"),
     "loss_not_decreasing": ("remove_zero_lr", "sgd_to_adamw", "reinit_matched"),
 }

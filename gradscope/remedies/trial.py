@@ -377,6 +377,10 @@ def _run(spec: _Spec, chosen: Remedy | None) -> TrialRun:
             frame = rec.to_frame()
     except TrialError:
         raise
+    except CannotApply as e:  # found only once the run began (the model's input, say)
+        run.skipped = str(e)
+        run.seconds = time.perf_counter() - began
+        return run
     except Exception as e:
         run.failed = f"{type(e).__name__}: {e}"
         run.seconds = time.perf_counter() - began
