@@ -164,6 +164,55 @@ def test_sgd_to_adamw_keeps_the_parameters() -> None:
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
 
 
+def test_remove_zero_lr_also_under_a_schedule_that_sets_zero() -> None:
+    model = nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 2 else 0.0)
+    opt = REMEDIES["remove_zero_lr"].apply(model, opt)
+    moved = []
+    for _ in range(5):
+        model.weight.grad = torch.ones_like(model.weight)
+        before = model.weight.detach().clone()
+        opt.step()
+        schedule.step()
+        moved.append(float((before - model.weight.detach()).mean()))
+    assert moved == pytest.approx([0.1] * 5)  # without the remedy: 0.1, 0.1, 0, 0, 0
+    assert opt.param_groups[0]["lr"] == 0.0  # the schedule's own value, put back
+
+
+def test_cap_lr_undoes_a_mid_run_increase() -> None:
+    model = nn.Linear(4, 1, bias=False)
+    opt = REMEDIES["cap_lr"].apply(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    moved = []
+    for k in range(4):
+        if k == 2:
+            opt.param_groups[0]["lr"] *= 100
+        if k == 3:
+            opt.param_groups[0]["lr"] = 0.01  # decreases pass through
+        model.weight.grad = torch.ones_like(model.weight)
+        before = model.weight.detach().clone()
+        opt.step()
+        moved.append(float((before - model.weight.detach()).mean()))
+    assert moved == pytest.approx([0.1, 0.1, 0.1, 0.01])
+
+
+def test_standardize_inputs_uses_the_first_batch_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2)
+    ref = nn.Linear(6, 2)
+    ref.load_state_dict(model.state_dict())
+    REMEDIES["standardize_inputs"].apply(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    first, second = torch.randn(16, 6) * 50 + 200, torch.randn(16, 6) * 50 + 200
+    mean, std = first.double().mean(), first.double().std()
+    for x in (first, second):  # the second batch: still the first batch's statistics
+        expected = ref(((x.double() - mean) / std).float())
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    ids = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    REMEDIES["standardize_inputs"].apply(ids, torch.optim.SGD(ids.parameters(), lr=0.1))
+    with pytest.raises(CannotApply, match="not a floating-point tensor"):
+        ids(torch.tensor([[1, 2]]))
+
+
 def test_remove_zero_lr_gives_zero_groups_the_working_rate() -> None:
     model = _mlp()
     opt = torch.optim.SGD(
@@ -209,7 +258,7 @@ def test_reinit_orthogonal_is_orthogonal_with_the_gain() -> None:
 @pytest.mark.parametrize(
     "name, make, why",
     [
-        ("remove_zero_lr", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "no learning rate"),
+        ("cap_lr", lambda m: torch.optim.SGD(m.parameters(), lr=0.0), "zero"),
         ("sgd_to_adamw", lambda m: torch.optim.Adam(m.parameters()), "not plain SGD"),
         ("add_missing_params", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "already"),
         ("unfreeze", lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "requires_grad"),
@@ -343,10 +392,12 @@ def test_a_remedy_that_cannot_apply_or_fails_leaves_the_others() -> None:
         _step,
         _data(),
         steps=10,
-        remedies=["remove_zero_lr", bad, "lr_x0.3"],
+        remedies=["unfreeze", bad, "lr_x0.3"],
     )
     table = trial.table().set_index("remedy")
-    assert table.loc["remove_zero_lr", "outcome"] == "could not apply: no learning rate is zero"
+    assert (
+        table.loc["unfreeze", "outcome"] == "could not apply: no parameter has requires_grad=False"
+    )
     assert table.loc["broken", "outcome"].startswith("failed: applying it raised RuntimeError")
     assert math.isnan(table.loc["broken", "final_loss"])
     assert table.loc["lr_x0.3", "outcome"] in {"better", "worse", "no change"}

@@ -32,7 +32,7 @@ def _trial_and_run(tmp_path):  # type: ignore[no-untyped-def]
         opt.step()
         return loss
 
-    names = ["lr_x0.1", "clip_1.0", "warmup", "remove_zero_lr", "reinit_matched"]
+    names = ["lr_x0.1", "clip_1.0", "warmup", "unfreeze", "reinit_matched"]
     trial = gs.try_remedies(make, step, data, steps=40, remedies=names)
     torch.manual_seed(0)
     model, opt = make()
@@ -49,7 +49,7 @@ def test_tried_section_renders_in_chromium(tmp_path, chromium):  # type: ignore[
         assert run.name in fragment
         if run.remedy is not None:
             assert html.escape(run.remedy.code) in fragment
-    assert "could not apply: no learning rate is zero" in fragment
+    assert "could not apply: no parameter has requires_grad=False" in fragment
     assert tried_text(trial).startswith("Best: ") == (trial.best is not None)
     page = render_run_report(gs.load_run(folder), trial=trial)
     dom = rendered_page(chromium, page, tmp_path / "profile", min_images=2)
