@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--markdown", action="store_true", help="also print the README table")
     args = parser.parse_args()
     cases = _load(args.cases)
     controls: dict[str, float] = {}
@@ -200,6 +201,8 @@ def main() -> None:
             flush=True,
         )
     _summary(rows)
+    if args.markdown:
+        _markdown(rows)
     print(f"total {time.perf_counter() - began:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
@@ -244,6 +247,27 @@ def _summary(rows: list[dict[str, Any]]) -> None:
     if healthy:
         bad = sum(bool(r["proposed"]) for r in healthy)
         print(f"healthy runs with a remedy proposed: {bad}/{len(healthy)} (target 0)")
+
+
+def _markdown(rows: list[dict[str, Any]]) -> None:
+    print("\n| fault class | runs | detected | repaired | the top remedy (repaired or not) |")
+    print("|---|---|---|---|---|")
+    for fault in dict.fromkeys(r["fault"] for r in rows):
+        part = [r for r in rows if r["fault"] == fault]
+        n = len(part)
+        if fault == "healthy":
+            proposed = sum(bool(r["proposed"]) for r in part)
+            print(f"| healthy controls | {n} | warned {sum(r['detected'] for r in part)} | "
+                  f"remedy proposed for {proposed} | - |")  # fmt: skip
+            continue
+        remedied = [r for r in part if r["remedied"]]
+        won = f"{sum(r['repaired_top'] for r in remedied)}/{len(remedied)}" if remedied else "-"
+        if len(remedied) < n:
+            won += f" ({n - len(remedied)} without a remedy)"
+        tops = ", ".join(
+            f"{r['top'] or 'none'} {'yes' if r['repaired_top'] else 'no'}" for r in part
+        )
+        print(f"| {fault} | {n} | {sum(r['detected'] for r in part)} | {won} | {tops} |")
 
 
 if __name__ == "__main__":
