@@ -265,7 +265,9 @@ def _markdown(rows: list[dict[str, Any]]) -> None:
         if len(remedied) < n:
             won += f" ({n - len(remedied)} without a remedy)"
         tops = ", ".join(
-            f"{r['top'] or 'none'} {'yes' if r['repaired_top'] else 'no'}" for r in part
+            f"{r['top'] or 'none'}{'' if r['measured_best'] or not r['top'] else '*'} "
+            f"{'yes' if r['repaired_top'] else 'no'}"
+            for r in part
         )
         print(f"| {fault} | {n} | {sum(r['detected'] for r in part)} | {won} | {tops} |")
 
