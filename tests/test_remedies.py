@@ -493,3 +493,43 @@ def test_warmup_leaves_the_loops_own_schedule_working() -> None:
     expected = [(0.2 if k < 5 else 0.6) * min(1.0, (k + 1) / 10) for k in range(14)]
     assert steps == pytest.approx(expected, rel=1e-5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.6)
+
+
+def test_a_trial_inside_a_watch_leaves_the_users_recording_alone() -> None:
+    """The user's model is being recorded when the trial starts: the trial's training must
+    not land in that recording (a deep copy would share the recorder's hook closures)."""
+
+    def run(with_trial: bool):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = _data(4)
+        with gs.watch(model, optimizer=opt) as rec:
+            _step(model, opt, data[0])
+            if with_trial:
+                gs.try_remedies(lambda: (model, opt), _step, data, steps=6, remedies=["lr_x0.3"])
+            _step(model, opt, data[1])
+        return rec.to_frame()
+
+    plain, tried = run(False), run(True)
+    assert len(plain) and plain.equals(tried)
+
+
+def test_the_copies_carry_no_hooks_of_a_recorder_watching_the_users_model() -> None:
+    from gradscope.remedies.trial import _Spec, _start
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    own = model[0].register_forward_hook(lambda m, i, o: None)  # the user's own: kept
+    with gs.watch(model, optimizer=opt):
+        _step(model, opt, _data(1)[0])
+        spec = _Spec(lambda: (model, opt), _step, _data(), 4, 0, None, 1)
+        copy, _ = _start(spec)
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in copy.modules()] == [
+        0,
+        1,
+        0,
+        0,
+    ]
+    assert all(not p._post_accumulate_grad_hooks for p in copy.parameters())
+    own.remove()

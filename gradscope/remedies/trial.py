@@ -5,6 +5,7 @@ remedy, on copies, each recorded and diagnosed, and the measured gain of each.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import multiprocessing
@@ -23,7 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from gradscope.diagnose import diagnose
-from gradscope.recorder import watch
+from gradscope.recorder import hooks, watch
 from gradscope.remedies.catalog import CannotApply, Context, Remedy, propose, remedy
 from gradscope.schema import COLUMNS, TOTAL, Kind, Stat
 from gradscope.verdict import Verdict
@@ -324,10 +325,53 @@ def _start(spec: _Spec) -> tuple[nn.Module, Optimizer]:
             f"make() returned a {type(optimizer).__name__} as the optimizer, not a "
             "torch.optim.Optimizer"
         )
+    # a recorder watching the user's model is not copied along with its hooks (its hooks'
+    # closures are shared by a deep copy: the copies' training would land in its steps)
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for recorder in hooks._WATCHED.get(module, []):
+            memo[id(recorder)] = _Unwatched()
     try:
-        return copy.deepcopy((model, optimizer))
+        start = copy.deepcopy((model, optimizer), memo)
     except Exception as e:  # a module holding a lock, a file or an unpicklable hook
         raise TrialError(f"the model and optimizer cannot be deep-copied ({e})") from None
+    _drop_gradscope_hooks(start[0])
+    return start
+
+
+class _Unwatched:
+    """Stands in, in the copies, for a recorder that watches the user's model."""
+
+
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_post_accumulate_grad_hooks",  # (on parameters)
+)
+
+
+def _drop_gradscope_hooks(model: nn.Module) -> None:
+    """Removes the recorder's hooks from a copy: on its modules and on its parameters."""
+    for holder in [*model.modules(), *model.parameters()]:
+        for name in _HOOK_TABLES:
+            table = getattr(holder, name, None)
+            if not table:
+                continue
+            for key, fn in list(table.items()):
+                if _recorders_hook(fn):
+                    del table[key]
+
+
+def _recorders_hook(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, _Unwatched):
+        return True
+    where = getattr(fn, "__module__", None) or type(owner).__module__
+    return str(where).startswith("gradscope.recorder")
 
 
 def _batches(spec: _Spec) -> Iterator[Any]:
