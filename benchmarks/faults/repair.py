@@ -10,7 +10,7 @@ remedy beat the baseline by more than 2%: the first proposed that ran); "first" 
 beside it) is the remedy proposed first, before anything is measured.
 
     python -m benchmarks.faults.repair [--set registry|mine] [--split all|tune|heldout]
-        [--only NAME] [--json out.json]
+        [--only NAME] [--seed 0] [--markdown] [--json out.json]
 
 `--set registry` (default): the fault benchmark's cases (benchmarks/faults/registry.py), the
 remedy proposals never tuned on them. `--set mine`: benchmarks/faults/remedy_cases.py, the
@@ -105,7 +105,7 @@ def _trains(trial: Trial, run: TrialRun | None, control_loss: float) -> bool:
     return cleared and math.isfinite(final) and final < float(np.mean(head))
 
 
-def _load(which: str) -> list[RepairCase]:
+def _load(which: str, seed: int = 0) -> list[RepairCase]:
     if which == "mine":
         from benchmarks.faults import remedy_cases
 
@@ -116,20 +116,20 @@ def _load(which: str) -> list[RepairCase]:
     if which == "registry":
         from benchmarks.faults.registry import CASES
 
-        return [_from_registry(c) for c in CASES]
+        return [_from_registry(c, seed) for c in CASES]
     raise SystemExit(f"unknown case set {which!r}; choose registry or mine")
 
 
-def _from_registry(case: Any) -> RepairCase:
+def _from_registry(case: Any, seed: int) -> RepairCase:
     """A registry case as a trial's make/step/batches. Its step closure keeps state (a
     scheduler made on first use), so each optimizer a run steps gets the step of a fresh
     build."""
-    setup = case.build(0)
+    setup = case.build(seed)
     steps: dict[int, tuple[torch.optim.Optimizer, Any]] = {}
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, item: Any) -> torch.Tensor:
         if id(opt) not in steps:
-            steps[id(opt)] = (opt, case.build(0).step)  # (opt kept: its id stays unique)
+            steps[id(opt)] = (opt, case.build(seed).step)  # (opt kept: its id stays unique)
         t, batch = item
         return steps[id(opt)][1](model, opt, batch, t, lambda loss: None)
 
@@ -151,9 +151,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the registry's build seed, the trial's"
+    )
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     args = parser.parse_args()
-    cases = _load(args.cases)
+    cases = _load(args.cases, args.seed)
     controls: dict[str, float] = {}
     rows = []
     began = time.perf_counter()
@@ -164,7 +167,7 @@ def main() -> None:
         ):
             continue  # (controls always run: the faults are judged against them)
         trial = gs.try_remedies(case.make, case.step, case.batches, steps=len(case.batches),
-                                seed=0, workers=args.workers)  # fmt: skip
+                                seed=args.seed, workers=args.workers)  # fmt: skip
         if case.fault == "healthy":
             controls[case.name] = trial.baseline.final_loss
         best = trial.best
