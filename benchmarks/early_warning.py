@@ -3,9 +3,9 @@ fires against when the loss breaks.
 
 For each scenario (fixed seeds) it prints the step each warning/error verdict first fires,
 the step the loss first goes non-finite or jumps 10x above its trailing median (the "loss
-event"), the lead in steps, and the layer the gradient-spike verdict names first. Spike
-rules must stay quiet on the plain deep stack (vanishing from the start, no spike) and the
-healthy run.
+event"), the step the top-ranked root cause says the trouble began and its lead over the
+loss event, and the cause with the layer it names. The instability rules must stay quiet on
+the plain deep stack (vanishing from the start, no spike) and the healthy run.
 
     python benchmarks/early_warning.py [--data-root ../shared/data]
 """
@@ -94,7 +94,7 @@ def run(scenario: Scenario, data, seed: int = 0) -> dict[str, object]:  # type: 
     model = scenario.model()
     opt = scenario.optimizer(model)
     losses = []
-    with gs.watch(model, every=1) as rec:
+    with gs.watch(model, optimizer=opt, every=1) as rec:
         for t, (x, y) in enumerate(_batches(data, scenario.sequence, seed)):
             if scenario.lr_jump and t == EVENT_AT:
                 for group in opt.param_groups:
@@ -112,14 +112,17 @@ def run(scenario: Scenario, data, seed: int = 0) -> dict[str, object]:  # type: 
     verdicts = gs.diagnose(rec.to_frame())
     event = loss_event(losses)
     fired = {v.id: v.first_step for v in verdicts if v.severity in ("warning", "error")}
-    spike = next((v for v in verdicts if v.id == "gradient_spike"), None)
+    # the root cause ranked first, and the step it says the trouble began
+    top = next((v for v in verdicts if v.severity in ("warning", "error")), None)
     return {
         "fired": fired,
         "loss_event": event,
-        "spike_step": spike.first_step if spike else None,
-        "lead": (event - spike.first_step) if spike and event is not None else None,
-        "layer": spike.layers[0] if spike and spike.layers else None,
-        "statistic": spike.evidence.get("statistic") if spike else None,
+        "spike_step": top.first_step if top else None,
+        "lead": (event - top.first_step)
+        if top and top.first_step is not None and event is not None
+        else None,
+        "layer": top.layers[0] if top and top.layers else None,
+        "statistic": str(top.id) if top else None,
     }
 
 
@@ -133,13 +136,13 @@ def main() -> None:
     except DataError:
         data, source = synthetic(4096, 512), "synthetic digits (MNIST not found)"
     print(f"{STEPS} steps, batch 64, recorded every step; data: {source}\n")
-    header = f"{'scenario':<34} {'loss event':>10} {'spike':>6} {'lead':>5}  layer named first"
+    header = f"{'scenario':<34} {'loss event':>10} {'warned':>6} {'lead':>5}  root cause (layer)"
     print(header)
     rows = []
     for scenario in _scenarios():
         result = run(scenario, data)
         rows.append((scenario.name, result))
-        layer = f"{result['layer']} ({result['statistic']})" if result["layer"] else "-"
+        layer = f"{result['statistic']} ({result['layer'] or '-'})" if result["statistic"] else "-"
         print(
             f"{scenario.name:<34} {_s(result['loss_event']):>10} {_s(result['spike_step']):>6} "
             f"{_s(result['lead']):>5}  {layer}"

@@ -45,6 +45,11 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
+def of_steps(x: float) -> str:
+    """'every step', '62% of the steps'."""
+    return "every step" if x >= 1.0 else f"{share(x)} of the steps"
+
+
 def share(x: float) -> str:
     """A share in words a person reads at once: 'all', '93%', 'under 1%'."""
     if x >= 1.0:

@@ -75,16 +75,16 @@ MUTATIONS = [
     ),
     Mutation(
         "VANISHING_RATIO 1e-3 -> 1e-8",
-        "gradscope/diagnose.py",
+        "gradscope/analysis/rules/flow.py",
         "VANISHING_RATIO = 1e-3",
         "VANISHING_RATIO = 1e-8",
         ("tests/test_frame_and_diagnose.py",),
     ),
     Mutation(
         "vanishing severity always error",
-        "gradscope/diagnose.py",
-        '"error" if not ratio >= SEVERE_RATIO else "warning"',
-        '"error"',
+        "gradscope/analysis/rules/flow.py",
+        "Severity.ERROR if not ratio >= SEVERE_RATIO else Severity.WARNING",
+        "Severity.ERROR",
         ("tests/test_frame_and_diagnose.py",),
     ),
     Mutation(

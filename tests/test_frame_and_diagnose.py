@@ -57,43 +57,29 @@ def test_plain_relu_stack_loses_039_decades_per_layer():
 def test_verdict_vanishing():
     verdicts = dg.diagnose(_frame([1e-9, 1e-6, 1e-3, 1.0]))
     assert verdicts[0].id == "vanishing_gradients" and verdicts[0].severity == "error"
-    assert verdicts[0].evidence["first_last_ratio"] == pytest.approx(1e-9)
+    assert verdicts[0].evidence["median_ratio"] == pytest.approx(1e-9)
     assert verdicts[0].threshold == dg.VANISHING_RATIO
-    assert "vanishing" in str(verdicts[0]) and "residual" in verdicts[0].suggestion
+    # the starved matrices (under 1/1000 of the last one's gradient), named by module
+    assert verdicts[0].layers == ["blocks.0.fc", "blocks.1.fc"]
+    assert "residual" in verdicts[0].suggestion and "(s)" not in verdicts[0].message
 
 
-def test_verdict_exploding():
-    verdicts = dg.diagnose(_frame([1e5, 1e3, 10.0, 1.0]))
+def test_verdict_exploding_scales_with_depth():
+    # 0.2 decades per layer over 8 matrices after the first: 1.4 decades in all
+    norms = [1e3] + [10 ** (0.2 * (7 - i)) for i in range(8)]
+    verdicts = dg.diagnose(_frame(norms))
     assert [v.id for v in verdicts] == ["exploding_gradients"]
+    tail = np.log10(norms[1:])
     assert verdicts[0].evidence["decades_per_layer"] == pytest.approx(
-        np.polyfit(range(4), [5, 3, 1, 0], 1)[0]
+        -np.polyfit(range(8), tail, 1)[0]
     )
+    # the same slope over 4 matrices after the first is 0.6 decades: under the 1-decade bar
+    assert [v.id for v in dg.diagnose(_frame(norms[:5]))] == ["healthy"]
 
 
 def test_verdict_healthy():
     verdicts = dg.diagnose(_frame([0.5, 0.8, 1.0, 1.2]))
     assert [v.id for v in verdicts] == ["healthy"] and verdicts[0].severity == "ok"
-
-
-def test_verdicts_dead_saturated_update_nonfinite():
-    extra = [
-        (0, "blocks.0.act", "activation", "zero_frac", 0.97),
-        (0, "blocks.1.act", "activation", "saturated_frac", 0.8),
-        (0, "blocks.0.fc.weight", "update", "ratio", 1e-9),
-        (0, "blocks.1.fc.weight", "update", "ratio", 1e-9),
-        (0, "blocks.1.act", "nonfinite_origin", "forward", 1.0),
-    ]
-    ids = {v.id: v for v in dg.diagnose(_frame([1.0, 1.0], extra))}
-    assert set(ids) == {"dead_units", "saturated_units", "update_too_small", "nonfinite_values"}
-    assert "blocks.1.act" in ids["nonfinite_values"].message
-    assert ids["dead_units"].layers == ["blocks.0.act"]
-    assert "1e-09 of the weight norm" in ids["update_too_small"].message
-
-
-def test_updates_that_did_not_move_the_weights_are_said_so():
-    extra = [(0, f"blocks.{i}.fc.weight", "update", "ratio", 0.0) for i in range(2)]
-    (verdict,) = [v for v in dg.diagnose(_frame([1.0, 1.0], extra)) if v.id == "update_too_small"]
-    assert "did not move" in verdict.message and "0 of the weight norm" not in verdict.message
 
 
 def test_recorder_diagnose_on_a_vanishing_model():
@@ -118,8 +104,7 @@ def test_recorder_diagnose_on_a_vanishing_model():
         (1.1e-6, ("vanishing_gradients", "warning")),  # just above the severe ratio 1e-6
         (0.9e-6, ("vanishing_gradients", "error")),
         (0.0, ("vanishing_gradients", "error")),  # no gradient at all reaches the first layer
-        (0.9e3, None),  # just below the exploding ratio 1e3
-        (1.1e3, ("exploding_gradients", "error")),
+        (1e6, None),  # the first matrix alone: its gradient scales with the input's size
     ],
 )
 def test_flow_thresholds_and_severities(first_norm, expected):
@@ -131,16 +116,18 @@ def test_flow_thresholds_and_severities(first_norm, expected):
 
 
 @pytest.mark.parametrize(
-    ("stat", "value", "expected"),
+    ("rows", "expected"),
     [
-        ("zero_frac", 0.89, None),  # dead units above 90% zeros
-        ("zero_frac", 0.91, "dead_units"),
-        ("saturated_frac", 0.49, None),  # saturated above 50% at the bounds
-        ("saturated_frac", 0.51, "saturated_units"),
+        ([("dead_units", 6.0), ("units", 10.0)], None),  # 60% of units dead: under 70%
+        ([("dead_units", 8.0), ("units", 10.0)], "dead_units"),
+        ([("zero_frac", 0.96)], None),  # older recordings: exact-zero elements, 97%
+        ([("zero_frac", 0.98)], "dead_units"),
+        ([("saturated_frac", 0.59)], None),  # saturated above 60% at the bounds
+        ([("saturated_frac", 0.61)], "saturated_units"),
     ],
 )
-def test_activation_thresholds(stat, value, expected):
-    extra = [(0, "blocks.0.act", "activation", stat, value)]
+def test_activation_thresholds(rows, expected):
+    extra = [(0, "blocks.0.act", "activation", stat, value) for stat, value in rows]
     verdicts = dg.diagnose(_frame([1.0, 1.0], extra))
     if expected is None:
         assert [v.id for v in verdicts] == ["healthy"]
@@ -153,10 +140,9 @@ def test_activation_thresholds(stat, value, expected):
 @pytest.mark.parametrize(
     ("ratio", "expected"),
     [
-        (0.9e-5, "update_too_small"),  # healthy updates are between 1e-5 and 1e-1 of the weight
-        (1.1e-5, None),
-        (0.09, None),
-        (0.11, "update_too_large"),
+        (0.29, None),  # updates of 30% of the weights or more: the learning rate is too high
+        (0.31, ("lr_too_high", "warning")),
+        (1.5, ("lr_too_high", "error")),  # updates larger than the weights themselves
     ],
 )
 def test_update_thresholds(ratio, expected):
@@ -165,5 +151,5 @@ def test_update_thresholds(ratio, expected):
     if expected is None:
         assert [v.id for v in verdicts] == ["healthy"]
     else:
-        assert [(v.id, v.severity) for v in verdicts] == [(expected, "warning")]
-        assert verdicts[0].evidence["median_update_ratio"] == pytest.approx(ratio)
+        assert [(v.id, v.severity) for v in verdicts] == [expected]
+        assert verdicts[0].evidence["update_ratio"] == pytest.approx(ratio)

@@ -90,4 +90,8 @@ def test_the_step_where_training_breaks_is_recorded():
     last = result.steps - 1
     assert last > 0 and last in set(frame.step)
     assert rec.nonfinite and rec.nonfinite[0].step == last
-    assert rec.diagnose()[0].id == "nonfinite_values"
+    # the root cause is the learning rate (updates far larger than the weights at step 0);
+    # the inf/NaN it led to is its symptom
+    top = rec.diagnose()[0]
+    assert (top.id, top.first_step) == ("lr_too_high", 0)
+    assert {"nonfinite_forward", "nonfinite_backward", "nonfinite_values"} & set(top.explains)

@@ -50,6 +50,9 @@ class OnlineDiagnosis:
         self._first: Rows | None = None
         self._grad: collections.deque[float] = collections.deque(maxlen=instability.BASELINE_WINDOW)
         self._size: collections.deque[float] = collections.deque(maxlen=instability.BASELINE_WINDOW)
+        self._ratio: collections.deque[float] = collections.deque(
+            maxlen=instability.BASELINE_WINDOW
+        )
         self._announced: set[str] = set()
         self._since_full = 0
         self._last_full_end = time.perf_counter()
@@ -151,17 +154,24 @@ class OnlineDiagnosis:
         s = _median_finite(values[size].tolist())
         g_base = _median(self._grad)
         s_base = _median(self._size)
+        r_base = _median(self._ratio)
         grad_jump = grad / g_base if g_base > 0 and math.isfinite(grad) else math.nan
         size_jump = s / s_base if s_base > 0 and math.isfinite(s) else math.nan
         if math.isfinite(grad):
             self._grad.append(grad)
         if math.isfinite(s):
             self._size.append(s)
+        if math.isfinite(r):
+            self._ratio.append(r)
         out: list[Verdict] = []
         if grad_jump >= instability.GRAD_JUMP and not size_jump >= instability.STEP_SIZE_JUMP:
             what = f"the gradient jumped to {fmt(grad_jump)} times its recent median"
             out.append(_early(VerdictId.GRADIENT_SPIKE, step, what, grad_jump))
-        elif r >= instability.UPDATE_RATIO_HIGH:
+        elif r >= instability.UPDATE_RATIO_HIGH or (
+            r_base > 0
+            and r >= instability.UPDATE_JUMP * r_base
+            and r >= instability.UPDATE_JUMP_FLOOR
+        ):
             what = f"updates are {fmt(r)} of the weights' norm"
             out.append(_early(VerdictId.LR_TOO_HIGH, step, what, r))
         if values[bad].any() or (len(total) and not math.isfinite(grad)):

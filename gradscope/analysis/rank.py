@@ -68,6 +68,8 @@ def _explains(root: Verdict, symptom: Verdict) -> bool:
         return False
     if root.id == V.NOT_IN_OPTIMIZER:  # only the same parameters' unzeroed gradients
         return bool(set(symptom.layers) & set(root.layers))
+    if symptom.id == V.LOSS_NOT_DECREASING:  # a whole-run symptom: dated by the loss's quarters
+        return True
     if root.id in TIMED or symptom.id in TIMED:
         return _onset(root) <= _onset(symptom)
     return True

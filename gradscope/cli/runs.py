@@ -41,8 +41,10 @@ def diff(
             )
     else:
         typer.echo("no statistic changed by more than 2x")
+    from gradscope.analysis.render import headline
+
     for title, verdicts in (("appears in B", result.appeared), ("gone in B", result.disappeared)):
         for v in verdicts:
-            typer.echo(f"{title}: [{v.severity}] {v.id}: {v.message}")
+            typer.echo(f"{title}: {headline(v)}")
     if result.worse:
         raise typer.Exit(1)

@@ -199,6 +199,7 @@ def report(
     from gradscope.runs import RunError, is_run_folder, load_run
 
     if is_run_folder(folder):
+        from gradscope.analysis.render import render
         from gradscope.report.run import render_run_report
 
         try:
@@ -206,7 +207,7 @@ def report(
         except RunError as e:
             fail(str(e))
         for v in run.verdicts:
-            typer.echo(f"[{v.severity}] {v.id}: {v.message}")
+            typer.echo(render(v))
         typer.echo(f"report: {render_run_report(run)}")
         return
     if not (folder / "config.json").is_file() or not (folder / "runs").is_dir():

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
+from gradscope.analysis.render import headline  # noqa: E402
 from gradscope.diagnose import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW  # noqa: E402
 from gradscope.report.html import (  # noqa: E402
     Section,
@@ -31,7 +32,6 @@ from gradscope.report.html import (  # noqa: E402
 from gradscope.report.tried import tried_section  # noqa: E402
 from gradscope.runs import Run  # noqa: E402
 from gradscope.schema import Kind, Stat  # noqa: E402
-from gradscope.verdict import Verdict  # noqa: E402
 
 MAX_ROWS = 48  # layer rows in a figure before they are grouped by block
 
@@ -189,30 +189,20 @@ def _fig_scalars(frame: pd.DataFrame) -> str:
 
 
 def _verdicts_html(run: Run) -> str:
+    # one headline per root cause (gradscope.analysis.render), what to do, and the symptoms
+    # it explains
     parts = []
     for v in run.verdicts:
-        evidence = ", ".join(
-            f"{k}={x:.3g}" if isinstance(x, float) else f"{k}={x}"
-            for k, x in v.evidence.items()
-            if not isinstance(x, dict | list)
+        more = (
+            f" <small>(also explains: {html.escape(', '.join(v.explains))})</small>"
+            if v.explains
+            else ""
         )
         parts.append(
-            f'<p class="verdict sev-{html.escape(v.severity)}">[{html.escape(v.severity)}] '
-            f"<b>{html.escape(v.id)}</b>{_span(v)}: "
-            f"{html.escape(v.message)}. "
-            f"{html.escape(v.suggestion)} <small>(evidence: {html.escape(evidence)}; "
-            f"threshold {v.threshold})</small></p>"
+            f'<p class="verdict sev-{html.escape(v.severity)}">{html.escape(headline(v))}. '
+            f"{html.escape(v.suggestion)}{more}</p>"
         )
     return "\n".join(parts) or "<p>No verdicts: nothing was recorded.</p>"
-
-
-def _span(v: Verdict) -> str:
-    """The steps a verdict holds over (verdicts saved before they had steps have none)."""
-    if v.first_step is None or v.last_step is None:
-        return ""
-    if v.first_step == v.last_step:
-        return f" (step {v.first_step})"
-    return f" (steps {v.first_step} to {v.last_step})"
 
 
 def _nonfinite_html(frame: pd.DataFrame) -> str:

@@ -17,6 +17,7 @@ import seaborn as sns  # noqa: E402
 
 from gradscope import frame as fr  # noqa: E402
 from gradscope import theory  # noqa: E402
+from gradscope.analysis.render import headline  # noqa: E402
 from gradscope.lab.models import Variant  # noqa: E402
 from gradscope.lab.sweep import load_results  # noqa: E402
 from gradscope.report.html import (  # noqa: E402
@@ -28,6 +29,7 @@ from gradscope.report.html import (  # noqa: E402
 )
 from gradscope.report.summary import story, story_html, trainability_map  # noqa: E402
 from gradscope.schema import Kind, Stat  # noqa: E402
+from gradscope.verdict import Verdict  # noqa: E402
 
 
 def variant_palette() -> dict[str, Any]:
@@ -293,21 +295,13 @@ def _verdict_html(details: dict[str, Any], runs: pd.DataFrame) -> str:
     for r in deepest.itertuples():
         run_id = f"{r.variant}-d{r.depth}-s{r.seed}"
         for phase in ("init", "end"):
-            for v in details.get(run_id, {}).get(phase, []):
-                ev = ", ".join(
-                    f"{k}={_short(x)}" for k, x in v["evidence"].items() if not isinstance(x, dict)
-                )
+            for saved in details.get(run_id, {}).get(phase, []):
+                v = Verdict(**saved)  # one headline per root cause (analysis.render)
                 parts.append(
-                    f'<p class="verdict sev-{html.escape(v["severity"])}"><b>{html.escape(run_id)}, '
-                    f"{phase}</b> [{html.escape(v['severity'])}] {html.escape(v['message'])}. "
-                    f"{html.escape(v['suggestion'])} <small>(evidence: {html.escape(ev)}; "
-                    f"threshold {v['threshold']})</small></p>"
+                    f'<p class="verdict sev-{html.escape(v.severity)}"><b>{html.escape(run_id)}, '
+                    f"{phase}</b> {html.escape(headline(v))}. {html.escape(v.suggestion)}</p>"
                 )
     return "\n".join(parts)
-
-
-def _short(x: Any) -> str:
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 def render_sweep_report(

@@ -11,6 +11,7 @@ adds the same micro-batches to both sides, so it stays under the bound.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from gradscope.analysis.view import RunView
 from gradscope.schema import Kind, Severity, Stat, VerdictId
@@ -23,7 +24,7 @@ KAPPA_GROWTH = 4.0
 MIN_STEPS = 6
 
 
-def kappa(view: RunView) -> dict[str, np.ndarray]:
+def kappa(view: RunView) -> dict[str, pd.Series]:
     """Per module with a bias and recorded output gradients: kappa over the steps."""
     grads = view.grad
     norm = view.table(Kind.ACTIVATION_GRAD, Stat.NORM)

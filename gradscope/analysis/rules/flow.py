@@ -10,7 +10,7 @@ import pandas as pd
 from gradscope.analysis.view import RunView, module_of, span
 from gradscope.frame import decay_slope
 from gradscope.schema import Severity, VerdictId
-from gradscope.verdict import Verdict, fmt, plural, share
+from gradscope.verdict import Verdict, fmt, of_steps, plural
 
 # Under SGD a layer's step scales with its gradient: below 1e-3 of the last layer's, the
 # first layer learns a thousand times slower.
@@ -76,7 +76,7 @@ def check(view: RunView) -> list[Verdict]:
                 VerdictId.VANISHING_GRADIENTS,
                 Severity.ERROR if not ratio >= SEVERE_RATIO else Severity.WARNING,
                 f"the first layer's gradient is {fmt(ratio)} of the last layer's (median) on "
-                f"{share(hold.share)} of the steps ({fmt(float(held['slope'].median()))} "
+                f"{of_steps(hold.share)} ({fmt(float(held['slope'].median()))} "
                 f"decades lost per layer); {plural(len(starved), 'weight matrix', 'weight matrices')} "
                 "get less than 1/1000 of the last one's gradient",
                 "use an init matched to the activation (kaiming for ReLU, xavier for tanh), "
@@ -105,7 +105,7 @@ def check(view: RunView) -> list[Verdict]:
                     VerdictId.EXPLODING_GRADIENTS,
                     Severity.ERROR,
                     f"gradients grow {fmt(-float(held['tail_slope'].median()))} decades per "
-                    f"layer going back toward the input on {share(hold.share)} of the steps "
+                    f"layer going back toward the input on {of_steps(hold.share)} "
                     f"(steps {hold.first} to {hold.last}); the first layer's gradient is "
                     f"{fmt(float(held['ratio'].median()))} times the last's",
                     "lower the init gain (xavier for tanh, kaiming for ReLU), normalize "

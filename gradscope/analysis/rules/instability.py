@@ -18,8 +18,13 @@ from gradscope.verdict import Verdict, fmt
 # Updates this large a share of the weights (median over weight matrices) rewrite the
 # network each step. Healthy runs of the tuning half peak at 0.11 (SGD with BatchNorm).
 UPDATE_RATIO_HIGH = 0.3
-# A gradient (total norm) this many times its trailing median has left its baseline.
+# A gradient (total norm) or an update ratio this many times its trailing median has left
+# its baseline.
 GRAD_JUMP = 10.0
+UPDATE_JUMP = 10.0
+# ... to at least this share of the weights (below it, ratios of a vanishing stack, 1e-10,
+# jump by 10x on rounding alone).
+UPDATE_JUMP_FLOOR = 0.01
 # The step size (update / gradient: the effective learning rate) this many times its
 # trailing median: the learning rate itself changed (schedules change it by far less a step).
 STEP_SIZE_JUMP = 3.0
@@ -42,15 +47,19 @@ def _jump(series: pd.Series, step: int) -> float:
 
 
 def first_departure(view: RunView) -> tuple[int, str] | None:
-    """The first step where the update ratio passes UPDATE_RATIO_HIGH or the total gradient
-    norm leaves its baseline by GRAD_JUMP, and which did."""
+    """The first step where the update ratio passes UPDATE_RATIO_HIGH or leaves its baseline
+    by UPDATE_JUMP, or the total gradient norm leaves its baseline by GRAD_JUMP, and which
+    did."""
     ratio = view.update_ratio
     grad = view.total_grad
     steps = sorted(set(ratio.index) | set(grad.index))
     base = trailing_median(grad, BASELINE_WINDOW, MIN_HISTORY) if len(grad) else grad
+    r_base = trailing_median(ratio, BASELINE_WINDOW, MIN_HISTORY) if len(ratio) else ratio
     for step in steps:
         r = float(ratio.get(step, math.nan))
-        if math.isfinite(r) and r >= UPDATE_RATIO_HIGH:
+        rb = float(r_base.get(step, math.nan)) if len(r_base) else math.nan
+        jumped = rb > 0 and r >= UPDATE_JUMP * rb and r >= UPDATE_JUMP_FLOOR
+        if math.isfinite(r) and (r >= UPDATE_RATIO_HIGH or jumped):
             return int(step), "update"
         if step in base.index and math.isfinite(float(base.loc[step])):
             g = float(grad.loc[step])
@@ -105,6 +114,8 @@ def check(view: RunView) -> list[Verdict]:
             f"the step size (update / gradient) jumped {fmt(size_jump)}x at step {step}: "
             "the learning rate went up"
         )
+    elif what == "update" and ratio < UPDATE_RATIO_HIGH:
+        how = f"updates jumped to {fmt(ratio)} of the weights' norm at step {step}"
     elif what == "update":
         how = (
             f"updates are {fmt(ratio)} of the weights' norm at step {step} "

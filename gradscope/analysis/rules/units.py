@@ -10,7 +10,7 @@ import pandas as pd
 
 from gradscope.analysis.view import RunView, span
 from gradscope.schema import Kind, Severity, Stat, VerdictId
-from gradscope.verdict import Verdict, share
+from gradscope.verdict import Verdict, of_steps, plural
 
 # Share of a module's units dead (zero for every sample of the step's batch). Healthy runs of
 # the tuning half: medians over steps up to 38% (batches of 4 samples: a unit is easily zero
@@ -83,9 +83,13 @@ def check(view: RunView) -> list[Verdict]:
             Verdict(
                 vid,
                 Severity.WARNING,
-                f"{median:.0%} of {module}'s {words} (median) on {share(s.share)} "
-                f"of the steps, from step {s.first} on"
-                + (f"; {len(hits) - 1} later modules inherit it" if len(hits) > 1 else ""),
+                f"{median:.0%} of {module}'s {words} (median) on {of_steps(s.share)}"
+                f", from step {s.first} on"
+                + (
+                    f"; {plural(len(hits) - 1, 'later module')} inherit{'s' if len(hits) == 2 else ''} it"
+                    if len(hits) > 1
+                    else ""
+                ),
                 advice,
                 hits,
                 {"median_fraction": pd.Series({m: spans[m][1] for m in hits}).to_dict()},
