@@ -98,7 +98,8 @@ def test_the_core_reaches_nothing_built_on_it():
 
 
 def test_no_import_cycle():
-    edges = _edges(_modules())
+    """No cycle once the one call-time facade edge (ALLOWED) is set aside."""
+    edges = {m: t - {b for a, b in ALLOWED if a == m} for m, t in _edges(_modules()).items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(module, path):

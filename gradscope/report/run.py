@@ -29,6 +29,7 @@ from gradscope.report.html import (  # noqa: E402
     render_html,
     table_html,
 )
+from gradscope.report.tried import tried_section  # noqa: E402
 from gradscope.runs import Run  # noqa: E402
 from gradscope.schema import Kind, Stat  # noqa: E402
 
@@ -212,8 +213,9 @@ def _nonfinite_html(frame: pd.DataFrame) -> str:
     return table_html(table[["step", "phase", "first non-finite in"]].head(50))
 
 
-def render_run_report(run: Run) -> Any:
-    """Writes report.html into the run folder; returns its path."""
+def render_run_report(run: Run, trial: Any = None) -> Any:
+    """Writes report.html into the run folder; returns its path. With `trial` (a
+    gradscope.remedies.Trial), a "Tried" section after the verdicts."""
     frame, info = run.frame, run.info
     model, steps = info.get("model", {}), info.get("steps", {})
     subtitle = (
@@ -230,6 +232,7 @@ def render_run_report(run: Run) -> Any:
             "Verdicts over the whole recording, worst first, each with the steps it holds over.",
             [_verdicts_html(run)],
         ),
+        *([] if trial is None else [tried_section(trial)]),
         Section(
             "Gradient norm over training",
             "Each row a weight matrix"
