@@ -163,7 +163,11 @@ def test_run_folder_round_trips(tmp_path):
 def test_run_report_renders_in_chromium(tmp_path, chromium, variant, depth):
     _, path = _record(tmp_path, "r", variant=variant, depth=depth, steps=7)
     dom = rendered_page(chromium, path / "report.html", tmp_path / "profile", min_images=4)
-    assert "What is wrong" in dom
+    # "What is wrong" heads the verdicts only when one is a warning or an error
+    wrong = any(v.severity in ("warning", "error") for v in load_run(path).verdicts)
+    assert ("<h2>What is wrong</h2>" in dom) == wrong
+    assert ("<h2>Verdicts: nothing wrong found</h2>" in dom) == (not wrong)
+    assert "threshold None" not in dom
 
 
 def test_diff_exit_codes(tmp_path):

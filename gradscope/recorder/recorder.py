@@ -212,6 +212,8 @@ class Recorder(RecorderResults):
             "recorded_parameters": len(plan.params),
             "watched_modules": len(modules),
             "blocks": len(plan.block_index),
+            # module classes by fqn: figures tell activation functions from pass-through
+            "types": {label: type(module).__name__ for label, module, _ in modules},
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
         }
         hooks.register(outer, self)
