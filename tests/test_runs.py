@@ -187,6 +187,48 @@ def test_diff_exit_codes(tmp_path):
     assert result.exit_code == 2 and "not a run folder" in result.output
 
 
+def test_diff_fails_when_a_verdict_both_have_gets_worse(tmp_path):
+    _, shallow = _record(tmp_path, "shallow", variant="plain", depth=20)
+    _, deep = _record(tmp_path, "deep", variant="plain", depth=40)
+    a, b = load_run(shallow), load_run(deep)
+    va = next(v for v in a.verdicts if v.id == "vanishing_gradients")
+    vb = next(v for v in b.verdicts if v.id == "vanishing_gradients")
+    factor = float(va.evidence["first_last_ratio"]) / float(vb.evidence["first_last_ratio"])
+    assert va.severity == vb.severity == "error"
+    assert factor > 10  # the same verdict at the same severity, many decades worse
+    result = runner.invoke(app, ["diff", str(shallow), str(deep)])
+    assert result.exit_code == 1, result.output
+    assert "worse in B: [" in result.output and "vanishing_gradients: " in result.output
+    assert "more than 10x" in result.output
+    # the 20 extra blocks' layers are named as having no match, not silently left out
+    only_b = [ln for ln in result.output.splitlines() if ln.startswith("only in B")]
+    extra = (set(b.frame.layer) - set(a.frame.layer)) - {"*"}
+    assert len(only_b) == 1 and only_b[0].startswith(f"only in B ({len(extra)}): blocks.20")
+    assert "only in A" not in result.output
+    # a factor above the measured one lets it pass; better in B passes
+    loose = runner.invoke(app, ["diff", str(shallow), str(deep), "--worse-factor",
+                                f"{factor * 10:g}"])  # fmt: skip
+    worse = [ln for ln in loose.output.splitlines() if ln.startswith("worse in B")]
+    assert worse and not any("vanishing_gradients" in ln for ln in worse)
+    assert runner.invoke(app, ["diff", str(deep), str(shallow)]).exit_code == 0
+
+
+def test_diff_strips_a_given_prefix(tmp_path):
+    _, a = _record(tmp_path, "a", variant="preln", depth=3)
+    frame = pd.read_parquet(a / "frame.parquet")
+    b = tmp_path / "b"
+    b.mkdir()
+    frame.assign(layer=frame.layer.where(frame.layer == "*", "wrapped." + frame.layer)).to_parquet(
+        b / "frame.parquet"
+    )
+    (b / "run.json").write_text((a / "run.json").read_text())
+    result = runner.invoke(app, ["diff", str(a), str(b), "--strip-prefix", "wrapped."])
+    assert result.exit_code == 0, result.output
+    assert ", 0 without a match" in result.output and "no statistic changed" in result.output
+    auto = runner.invoke(app, ["diff", str(a), str(b)])
+    assert "'wrapped.' stripped from B's layer names" in auto.output
+
+
 def test_diff_of_unrelated_models_is_bad_input(tmp_path):
     _, a = _record(tmp_path, "a")
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def figure_html(fig: plt.Figure, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def panel(alt: str, draws: list[Callable[[plt.Axes], object]], width: float = 6.5,
+def panel(alt: str, draws: list[Callable[..., object]], width: float = 6.5,
           height: float = 4.0) -> str:  # fmt: skip
     """One figure of `draws` side by side (each a gradscope.plot function bound to its data,
     drawing into the Axes given); a draw with nothing to show (PlotError) gives its reason
