@@ -284,8 +284,11 @@ def activations(
         'fraction of outputs exactly 0'
     """
     frame = as_frame(data)
-    if hasattr(data, "info") and types is None:
-        types = data.info.get("model", {}).get("types")
+    info = getattr(data, "info", None)  # a Run's run.json (a DataFrame's .info is a method)
+    if types is None and isinstance(info, dict):
+        types = info.get("model", {}).get("types")
+    if types is None and hasattr(data, "model_summary"):
+        types = data.model_summary.get("types")
     stat = str(stat)
     names = _activation_layers(frame, stat, types)
     rows = need(

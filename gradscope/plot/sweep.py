@@ -82,6 +82,8 @@ def trainability_map(
         'depth'
     """
     runs = _runs(runs)
+    if not np.isfinite(runs["test_acc"].to_numpy(dtype=float)).any():
+        raise PlotError("no finite test accuracy in the run table")
     runs = runs.assign(word=[cell_verdict(r) for r in runs.itertuples()])
     variants = list(variants) if variants is not None else list(dict.fromkeys(runs["variant"]))
     depths = sorted(set(depths) if depths is not None else set(runs["depth"]))
