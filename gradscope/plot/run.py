@@ -372,8 +372,11 @@ def update_ratio(
     ax.set_yscale("log")
     draw_zeros(ax, zeros)
     name_ticks(ax, layers)
-    ax.set(title="Update / weight norm per weight matrix", xlabel="weight matrix (input side at left)",
-           ylabel="update ratio (log scale)")  # fmt: skip
+    ax.set(
+        title="Update / weight norm per weight matrix",
+        xlabel="weight matrix (input side at left)",
+        ylabel="update ratio (log scale)",
+    )
     ax.legend(fontsize=8)
     return ax
 

@@ -50,6 +50,10 @@ def _runs(runs: Any) -> pd.DataFrame:
     return runs
 
 
+def _when(phase: str) -> str:
+    return "at init" if phase == "init" else "after training"
+
+
 def cell_verdict(row: Any) -> str:
     """One word for a run: diverged, chance, vanishing, exploding or healthy."""
     ids = set(str(row.verdicts).split(";")) if isinstance(row.verdicts, str) else set()
@@ -132,7 +136,7 @@ def ratio_vs_depth(
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set(xscale="log", yscale="log", xlabel="depth (log scale)",
            ylabel="first/last gradient norm (log scale)",
-           title="First/last gradient ratio " + ("at init" if when == "init" else "after training"))  # fmt: skip
+           title="First/last gradient ratio " + _when(when))  # fmt: skip
     return ax
 
 
@@ -166,7 +170,7 @@ def slope_vs_depth(
                    label=f"plain, theory ({value:.3g})")  # fmt: skip
         ax.legend(fontsize=8)
     ax.set(xscale="log", xlabel="depth (log scale)", ylabel="decades lost per layer (>0 vanishing)",
-           title="Decay slope " + ("at init" if when == "init" else "after training"))  # fmt: skip
+           title="Decay slope " + _when(when))  # fmt: skip
     return ax
 
 
@@ -305,7 +309,7 @@ def activations_by_variant(
         rms = data[(data["stat"] == Stat.RMS) & (data["phase"] == phase) & (data["value"] > 0)]
         sns.lineplot(data=rms, x="index", y="value", hue="variant", palette=palette, ax=ax)
         ax.set(yscale="log", xlabel="activation layer (0 = input side)", ylabel="rms (log scale)",
-               title="Activation rms per layer, " + ("at init" if phase == "init" else "after training"))  # fmt: skip
+               title="Activation rms per layer, " + _when(phase))  # fmt: skip
     sub = data[(data["stat"].isin(["zero_frac", "saturated_frac"])) & (data["phase"] == "end")]
     if len(sub):
         sns.lineplot(data=sub, x="index", y="value", hue="variant", style="stat",
