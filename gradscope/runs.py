@@ -44,7 +44,14 @@ class Run:
 
     @property
     def verdicts(self) -> list[Verdict]:
-        return [Verdict(**v) for v in self.info.get("verdicts", [])]
+        from gradscope.integrations.notebook import VerdictList  # shown as lines in Jupyter
+
+        return VerdictList(Verdict(**v) for v in self.info.get("verdicts", []))
+
+    def _repr_html_(self) -> str:
+        from gradscope.integrations.notebook import run_html
+
+        return run_html(self)
 
 
 def save_run(recorder: Any, path: str | Path, name: str | None = None, report: bool = True) -> Path:

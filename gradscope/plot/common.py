@@ -9,15 +9,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from gradscope import frame as fr  # noqa: E402
-from gradscope.schema import COLUMNS  # noqa: E402
+from gradscope import frame as fr
+from gradscope.schema import COLUMNS
 
 # The heatmap's colour scale is fixed, not fitted to each run, so that the same colour means
 # the same norm in every report: a healthy net's 1.5 decades then look mild and a plain deep

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from gradscope import frame as fr  # noqa: E402
-from gradscope.plot.common import PlotError  # noqa: E402
-from gradscope.schema import Kind, Stat  # noqa: E402
+from gradscope import frame as fr
+from gradscope.plot.common import PlotError
+from gradscope.schema import Kind, Stat
 
 if TYPE_CHECKING:
     from gradscope.lab.reproduce import Reproduction

@@ -6,18 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from gradscope import frame as fr  # noqa: E402
-from gradscope.diagnose import DEAD_FRAC, UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW  # noqa: E402
-from gradscope.plot.common import (  # noqa: E402
+from gradscope import frame as fr
+from gradscope.diagnose import DEAD_FRAC, UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW
+from gradscope.plot.common import (
     DEFAULT_LOG10_SCALE,
     LOG10_SCALES,
     SEVERITY_COLORS,
@@ -31,8 +28,8 @@ from gradscope.plot.common import (  # noqa: E402
     pick_steps,
     row_groups,
 )
-from gradscope.schema import TOTAL, Kind, Stat  # noqa: E402
-from gradscope.verdict import SEVERITIES  # noqa: E402
+from gradscope.schema import TOTAL, Kind, Stat
+from gradscope.verdict import SEVERITIES
 
 # activation functions whose exact zeros mean units that output nothing; other modules
 # (Identity shortcuts, pooling, dropout, convolutions after a ReLU) only pass zeros on

@@ -11,20 +11,17 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from gradscope import frame as fr  # noqa: E402
-from gradscope import theory  # noqa: E402
-from gradscope.lab.models import Variant  # noqa: E402
-from gradscope.plot.common import PlotError, new_axes  # noqa: E402
-from gradscope.plot.run import heatmap  # noqa: E402
-from gradscope.schema import Kind, Stat  # noqa: E402
+from gradscope import frame as fr
+from gradscope import theory
+from gradscope.lab.models import Variant
+from gradscope.plot.common import PlotError, new_axes
+from gradscope.plot.run import heatmap
+from gradscope.schema import Kind, Stat
 
 CHANCE = 0.15  # test accuracy at or below this on 10 classes: nothing was learned
 TRAINS = 0.5  # test accuracy above this: the run trains

@@ -61,6 +61,9 @@ class Recorder(RecorderResults):
         diagnose_window: recorded steps the online diagnosis looks back over.
         geometry: with an optimizer, also the update's cosine with the negative gradient, its
             step size and Adam's second-moment norm (one more pass over each parameter).
+        live: show the newest step while training (gradscope.integrations.live): True every
+            few seconds, a number of seconds, or a LiveView; a panel in Jupyter, a line of
+            headlines in a terminal.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -87,6 +90,7 @@ class Recorder(RecorderResults):
         on_verdict: Callable[[Any], object] | None = None,
         diagnose_window: int = 32,
         geometry: bool = True,
+        live: Any = False,
     ) -> None:
         if not callable(every) and (isinstance(every, bool) or int(every) < 1):
             raise ValueError(f"every must be an integer >= 1 or a callable, got {every!r}")
@@ -118,6 +122,11 @@ class Recorder(RecorderResults):
         self.on_verdict = on_verdict
         self.geometry = geometry
         self._online = OnlineDiagnosis(diagnose_window) if on_verdict is not None else None
+        self._live = None
+        if live is not None and live is not False:
+            from gradscope.integrations.live import live_view  # only when asked for
+
+            self._live = live_view(live)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -260,6 +269,8 @@ class Recorder(RecorderResults):
             self._capture.graph = None
         self._capture.reset()
         self._capture.backends.torch.clear()
+        if self._live is not None and not self._rows.empty:
+            self._live.close(self)  # the final state stays on screen
         self._rows.settled().spill()
         self.model, self.optimizer = None, None
         self._params = ParamReader([])
@@ -337,6 +348,8 @@ class Recorder(RecorderResults):
         if self._recording:
             if not self._capture.empty():
                 self._collect(self._step)
+                if self._live is not None:
+                    self._live.on_step(self)
             self._capture.reset()
         # (a step not recorded captured nothing: its hooks were off, and capture was reset
         # when the last recorded step closed; so an unrecorded step costs a few calls here)

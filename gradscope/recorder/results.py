@@ -80,5 +80,11 @@ class RecorderResults:
     def diagnose(self) -> list[Any]:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""
         from gradscope.diagnose import diagnose
+        from gradscope.integrations.notebook import VerdictList  # shown as lines in Jupyter
 
-        return diagnose(self.to_frame())
+        return VerdictList(diagnose(self.to_frame()))
+
+    def _repr_html_(self) -> str:
+        from gradscope.integrations.notebook import recorder_html
+
+        return recorder_html(self)
