@@ -16,7 +16,7 @@ PREFIX = "gradscope/"
 SEVERITY_LEVEL = {name: float(i) for i, name in enumerate(SEVERITIES)}  # ok 0 ... error 3
 
 
-def headline(step_frame: pd.DataFrame) -> dict[str, float]:
+def headline(step_frame: pd.DataFrame, verdicts: list[Any] | None = None) -> dict[str, float]:
     """From the rows of one recorded step: the total gradient norm, the first/last gradient
     ratio, the decay slope (decades lost per layer), the logged loss and the worst verdict's
     severity level (0 ok, 1 info, 2 warning, 3 error), each under the ``gradscope/`` prefix.
@@ -44,7 +44,8 @@ def headline(step_frame: pd.DataFrame) -> dict[str, float]:
     loss = fr.select(step_frame, Kind.SCALAR, Stat.LOSS)
     if len(loss):
         out[PREFIX + "loss"] = float(loss["value"].iloc[-1])
-    verdicts = diagnose(step_frame, step)
+    if verdicts is None:  # a caller that diagnosed this step already passes them
+        verdicts = diagnose(step_frame, step)
     out[PREFIX + "worst_severity"] = max(SEVERITY_LEVEL[v.severity] for v in verdicts)
     return out
 

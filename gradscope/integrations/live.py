@@ -4,7 +4,7 @@ seconds; in a terminal one line of headlines per interval. `gs.watch(model, live
 
 Cheap by construction: at each recorded step it only reads the clock; every `interval`
 seconds it reads the last recorded step's rows (a few hundred), diagnoses that step and
-redraws one reused figure. At detach it draws the final state, which stays in the notebook.
+redraws three small inline SVG charts (not matplotlib: its text layout takes ~1 s a figure). At detach it draws the final state, which stays in the notebook.
 
 Example:
     >>> import gradscope as gs, torch, io
@@ -19,8 +19,7 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import io
+import html
 import math
 import sys
 import time
@@ -72,7 +71,6 @@ class LiveView:
         self._norms: list[float] = []
         self._losses: list[float] = []
         self._handle: Any = None
-        self._figure: Any = None
         self.updates = 0  # how many times it drew or printed
 
     def on_step(self, recorder: Any) -> None:
@@ -88,8 +86,11 @@ class LiveView:
         last = recorder.last_step_frame()
         if last.empty:
             return
+        from gradscope.diagnose import diagnose
+
         step = int(last["step"].iloc[0])
-        numbers = headline(last)
+        verdicts = diagnose(last, step)
+        numbers = headline(last, verdicts)
         if not self._steps or self._steps[-1] != step:
             self._steps.append(step)
             self._norms.append(numbers.get(PREFIX + "grad_norm", math.nan))
@@ -97,7 +98,7 @@ class LiveView:
             del self._steps[:-HISTORY], self._norms[:-HISTORY], self._losses[:-HISTORY]
         self.updates += 1
         if self.notebook:
-            self._draw(last, step, numbers)
+            self._draw(last, step, numbers, [v for v in verdicts if v.id != "healthy"])
         else:
             write = self._write or sys.stderr.write
             write(line(step, numbers) + "\n")
@@ -105,48 +106,27 @@ class LiveView:
     def close(self, recorder: Any) -> None:
         """The final state, drawn once more at detach (it stays in the notebook)."""
         self.update(recorder)
-        if self._figure is not None:
-            import matplotlib.pyplot as plt
-
-            plt.close(self._figure[0])
-            self._figure = None
 
     # -- the notebook panel ----------------------------------------------------------------
 
-    def _draw(self, last: Any, step: int, numbers: dict[str, float]) -> None:
+    def _draw(self, last: Any, step: int, numbers: dict[str, float], verdicts: list[Any]) -> None:
         from IPython.display import HTML, display
 
         from gradscope import frame as fr
-        from gradscope.diagnose import diagnose
         from gradscope.integrations.notebook import verdicts_html
 
-        fig, axes = self._axes()
-        for ax in axes:
-            ax.cla()
         prof = fr.gradient_profile(last, step)
-        norms = prof["norm"].to_numpy(dtype=float)
-        axes[0].plot(prof["index"], np.where(norms > 0, norms, np.nan), ".-", color="#3b528b")
-        zeros = prof["index"][norms == 0]
-        if len(zeros) and (norms > 0).any():
-            axes[0].plot(zeros, np.full(len(zeros), norms[norms > 0].min() / 10), "v", color="red")
-        axes[0].set(yscale="log", title=f"gradient norm per layer, step {step}",
-                    xlabel="weight matrix (input left)")  # fmt: skip
-        axes[1].plot(self._steps, self._norms, ".-", color="#21918c")
-        axes[1].set(yscale="log", title="total gradient norm", xlabel="step")
-        if np.isfinite(self._losses).any():
-            axes[2].plot(self._steps, self._losses, ".-", color="#b5367a")
-        axes[2].set(title="loss", xlabel="step")
-        for ax in axes:
-            ax.title.set_fontsize(9)
-            ax.tick_params(labelsize=7)
-            ax.xaxis.label.set_fontsize(8)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=60)
-        png = base64.b64encode(buf.getvalue()).decode("ascii")
-        verdicts = [v for v in diagnose(last, step) if v.id != "healthy"]
+        charts = (
+            svg_chart(prof["index"].to_numpy(float), prof["norm"].to_numpy(float),
+                      f"gradient norm per layer, step {step}", "weight matrix (input left)"),
+            svg_chart(np.asarray(self._steps, float), np.asarray(self._norms, float),
+                      "total gradient norm", "step"),
+            svg_chart(np.asarray(self._steps, float), np.asarray(self._losses, float),
+                      "loss", "step", log=False),
+        )  # fmt: skip
         page = HTML(
-            f"<div><b>gradscope</b> {line(step, numbers)}<br>"
-            f'<img alt="gradscope live panel" src="data:image/png;base64,{png}">'
+            f"<div><b>{html.escape(line(step, numbers))}</b><br>"
+            f'<div role="img" aria-label="gradscope live panel">{"".join(charts)}</div>'
             f"{verdicts_html(verdicts) if verdicts else '<i>no warnings</i>'}</div>"
         )
         if self._handle is None:
@@ -154,16 +134,56 @@ class LiveView:
         else:
             self._handle.update(page)
 
-    def _axes(self) -> Any:
-        if self._figure is None:
-            from matplotlib.figure import Figure
 
-            # a Figure outside pyplot: the notebook's inline backend does not show it twice
-            fig = Figure(figsize=(10, 2.6))
-            axes = fig.subplots(1, 3)
-            fig.subplots_adjust(left=0.06, right=0.98, bottom=0.2, top=0.85, wspace=0.3)
-            self._figure = (fig, axes)
-        return self._figure
+def svg_chart(
+    x: np.ndarray, y: np.ndarray, title: str, xlabel: str, log: bool = True,
+    width: int = 300, height: int = 150,
+) -> str:  # fmt: skip
+    """A small line chart as inline SVG: drawn in microseconds, where a matplotlib figure
+    takes a second (text layout), too much to redraw while training. On a log axis, exact
+    zeros are red triangles at the floor; min and max are labelled."""
+    left, right, top, bottom = 46, 8, 18, 30
+    head = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'style="font:10px sans-serif;margin-right:8px">'
+        f'<text x="{width / 2}" y="12" text-anchor="middle">{html.escape(title)}</text>'
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" '
+        f'height="{height - top - bottom}" fill="none" stroke="#999"/>'
+        f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>'
+    )
+    finite = np.isfinite(y) & np.isfinite(x) & ((y > 0) if log else True)
+    if finite.sum() == 0:
+        return (
+            head
+            + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>'
+        )
+    v = np.log10(y[finite]) if log else y[finite]
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    x0, x1 = float(x[finite].min()), float(x[finite].max())
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def px(a: np.ndarray) -> np.ndarray:
+        return left + (a - x0) / (x1 - x0) * (width - left - right)
+
+    def py(a: np.ndarray) -> np.ndarray:
+        return top + (hi - a) / (hi - lo) * (height - top - bottom)
+
+    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x[finite]), py(v), strict=True))
+    fmt = (lambda t: f"{10**t:.2g}") if log else (lambda t: f"{t:.3g}")
+    body = (
+        f'<polyline points="{points}" fill="none" stroke="#3b528b" stroke-width="1.5"/>'
+        f'<text x="{left - 3}" y="{top + 8}" text-anchor="end">{fmt(hi)}</text>'
+        f'<text x="{left - 3}" y="{height - bottom}" text-anchor="end">{fmt(lo)}</text>'
+        f'<text x="{left}" y="{height - bottom + 11}">{x0:.0f}</text>'
+        f'<text x="{width - right}" y="{height - bottom + 11}" text-anchor="end">{x1:.0f}</text>'
+    )
+    if log:
+        for a in px(x[np.isfinite(x) & (y == 0)]):
+            floor = height - bottom - 2
+            body += f'<path d="M{a - 4:.1f},{floor - 6} h8 l-4,6 z" fill="#b00020"/>'
+    return head + body + "</svg>"
 
 
 def line(step: int, numbers: dict[str, float]) -> str:

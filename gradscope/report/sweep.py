@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from gradscope import plot
-from gradscope.lab.sweep import load_results
+from gradscope.lab.sweep import SweepError, load_results
 from gradscope.plot import sweep as sweep_plots
 from gradscope.plot.common import PlotError
 from gradscope.report.html import Section, figure_html, note_html, panel, render_html, table_html
@@ -72,6 +74,14 @@ def render_sweep_report(
     if in_progress:
         subtitle = f"In progress: {subtitle} This page reloads every {RELOAD_SECONDS} s."
     sections = []
+    if in_progress:
+        sections.append(
+            Section(
+                "In progress",
+                f"{len(runs)} of {planned} runs finished. The map fills in as runs finish; the "
+                "figures over layers and steps follow when the sweep ends.",
+            )
+        )
     if len(runs):
         depths = config["depths"] if in_progress else None
         sections.append(
@@ -89,7 +99,7 @@ def render_sweep_report(
                 ],  # fmt: skip
             )
         )
-    if len(runs) and len(frame):
+    if len(runs) and len(frame) and not in_progress:
         sections += [
             Section(
                 "1. Gradient norm against layer",
@@ -149,7 +159,19 @@ def render_sweep_report(
         reload_seconds=RELOAD_SECONDS if in_progress else None,
     )
     path = out / "report.html"
-    tmp = path.with_name(".report.html.tmp")
+    tmp = path.with_name(f".report.html.{os.getpid()}.tmp")  # one writer's own file
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+def render_progress(out: Path, done: int, total: int) -> Path | None:
+    """The sweep's report as its runs finish: in progress (reloading itself) while `done`
+    of this call's `total` runs have finished, the whole report once all have. A report that
+    cannot be drawn now (a run being written) is left as it was: training goes on.
+    """
+    try:
+        return render_sweep_report(out, load_results(out), in_progress=done < total)
+    except (SweepError, OSError, ValueError) as e:
+        warnings.warn(f"gradscope: the sweep report was not updated ({e})", stacklevel=2)
+        return None
