@@ -70,7 +70,7 @@ def test_the_example_notebook_runs_in_a_kernel(executed):
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 3  # profiles, heatmaps, timeline
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
-    panels = [h for h in html if 'alt="gradscope live panel"' in h]
+    panels = [h for h in html if 'aria-label="gradscope live panel"' in h]
     assert len(panels) == 2  # one panel per training cell, redrawn in place
     summaries = [h for h in html if "gradscope Recorder" in h]
     assert len(summaries) == 2 and all("data:image/png;base64," in h for h in summaries)

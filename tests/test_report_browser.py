@@ -78,6 +78,11 @@ def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromi
         assert '<meta http-equiv="refresh"' in page and "(in progress)" in page
         assert f"{done} of 4 runs finished" in page
     assert pages[2] != pages[1]  # rewritten as runs finish
+    # in Jupyter the sweep's results show the map of the runs so far
+    from gradscope.lab.sweep import load_results
+
+    summary = load_results(out)._repr_html_()
+    assert "gradscope depth sweep: 4 runs" in summary and "data:image/png" in summary
     final = pages[4]
     assert "refresh" not in final and "In progress" not in final
     assert "<h2>1. Gradient norm against layer</h2>" in final

@@ -324,3 +324,23 @@ def test_step_with_a_closure_reads_the_gradients_the_closure_made(optimizer_give
             opt.step(closure)  # the gradients are made inside step(), as Lightning does
     frame = rec.to_frame()
     assert [_norms(frame, s)["weight"] for s in range(3)] == pytest.approx(seen, rel=1e-6)
+
+
+def test_verdicts_on_a_page_name_their_layers_and_keep_their_evidence():
+    from gradscope.report.verdicts import heading, verdict_html
+
+    frozen = gs.Verdict(
+        "frozen_layers", "warning", "8 weight matrices barely move", "raise the lr",
+        layers=[f"blocks.{i}.fc.weight" for i in range(8)],
+        evidence={"share_of_steps": {f"blocks.{i}.fc.weight": 0.9 + i / 100 for i in range(8)},
+                  "steps": [0, 5, 10]},
+        threshold=0.8,
+    )  # fmt: skip
+    page = verdict_html(frozen)
+    assert "blocks.0.fc.weight" in page and "and 3 more" in page  # layers named, 5 shown
+    assert "share_of_steps = {blocks.0.fc.weight: 0.9," in page and "steps = [0, 5, 10]" in page
+    assert "threshold" not in page  # the message states its own cut-off
+    healthy = gs.Verdict("healthy", "ok", "gradients flow", "", threshold=None)
+    assert "None" not in verdict_html(healthy)
+    assert heading([healthy]) == "Verdicts: nothing wrong found"
+    assert heading([healthy, frozen]) == "What is wrong"

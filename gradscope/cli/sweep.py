@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -139,12 +139,16 @@ def _run_sweep_cli(
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("depth sweep", total=None)
 
+        latest: dict[str, Any] = {"runs": 0, "text": ""}
+
         def show(p: sweep_run.SweepProgress) -> None:
+            if p.done_runs != latest["runs"]:  # a run finished: its cell of the map
+                latest["runs"], latest["text"] = p.done_runs, _latest_cell(target)
             bar.update(
                 task,
                 total=p.total_work,
                 completed=p.done_work,
-                description=f"depth sweep: run {p.done_runs}/{p.total_runs} done",
+                description=f"depth sweep: run {p.done_runs}/{p.total_runs} done" + latest["text"],
             )
 
         try:
@@ -161,6 +165,23 @@ def _run_sweep_cli(
             err=True,
         )
         raise typer.Exit(130)
+
+
+def _latest_cell(target: Path) -> str:
+    """The newest finished run as its cell of the trainability map, e.g. '; latest plain
+    d32: 11% chance', or '' when it cannot be read yet."""
+    import json
+    from types import SimpleNamespace
+
+    from gradscope.plot.sweep import cell_verdict
+
+    rows = sorted((target / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        row = json.loads(rows[-1].read_text())
+        word = cell_verdict(SimpleNamespace(**row))
+        return f"; latest {row['variant']} d{row['depth']}: {row['test_acc']:.0%} {word}"
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _write_outputs(target: Path) -> None:
