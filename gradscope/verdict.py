@@ -57,3 +57,13 @@ def share(x: float) -> str:
     if 0 < x < 0.01:
         return "under 1%"
     return f"{x:.0%}"
+
+
+class VerdictList(list[Verdict]):
+    """A list of verdicts that shows itself as coloured lines in Jupyter."""
+
+    def _repr_html_(self) -> str:
+        # display only, when Jupyter asks: the HTML lives with the notebook integration
+        from gradscope.integrations.notebook import verdicts_html
+
+        return verdicts_html(self, shown=len(self))

@@ -75,15 +75,64 @@ def test_lightning_callback_logs_headlines_and_saves_the_run(tmp_path):
     logger = pl.loggers.CSVLogger(str(tmp_path), name="logs")
     callback = GradscopeCallback(tmp_path / "run", every=2)
     trainer, loader = _trainer(tmp_path, logger=logger, callbacks=[callback])
-    trainer.fit(_Digits(), loader)
+    module = _LossKeeping()
+    trainer.fit(module, loader)
     metrics = pd.read_csv(f"{logger.log_dir}/metrics.csv")
     logged = metrics.dropna(subset=["gradscope/grad_norm"])
-    assert len(logged) == 3  # steps 0, 2, 4
+    assert logged["step"].tolist() == [0, 2, 4]  # logged at the step recorded, not the next
     run = load_run(tmp_path / "run")
     total = run.frame[(run.frame.layer == "*") & (run.frame.kind == "param_grad")]
     assert logged["gradscope/grad_norm"].tolist() == pytest.approx(total.value.tolist())
     assert set(logged["gradscope/worst_severity"]) <= {0.0, 1.0, 2.0, 3.0}
-    assert (tmp_path / "run" / "report.html").is_file()
+    # the loss of each recorded step, as training_step returned it
+    loss = run.frame[(run.frame.kind == "scalar") & (run.frame.stat == "loss")]
+    assert loss.step.tolist() == [0, 2, 4]
+    assert loss.value.tolist() == pytest.approx([module.losses[s] for s in (0, 2, 4)])
+    assert logged["gradscope/loss"].tolist() == pytest.approx(loss.value.tolist())
+    # the wrapped network's own names: the same as in a plain loop
+    grads = run.frame[run.frame.kind == "param_grad"]
+    assert set(grads.layer) == {"*", "0.weight", "0.bias", "2.weight", "2.bias"}
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "loss does not decrease' was not checked" not in page
+
+
+class _LossKeeping(_Digits):
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+def test_diff_of_a_plain_loop_and_lightning_aligns_names(tmp_path):
+    """The same network trained in a plain loop and under Lightning: diff matches every
+    layer (the LightningModule's attribute name is not part of the names)."""
+    from typer.testing import CliRunner
+
+    from gradscope.cli import app
+    from gradscope.integrations.lightning import GradscopeCallback
+
+    callback = GradscopeCallback(tmp_path / "lit", every=1, unwrap=False)  # model.* names
+    trainer, loader = _trainer(tmp_path, logger=False, callbacks=[callback])
+    trainer.fit(_Digits(), loader)
+    torch.manual_seed(0)
+    net = _Digits().net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    with gs.watch(net) as rec:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            if rec.step_index >= 6:
+                break
+    plain = rec.save(tmp_path / "plain")
+    result = CliRunner().invoke(app, ["diff", str(plain), str(tmp_path / "lit")])
+    assert result.exit_code in (0, 1), result.output
+    assert "aligned: 'net.' stripped from B's layer names" in result.output
+    assert "without a match" in result.output and ", 0 without a match" in result.output
 
 
 class _Reference(transformers.TrainerCallback):

@@ -1,6 +1,8 @@
 """The report opens in headless Chromium: no console errors, every image decodes."""
 
+import os
 import subprocess
+from pathlib import Path
 
 from conftest import CHROMIUM_FLAGS, rendered_page
 from typer.testing import CliRunner
@@ -50,3 +52,53 @@ def test_report_renders_in_chromium(tmp_path, chromium):
     )
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromium):
+    """report.html exists from the first finished run, marked in progress and reloading
+    itself, rewritten as runs finish; the last run leaves the whole report."""
+    from gradscope.lab.sweep import SweepConfig
+    from gradscope.lab.sweep_run import run_sweep
+
+    out = tmp_path / "sweep"
+    config = SweepConfig(
+        variants=("plain", "preln"), depths=(2, 4), seeds=(0,), steps=6, every=2, width=32,
+        dataset="synthetic",
+    )  # fmt: skip
+    pages: dict[int, str] = {}
+
+    def seen(p):
+        if p.done_runs not in pages and (out / "report.html").exists():
+            pages[p.done_runs] = (out / "report.html").read_text()
+
+    run_sweep(config, out, workers=1, on_progress=seen)
+    assert sorted(pages) == [1, 2, 3, 4]
+    for done in (1, 2, 3):
+        page = pages[done]
+        assert '<meta http-equiv="refresh"' in page and "(in progress)" in page
+        assert f"{done} of 4 runs finished" in page
+    assert pages[2] != pages[1]  # rewritten as runs finish
+    # in Jupyter the sweep's results show the map of the runs so far
+    from gradscope.lab.sweep import load_results
+
+    summary = load_results(out)._repr_html_()
+    assert "gradscope depth sweep: 4 runs" in summary and "data:image/png" in summary
+    final = pages[4]
+    assert "refresh" not in final and "In progress" not in final
+    assert "<h2>1. Gradient norm against layer</h2>" in final
+    # the first in-progress page renders: the map with its one finished cell
+    first = tmp_path / "first.html"
+    first.write_text(pages[1])
+    dom = rendered_page(chromium, first, tmp_path / "profile", min_images=1)
+    assert 'alt="trainability map' in dom
+    shot = tmp_path / "in-progress.png"
+    subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile3'}",
+         f"--screenshot={shot}", "--window-size=1280,900", first.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("GRADSCOPE_KEEP_SCREENSHOTS")
+    if keep:  # for a person to look at
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shot.replace(Path(keep) / shot.name)

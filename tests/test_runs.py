@@ -163,7 +163,11 @@ def test_run_folder_round_trips(tmp_path):
 def test_run_report_renders_in_chromium(tmp_path, chromium, variant, depth):
     _, path = _record(tmp_path, "r", variant=variant, depth=depth, steps=7)
     dom = rendered_page(chromium, path / "report.html", tmp_path / "profile", min_images=4)
-    assert "What is wrong" in dom
+    # "What is wrong" heads the verdicts only when one is a warning or an error
+    wrong = any(v.severity in ("warning", "error") for v in load_run(path).verdicts)
+    assert ("<h2>What is wrong</h2>" in dom) == wrong
+    assert ("<h2>Verdicts: nothing wrong found</h2>" in dom) == (not wrong)
+    assert "threshold None" not in dom
 
 
 def test_diff_exit_codes(tmp_path):
@@ -181,6 +185,48 @@ def test_diff_exit_codes(tmp_path):
     assert result.exit_code == 0 and "gone in B" in result.output
     result = runner.invoke(app, ["diff", str(healthy), str(tmp_path)])
     assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+def test_diff_fails_when_a_verdict_both_have_gets_worse(tmp_path):
+    _, shallow = _record(tmp_path, "shallow", variant="plain", depth=20)
+    _, deep = _record(tmp_path, "deep", variant="plain", depth=40)
+    a, b = load_run(shallow), load_run(deep)
+    va = next(v for v in a.verdicts if v.id == "vanishing_gradients")
+    vb = next(v for v in b.verdicts if v.id == "vanishing_gradients")
+    factor = float(va.evidence["first_last_ratio"]) / float(vb.evidence["first_last_ratio"])
+    assert va.severity == vb.severity == "error"
+    assert factor > 10  # the same verdict at the same severity, many decades worse
+    result = runner.invoke(app, ["diff", str(shallow), str(deep)])
+    assert result.exit_code == 1, result.output
+    assert "worse in B: [" in result.output and "vanishing_gradients: " in result.output
+    assert "more than 10x" in result.output
+    # the 20 extra blocks' layers are named as having no match, not silently left out
+    only_b = [ln for ln in result.output.splitlines() if ln.startswith("only in B")]
+    extra = (set(b.frame.layer) - set(a.frame.layer)) - {"*"}
+    assert len(only_b) == 1 and only_b[0].startswith(f"only in B ({len(extra)}): blocks.20")
+    assert "only in A" not in result.output
+    # a factor above the measured one lets it pass; better in B passes
+    loose = runner.invoke(app, ["diff", str(shallow), str(deep), "--worse-factor",
+                                f"{factor * 10:g}"])  # fmt: skip
+    worse = [ln for ln in loose.output.splitlines() if ln.startswith("worse in B")]
+    assert worse and not any("vanishing_gradients" in ln for ln in worse)
+    assert runner.invoke(app, ["diff", str(deep), str(shallow)]).exit_code == 0
+
+
+def test_diff_strips_a_given_prefix(tmp_path):
+    _, a = _record(tmp_path, "a", variant="preln", depth=3)
+    frame = pd.read_parquet(a / "frame.parquet")
+    b = tmp_path / "b"
+    b.mkdir()
+    frame.assign(layer=frame.layer.where(frame.layer == "*", "wrapped." + frame.layer)).to_parquet(
+        b / "frame.parquet"
+    )
+    (b / "run.json").write_text((a / "run.json").read_text())
+    result = runner.invoke(app, ["diff", str(a), str(b), "--strip-prefix", "wrapped."])
+    assert result.exit_code == 0, result.output
+    assert ", 0 without a match" in result.output and "no statistic changed" in result.output
+    auto = runner.invoke(app, ["diff", str(a), str(b)])
+    assert "'wrapped.' stripped from B's layer names" in auto.output
 
 
 def test_diff_of_unrelated_models_is_bad_input(tmp_path):
@@ -278,3 +324,23 @@ def test_step_with_a_closure_reads_the_gradients_the_closure_made(optimizer_give
             opt.step(closure)  # the gradients are made inside step(), as Lightning does
     frame = rec.to_frame()
     assert [_norms(frame, s)["weight"] for s in range(3)] == pytest.approx(seen, rel=1e-6)
+
+
+def test_verdicts_on_a_page_name_their_layers_and_keep_their_evidence():
+    from gradscope.report.verdicts import heading, verdict_html
+
+    frozen = gs.Verdict(
+        "frozen_layers", "warning", "8 weight matrices barely move", "raise the lr",
+        layers=[f"blocks.{i}.fc.weight" for i in range(8)],
+        evidence={"share_of_steps": {f"blocks.{i}.fc.weight": 0.9 + i / 100 for i in range(8)},
+                  "steps": [0, 5, 10]},
+        threshold=0.8,
+    )  # fmt: skip
+    page = verdict_html(frozen)
+    assert "blocks.0.fc.weight" in page and "and 3 more" in page  # layers named, 5 shown
+    assert "share_of_steps = {blocks.0.fc.weight: 0.9," in page and "steps = [0, 5, 10]" in page
+    assert "threshold" not in page  # the message states its own cut-off
+    healthy = gs.Verdict("healthy", "ok", "gradients flow", "", threshold=None)
+    assert "None" not in verdict_html(healthy)
+    assert heading([healthy]) == "Verdicts: nothing wrong found"
+    assert heading([healthy, frozen]) == "What is wrong"

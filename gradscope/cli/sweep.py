@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -143,12 +143,16 @@ def _run_sweep_cli(
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("depth sweep", total=None)
 
+        latest: dict[str, Any] = {"runs": 0, "text": ""}
+
         def show(p: sweep_run.SweepProgress) -> None:
+            if p.done_runs != latest["runs"]:  # a run finished: its cell of the map
+                latest["runs"], latest["text"] = p.done_runs, _latest_cell(target)
             bar.update(
                 task,
                 total=p.total_work,
                 completed=p.done_work,
-                description=f"depth sweep: run {p.done_runs}/{p.total_runs} done",
+                description=f"depth sweep: run {p.done_runs}/{p.total_runs} done" + latest["text"],
             )
 
         try:
@@ -184,6 +188,23 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _latest_cell(target: Path) -> str:
+    """The newest finished run as its cell of the trainability map, e.g. '; latest plain
+    d32: 11% chance', or '' when it cannot be read yet."""
+    import json
+    from types import SimpleNamespace
+
+    from gradscope.plot.sweep import cell_verdict
+
+    rows = sorted((target / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        row = json.loads(rows[-1].read_text())
+        word = cell_verdict(SimpleNamespace(**row))
+        return f"; latest {row['variant']} d{row['depth']}: {row['test_acc']:.0%} {word}"
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _write_outputs(target: Path) -> None:

@@ -16,10 +16,10 @@ PREFIX = "gradscope/"
 SEVERITY_LEVEL = {name: float(i) for i, name in enumerate(SEVERITIES)}  # ok 0 ... error 3
 
 
-def headline(step_frame: pd.DataFrame) -> dict[str, float]:
+def headline(step_frame: pd.DataFrame, verdicts: list[Any] | None = None) -> dict[str, float]:
     """From the rows of one recorded step: the total gradient norm, the first/last gradient
-    ratio, the decay slope (decades lost per layer) and the worst verdict's severity level
-    (0 ok, 1 info, 2 warning, 3 error), each under the ``gradscope/`` prefix.
+    ratio, the decay slope (decades lost per layer), the logged loss and the worst verdict's
+    severity level (0 ok, 1 info, 2 warning, 3 error), each under the ``gradscope/`` prefix.
 
     Example:
         >>> rows = [(0, "*", "param_grad", "norm", 2.0)]
@@ -41,7 +41,11 @@ def headline(step_frame: pd.DataFrame) -> dict[str, float]:
         ):
             if math.isfinite(value):
                 out[PREFIX + name] = value
-    verdicts = diagnose(step_frame, step)
+    loss = fr.select(step_frame, Kind.SCALAR, Stat.LOSS)
+    if len(loss):
+        out[PREFIX + "loss"] = float(loss["value"].iloc[-1])
+    if verdicts is None:  # a caller that diagnosed this step already passes them
+        verdicts = diagnose(step_frame, step)
     out[PREFIX + "worst_severity"] = max(SEVERITY_LEVEL[v.severity] for v in verdicts)
     return out
 
@@ -52,6 +56,11 @@ class NewHeadlines:
 
     def __init__(self) -> None:
         self._logged_step = -1
+
+    @property
+    def step(self) -> int:
+        """The recorded step of the last headline returned (-1 before the first)."""
+        return self._logged_step
 
     def __call__(self, recorder: Any) -> dict[str, float] | None:
         last = recorder.last_step_frame()

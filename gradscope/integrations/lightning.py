@@ -1,5 +1,6 @@
-"""A Lightning Callback: records the LightningModule during `trainer.fit`, logs the headline
-scalars of each recorded step to the trainer's loggers, and saves the run folder at the end.
+"""A Lightning Callback: records the LightningModule's network during `trainer.fit`, logs the
+loss and the headline scalars of each recorded step (at that step) to the trainer's
+loggers, and saves the run folder at the end.
 
 Example:
     >>> from gradscope.integrations.lightning import GradscopeCallback
@@ -13,30 +14,62 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from torch import nn
 
 from gradscope.integrations.headline import NewHeadlines
 from gradscope.recorder import Recorder
 
 
+def network_of(pl_module: nn.Module) -> nn.Module:
+    """The module to watch: the one direct child holding every trainable parameter (the
+    network a LightningModule wraps as `self.model`), so layers are named as in a plain
+    loop (`0.weight`, not `model.0.weight`); else the LightningModule itself."""
+    params = {id(p) for p in pl_module.parameters() if p.requires_grad}
+    if not params:
+        return pl_module
+    holders = [
+        child
+        for child in pl_module.children()
+        if params <= {id(p) for p in child.parameters() if p.requires_grad}
+    ]
+    return holders[0] if len(holders) == 1 else pl_module
+
+
 class GradscopeCallback(pl.Callback):
     """Attaches a Recorder at fit start (the optimizer Lightning builds is found by its
-    step hooks), logs headlines after each recorded step, detaches and saves at fit end.
+    step hooks), logs the loss of each recorded step as the scalar "loss" and its headlines
+    at that step, detaches and saves at fit end.
 
     Args:
         out: the run folder to save (frame.parquet, run.json, report.html); None saves none.
         every, **recorder_kwargs: as for gradscope.Recorder.
+        unwrap: watch the network the LightningModule wraps (see `network_of`) rather than
+            the LightningModule, so its layer names match the same network's in a plain loop.
     """
 
     def __init__(
-        self, out: str | os.PathLike[str] | None = None, every: int = 1, **recorder_kwargs: Any
+        self,
+        out: str | os.PathLike[str] | None = None,
+        every: int = 1,
+        unwrap: bool = True,
+        **recorder_kwargs: Any,
     ) -> None:
         self.out = Path(out) if out is not None else None
+        self.unwrap = unwrap
         self.recorder = Recorder(every=every, **recorder_kwargs)
         self._new_headlines = NewHeadlines()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.recorder.attached:
-            self.recorder.attach(pl_module)
+            self.recorder.attach(network_of(pl_module) if self.unwrap else pl_module)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        # before the optimizer closes the step, so the loss lands on the step it belongs to
+        # (a tensor kept on the device: no sync here)
+        self.recorder.log_scalar("loss", loss)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
@@ -44,8 +77,10 @@ class GradscopeCallback(pl.Callback):
         metrics = self._new_headlines(self.recorder)
         if metrics is None:
             return
+        # the recorded step, not trainer.global_step (already one further after the update)
+        step = self._new_headlines.step
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.detach()

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -284,6 +284,19 @@ def finished_runs(out: Path) -> set[str]:
     return set(scan_runs(out)[0])
 
 
+class SweepResults(NamedTuple):
+    """A sweep folder's merged frame, run table and losses (a plain 3-tuple to unpack)."""
+
+    frame: pd.DataFrame
+    runs: pd.DataFrame
+    losses: pd.DataFrame
+
+    def _repr_html_(self) -> str:
+        from gradscope.integrations.notebook import sweep_html
+
+        return sweep_html(self)
+
+
 def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The merged frame, run table and losses of every finished run in a sweep folder.
 
@@ -309,7 +322,7 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
             ["variant", "depth", "seed"], key=lambda s: s.map(order) if s.name == "variant" else s
         )
         runs = runs.reset_index(drop=True)
-    return frame, runs, loss
+    return SweepResults(frame, runs, loss)
 
 
 def read_config(out: Path) -> SweepConfig:

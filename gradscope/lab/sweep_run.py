@@ -233,6 +233,10 @@ def _run_locked(
         finished.append(run_id)
         state.current.pop(run_id, None)
         state.done_runs += 1
+        # report.html from the first finished run on, rewritten as each finishes
+        from gradscope.report.sweep import render_progress
+
+        render_progress(out, state.done_runs, state.total_runs)
         drain()
 
     if workers == 1:

@@ -72,6 +72,9 @@ class Recorder(RecorderResults):
         diagnose_window: recorded steps the online diagnosis looks back over.
         geometry: with an optimizer, also the update's cosine with the negative gradient, its
             step size and Adam's second-moment norm (one more pass over each parameter).
+        live: show the newest step while training (gradscope.integrations.live): True every
+            few seconds, a number of seconds, or a LiveView; a panel in Jupyter, a line of
+            headlines in a terminal.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -100,6 +103,7 @@ class Recorder(RecorderResults):
         on_verdict: Callable[[Any], object] | None = None,
         diagnose_window: int = 32,
         geometry: bool = True,
+        live: Any = False,
     ) -> None:
         if not callable(every) and (
             isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1
@@ -144,6 +148,11 @@ class Recorder(RecorderResults):
         self.on_verdict = on_verdict
         self.geometry = geometry
         self._online = OnlineDiagnosis(diagnose_window) if on_verdict is not None else None
+        self._live = None
+        if live is not None and live is not False:
+            from gradscope.integrations.live import live_view  # only when asked for
+
+            self._live = live_view(live)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -240,6 +249,8 @@ class Recorder(RecorderResults):
             "recorded_parameters": len(plan.params),
             "watched_modules": len(modules),
             "blocks": len(plan.block_index),
+            # module classes by fqn: figures tell activation functions from pass-through
+            "types": {label: type(module).__name__ for label, module, _ in modules},
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
         }
         self._describe_spill()
@@ -369,6 +380,8 @@ class Recorder(RecorderResults):
             self._capture.graph = None
         self._capture.reset()
         self._capture.backends.torch.clear()
+        if self._live is not None and not self._rows.empty:
+            self._live.close(self)  # the final state stays on screen
         self._rows.settled().spill()
         self.model, self.optimizer = None, None
         self._params = ParamReader([])
@@ -453,6 +466,8 @@ class Recorder(RecorderResults):
                 store = self._rows.store
                 if store.spill_to is not None and store.step_recorded():  # by steps or time
                     self._rows.settled().spill()
+                if self._live is not None:
+                    self._live.on_step(self)
             self._capture.reset()
         if self._stale:
             self._replan()

@@ -12,6 +12,7 @@ import pandas as pd
 import torch  # noqa: F401  (the doctest below)
 
 from gradscope.recorder.deferred import DeferredRows
+from gradscope.verdict import VerdictList
 
 
 class RecorderResults:
@@ -84,4 +85,9 @@ class RecorderResults:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""
         from gradscope.diagnose import diagnose
 
-        return diagnose(self.to_frame())
+        return VerdictList(diagnose(self.to_frame()))
+
+    def _repr_html_(self) -> str:
+        from gradscope.integrations.notebook import recorder_html
+
+        return recorder_html(self)

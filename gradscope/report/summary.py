@@ -1,5 +1,5 @@
-"""The sweep report's first screen: a trainability map (variant x depth, colour = test
-accuracy, each cell marked with its verdict) and a few sentences generated from the runs."""
+"""The sweep report's first screen in words: a few sentences generated from the runs (the
+trainability map beside them is gradscope.plot.trainability_map)."""
 
 from __future__ import annotations
 
@@ -7,56 +7,12 @@ import html
 import math
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from gradscope.diagnose import EXPLODING_RATIO, VANISHING_RATIO  # noqa: E402
-from gradscope.report.html import figure_html  # noqa: E402
-
-CHANCE = 0.15  # test accuracy at or below this on 10 classes: nothing was learned
-TRAINS = 0.5  # test accuracy above this: the run trains
-
-
-def cell_verdict(row: Any) -> str:
-    """One word for a run: diverged, chance, vanishing, exploding or healthy."""
-    ids = set(str(row.verdicts).split(";")) if isinstance(row.verdicts, str) else set()
-    if bool(row.diverged) or "nonfinite_values" in ids:
-        return "diverged"
-    if not row.test_acc > CHANCE:
-        return "chance"
-    if "vanishing_gradients" in ids:
-        return "vanishing"
-    if "exploding_gradients" in ids:
-        return "exploding"
-    return "healthy"
-
-
-def trainability_map(runs: pd.DataFrame, variants: list[str]) -> str:
-    """Variant x depth, colour = mean test accuracy over seeds, the verdict in each cell."""
-    runs = runs.assign(word=[cell_verdict(r) for r in runs.itertuples()])
-    depths = sorted(runs["depth"].unique())
-    acc = runs.pivot_table(index="variant", columns="depth", values="test_acc", aggfunc="mean")
-    acc = acc.reindex(index=variants, columns=depths)
-    words = runs.groupby(["variant", "depth"])["word"].agg(lambda w: w.mode().iloc[0])
-    fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2.4, 0.55 * len(variants) + 1.2))
-    image = ax.imshow(acc.to_numpy(dtype=float), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    for i, variant in enumerate(variants):
-        for j, depth in enumerate(depths):
-            value = acc.iat[i, j]
-            if math.isnan(value):
-                continue
-            word = words.get((variant, depth), "")
-            ax.text(j, i, f"{value:.0%}\n{word}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(depths)), [str(d) for d in depths])
-    ax.set_yticks(range(len(variants)), variants)
-    ax.set(xlabel="depth", title="Trainability: test accuracy after training, and the verdict")
-    fig.colorbar(image, ax=ax, label="test accuracy", fraction=0.03)
-    fig.tight_layout()
-    return figure_html(fig, "trainability map: variant by depth, test accuracy and verdict")
+from gradscope.diagnose import EXPLODING_RATIO, VANISHING_RATIO
+from gradscope.lab.sweep import deepest_runs
+from gradscope.plot.sweep import CHANCE, TRAINS
 
 
 def story(runs: pd.DataFrame, config: dict[str, Any]) -> list[str]:
@@ -94,7 +50,7 @@ def story(runs: pd.DataFrame, config: dict[str, Any]) -> list[str]:
             f"per layer{versus}: at depth {int(deep['depth'])} the first layer gets "
             f"{deep['grad_ratio_init']:.2g} of the last layer's gradient."
         )
-    deepest = first_seed.sort_values("depth").groupby("variant", sort=False).tail(1)
+    deepest = deepest_runs(runs)
     steps = config.get("steps")
     for r in deepest.itertuples():
         start, end = r.grad_ratio_init, r.grad_ratio_end

@@ -1,0 +1,487 @@
+"""Figures of one recording: gradient profile, layer x step heatmap, statistics over steps,
+activations, update ratios, the residual stream, logged scalars and the verdict timeline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Patch
+
+from gradscope import frame as fr
+from gradscope.analysis.rules.units import DEAD_ELEMENT_FRAC as DEAD_FRAC
+from gradscope.diagnose import UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW
+from gradscope.plot.common import (
+    DEFAULT_LOG10_SCALE,
+    LOG10_SCALES,
+    SEVERITY_COLORS,
+    ZERO_COLOR,
+    PlotError,
+    as_frame,
+    draw_zeros,
+    name_ticks,
+    need,
+    new_axes,
+    pick_steps,
+    row_groups,
+)
+from gradscope.schema import TOTAL, Kind, Stat
+from gradscope.verdict import SEVERITIES
+
+# activation functions whose exact zeros mean units that output nothing; other modules
+# (Identity shortcuts, pooling, dropout, convolutions after a ReLU) only pass zeros on
+ZEROING = {"ReLU", "ReLU6", "RReLU", "Hardshrink", "Softshrink", "Threshold"}
+BOUNDED = {"Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid"}
+
+
+def _steps_palette(steps: Sequence[int]) -> list[Any]:
+    return list(sns.color_palette("viridis", len(steps)))
+
+
+def gradient_profile(
+    data: Any,
+    steps: int | Sequence[int] | str | None = None,
+    *,
+    theory_slope: float | None = None,
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """Gradient norm of each weight matrix against depth, one line per step, with the decay
+    slope (decades lost per layer toward the input) in the legend.
+
+    Args:
+        data: the long-form frame, a Run, a Recorder or a run folder.
+        steps: a step, several, "last", or None for the first, a middle and the last.
+        theory_slope: a predicted decay (decades per layer, e.g. gradscope.theory's) drawn as
+            a dotted line through the last layer of the last step.
+        ax: the Axes to draw into (a new figure by default).
+
+    Exact zeros are drawn at the axis's floor and counted in the legend.
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = gs.build_model("plain", depth=4, width=16)
+        >>> with gs.watch(model) as rec:
+        ...     model(torch.randn(8, 784)).sum().backward()
+        ...     rec.step()
+        >>> gp.gradient_profile(rec).get_ylabel()
+        'gradient norm (log scale)'
+    """
+    frame = as_frame(data)
+    grads = need(fr.select(frame, Kind.PARAM_GRAD, Stat.NORM), "parameter gradient norms")
+    layers = fr.weight_matrices(frame)
+    if not layers:
+        raise PlotError("no weight matrix (parameter with ndim >= 2) in the data")
+    picks = pick_steps(grads["step"], steps)
+    ax = new_axes(ax, (8, 4))
+    zeros: list[tuple[float, Any]] = []
+    last: pd.DataFrame | None = None
+    for step, color in zip(picks, _steps_palette(picks), strict=True):
+        prof = fr.gradient_profile(frame, step)
+        norms = prof["norm"].to_numpy(dtype=float)
+        slope = fr.decay_slope(norms)
+        ax.plot(prof["index"], np.where(norms > 0, norms, np.nan), marker=".", color=color,
+                label=f"step {step}: {slope:.3g} decades/layer")  # fmt: skip
+        zeros += [(float(i), color) for i in prof["index"][norms == 0]]
+        last = prof
+    ax.set_yscale("log")
+    if theory_slope is not None and last is not None and len(last):
+        end = float(last["norm"].iloc[-1])
+        depth = np.arange(len(last))
+        if end > 0:
+            ax.plot(depth, end * 10.0 ** (-theory_slope * (len(last) - 1 - depth)), ":",
+                    color="black", label=f"theory: {theory_slope:.3g} decades/layer")  # fmt: skip
+    draw_zeros(ax, zeros)
+    if last is not None:
+        name_ticks(ax, list(last["layer"]))
+    ax.set(
+        title="Gradient norm against depth (slope: decades lost per layer)",
+        xlabel="weight matrix (input side at left)",
+        ylabel="gradient norm (log scale)",
+    )
+    ax.legend(fontsize=8)
+    return ax
+
+
+def heatmap(
+    data: Any,
+    kind: Kind | str = Kind.PARAM_GRAD,
+    stat: Stat | str = Stat.NORM,
+    *,
+    layers: Sequence[str] | None = None,
+    scale: tuple[float, float] | None = None,
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """A layer x step heatmap of log10 of a statistic (default: parameter gradient norms of
+    the weight matrices), input side at the top.
+
+    The colour scale is fixed per statistic (`gradscope.plot.LOG10_SCALES`: gradient norms
+    1e-10 to 1e2, update ratios 1e-8 to 1), so the same colour is the same value in every run;
+    exact zeros are drawn in blue (`ZERO_COLOR`) and counted in the title, missing cells are
+    blank. With more than `MAX_ROWS` layers, rows are grouped (see `row_groups`); a norm's
+    group row is the root of the sum of squares, any other statistic's its maximum.
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = gs.build_model("plain", depth=4, width=16)
+        >>> with gs.watch(model) as rec:
+        ...     for _ in range(3):
+        ...         model(torch.randn(8, 784)).sum().backward()
+        ...         rec.step()
+        >>> gp.heatmap(rec).get_xlabel()
+        'step'
+    """
+    frame = as_frame(data)
+    kind, stat = str(kind), str(stat)
+    if layers is None:
+        layers = fr.weight_matrices(frame) if kind in (Kind.PARAM_GRAD, Kind.UPDATE) else []
+        if not layers:
+            layers = list(dict.fromkeys(fr.select(frame, kind, stat)["layer"]))
+    layers = [name for name in layers if name != TOTAL]
+    rows = need(fr.select(frame, kind, stat, layers=layers), f"{kind} {stat}")
+    groups = row_groups(frame, layers)
+    rows = rows.assign(group=rows["layer"].map(groups))
+    if stat in (Stat.NORM, Stat.SAMPLE_NORM):
+        rows = rows.assign(v=np.square(rows["value"].to_numpy(dtype=float)))
+        wide = np.sqrt(rows.pivot_table(index="group", columns="step", values="v", aggfunc="sum"))
+    else:
+        wide = rows.pivot_table(index="group", columns="step", values="value", aggfunc="max")
+    wide = wide.reindex(list(dict.fromkeys(groups[name] for name in layers))).dropna(how="all")
+    low, high = scale or LOG10_SCALES.get(f"{kind}/{stat}", DEFAULT_LOG10_SCALE)
+    values = wide.to_numpy(dtype=float)
+    zero_count = int((values == 0).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(values)
+    logs = np.where(values == 0, low - 1.0, np.clip(logs, low, high))  # zeros: 'under' colour
+    cmap = plt.get_cmap("magma").with_extremes(under=ZERO_COLOR)
+    ax = new_axes(ax, (11, max(3.0, min(12.0, 0.16 * len(wide) + 1.5))))
+    sns.heatmap(
+        pd.DataFrame(logs, index=wide.index, columns=wide.columns),
+        ax=ax,
+        cmap=cmap,
+        vmin=low,
+        vmax=high,
+        cbar_kws={"label": f"log10 {stat} (fixed scale)", "extend": "both"},
+        yticklabels=max(1, len(wide) // 60),
+        xticklabels=max(1, wide.shape[1] // 12),
+    )
+    grouped = len(wide) < len(layers)
+    what = "layer group" if grouped else "layer"
+    note = f"; {zero_count} cell(s) exactly 0, in blue" if zero_count else ""
+    ax.set(
+        title=f"{kind} {stat} per {what} over steps{note}",
+        xlabel="step",
+        ylabel=f"{what} (input side at top)",
+    )
+    ax.tick_params(axis="y", labelsize=7)
+    return ax
+
+
+def over_steps(
+    data: Any,
+    kind: Kind | str = Kind.PARAM_GRAD,
+    stat: Stat | str = Stat.NORM,
+    *,
+    layers: Sequence[str] | None = None,
+    log: bool | None = None,
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """A statistic over steps, one line per chosen layer (default: the first, a middle and
+    the last weight matrix, and the total norm where there is one).
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = gs.build_model("plain", depth=4, width=16)
+        >>> with gs.watch(model) as rec:
+        ...     for _ in range(3):
+        ...         model(torch.randn(8, 784)).sum().backward()
+        ...         rec.step()
+        >>> gp.over_steps(rec).get_xlabel()
+        'step'
+    """
+    frame = as_frame(data)
+    kind, stat = str(kind), str(stat)
+    if layers is None:
+        matrices = fr.weight_matrices(frame)
+        if matrices and kind in (Kind.PARAM_GRAD, Kind.UPDATE, Kind.PARAM):
+            picks = [matrices[0], matrices[len(matrices) // 2], matrices[-1]]
+            layers = list(dict.fromkeys(picks + ([TOTAL] if kind == Kind.PARAM_GRAD else [])))
+        else:
+            layers = list(dict.fromkeys(fr.select(frame, kind, stat)["layer"]))[:6]
+    rows = need(fr.select(frame, kind, stat, layers=layers), f"{kind} {stat} of {list(layers)}")
+    values = rows["value"].to_numpy(dtype=float)
+    if log is None:
+        log = bool((values[np.isfinite(values)] > 0).all())
+    ax = new_axes(ax, (8, 3.5))
+    data_ = rows.assign(value=rows["value"].where(rows["value"] > 0) if log else rows["value"])
+    data_ = data_.assign(layer=data_["layer"].replace({TOTAL: "all parameters"}))
+    sns.lineplot(data=data_, x="step", y="value", hue="layer", marker=".", ax=ax)
+    if log:
+        ax.set_yscale("log")
+    ax.set(title=f"{kind} {stat} over steps", xlabel="step",
+           ylabel=f"{stat}" + (" (log scale)" if log else ""))  # fmt: skip
+    ax.legend(fontsize=7)
+    return ax
+
+
+def _activation_layers(frame: pd.DataFrame, stat: str, types: Mapping[str, str] | None) -> list:
+    """The modules whose `stat` means what the figure says: for zero fractions, units that
+    output exactly zero (ReLU-like functions), for saturation, bounded functions."""
+    acts = fr.select(frame, Kind.ACTIVATION)
+    stream = set(fr.stream_layers(frame))
+    order = [n for n in dict.fromkeys(acts["layer"]) if n not in stream]
+    if stat == Stat.RMS:
+        return order
+    have = set(acts.loc[acts["stat"] == stat, "layer"])
+    if types:
+        wanted = ZEROING if stat == Stat.ZERO_FRAC else BOUNDED
+        return [n for n in order if n in have and types.get(n) in wanted]
+    if stat == Stat.SATURATED_FRAC:
+        return [n for n in order if n in have]  # recorded only for bounded activations
+    # without module types: the modules that make zeros rather than pass them on, i.e. whose
+    # zero fraction exceeds the previous module's by 5 points at the first recorded step
+    first = acts[(acts["stat"] == Stat.ZERO_FRAC) & (acts["step"] == acts["step"].min())]
+    zero = first.set_index("layer")["value"]
+    keep, before = [], 0.0
+    for name in order:
+        value = float(zero.get(name, np.nan))
+        if np.isfinite(value):
+            if value > before + 0.05:
+                keep.append(name)
+            before = value
+    return keep
+
+
+def activations(
+    data: Any,
+    stat: Stat | str = Stat.RMS,
+    steps: int | Sequence[int] | str | None = None,
+    *,
+    types: Mapping[str, str] | None = None,
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """An activation statistic per module, named on the x axis, at chosen steps.
+
+    `stat` is "rms" (every module but the residual stream), "zero_frac" (ReLU-like
+    functions only: a ReLU's ~0.5 is normal, near 1 its units are dead; the dotted line is
+    the dead-units verdict's limit) or "saturated_frac" (bounded functions only). `types`
+    maps module fqns to class names (a run's ``info["model"]["types"]``); without it, the
+    modules that pass zeros on (Identity, pooling, dropout) are told apart by their zero
+    fraction not exceeding the module before them.
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = gs.build_model("plain", depth=4, width=16)
+        >>> with gs.watch(model) as rec:
+        ...     model(torch.randn(8, 784)).sum().backward()
+        ...     rec.step()
+        >>> gp.activations(rec, "zero_frac").get_ylabel()
+        'fraction of outputs exactly 0'
+    """
+    frame = as_frame(data)
+    info = getattr(data, "info", None)  # a Run's run.json (a DataFrame's .info is a method)
+    if types is None and isinstance(info, dict):
+        types = info.get("model", {}).get("types")
+    if types is None and hasattr(data, "model_summary"):
+        types = data.model_summary.get("types")
+    stat = str(stat)
+    names = _activation_layers(frame, stat, types)
+    rows = need(
+        fr.select(frame, Kind.ACTIVATION, stat, layers=names),
+        {"rms": "activation rms", "zero_frac": "ReLU-like activation",
+         "saturated_frac": "bounded activation (tanh, sigmoid, ...)"}.get(stat, stat),
+    )  # fmt: skip
+    picks = pick_steps(rows["step"], steps if steps is not None else _first_last(rows))
+    index = {name: i for i, name in enumerate(names)}
+    ax = new_axes(ax, (9, 4))
+    zeros: list[tuple[float, Any]] = []
+    for step, color in zip(picks, _steps_palette(picks), strict=True):
+        at = rows[rows["step"] == step]
+        x = at["layer"].map(index).to_numpy(dtype=float)
+        y = at["value"].to_numpy(dtype=float)
+        order = np.argsort(x)
+        if stat == Stat.RMS:
+            y = np.where(y > 0, y, np.nan)
+            zeros += [(float(i), color) for i in x[at["value"].to_numpy() == 0]]
+        ax.plot(x[order], y[order], marker=".", color=color, label=f"step {step}")
+    if stat == Stat.RMS:
+        ax.set_yscale("log")
+        draw_zeros(ax, zeros)
+        ax.set(title="Output rms per module (forward order)", ylabel="rms (log scale)")
+    else:
+        ax.set_ylim(-0.02, 1.02)
+        if stat == Stat.ZERO_FRAC:
+            ax.axhline(DEAD_FRAC, color="grey", ls=":", lw=1, label=f"dead above {DEAD_FRAC:.0%}")
+            ax.set(title="Exact zeros out of ReLU-like activations (~0.5 is normal)",
+                   ylabel="fraction of outputs exactly 0")  # fmt: skip
+        else:
+            ax.set(title="Saturated outputs of bounded activations",
+                   ylabel="fraction of outputs at a bound")  # fmt: skip
+    name_ticks(ax, names)
+    ax.set_xlabel("module (input side at left)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def _first_last(rows: pd.DataFrame) -> list[int]:
+    steps = sorted(rows["step"].unique())
+    return [int(s) for s in dict.fromkeys([steps[0], steps[-1]])]
+
+
+def update_ratio(
+    data: Any, steps: int | Sequence[int] | str | None = None, *, ax: plt.Axes | None = None
+) -> plt.Axes:
+    """Update norm / weight norm of each weight matrix against depth, with the healthy band
+    (`gradscope.diagnose.UPDATE_RATIO_LOW` to `_HIGH`) shaded; zeros (frozen) at the floor.
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = gs.build_model("plain", depth=4, width=16)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with gs.watch(model, optimizer=opt) as rec:
+        ...     model(torch.randn(8, 784)).sum().backward()
+        ...     opt.step()
+        >>> gp.update_ratio(rec).get_yscale()
+        'log'
+    """
+    frame = as_frame(data)
+    layers = fr.weight_matrices(frame)
+    ratios = need(
+        fr.select(frame, Kind.UPDATE, Stat.RATIO, layers=layers),
+        "update ratios (recorded only with an optimizer)",
+    )
+    picks = pick_steps(ratios["step"], steps)
+    index = {name: i for i, name in enumerate(layers)}
+    ax = new_axes(ax, (8, 4))
+    zeros: list[tuple[float, Any]] = []
+    for step, color in zip(picks, _steps_palette(picks), strict=True):
+        at = ratios[ratios["step"] == step]
+        x = at["layer"].map(index).to_numpy(dtype=float)
+        y = at["value"].to_numpy(dtype=float)
+        order = np.argsort(x)
+        ax.plot(x[order], np.where(y > 0, y, np.nan)[order], marker=".", color=color,
+                label=f"step {step}")  # fmt: skip
+        zeros += [(float(i), color) for i in x[y == 0]]
+    ax.axhspan(UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH, color="#1b7a1b", alpha=0.08,
+               label="healthy band")  # fmt: skip
+    ax.set_yscale("log")
+    draw_zeros(ax, zeros)
+    name_ticks(ax, layers)
+    ax.set(
+        title="Update / weight norm per weight matrix",
+        xlabel="weight matrix (input side at left)",
+        ylabel="update ratio (log scale)",
+    )
+    ax.legend(fontsize=8)
+    return ax
+
+
+def residual_stream(
+    data: Any, steps: int | Sequence[int] | str | None = None, *, ax: plt.Axes | None = None
+) -> plt.Axes:
+    """The residual stream's rms at each block's output (blocks as the recorder found them),
+    one line per step, on its own block axis.
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = gs.build_model("preln", depth=4, width=16)
+        >>> with gs.watch(model) as rec:
+        ...     model(torch.randn(8, 784)).sum().backward()
+        ...     rec.step()
+        >>> gp.residual_stream(rec).get_xlabel()
+        'block (input side at left)'
+    """
+    frame = as_frame(data)
+    stream = fr.stream_layers(frame)
+    if len(stream) < 2:
+        raise PlotError("fewer than two residual blocks recorded: no stream to follow")
+    rows = need(fr.select(frame, Kind.ACTIVATION, Stat.RMS, layers=stream), "stream rms")
+    picks = pick_steps(rows["step"], steps if steps is not None else _first_last(rows))
+    index = {name: i for i, name in enumerate(stream)}
+    ax = new_axes(ax, (8, 3.5))
+    for step, color in zip(picks, _steps_palette(picks), strict=True):
+        at = rows[rows["step"] == step].assign(block=lambda r: r["layer"].map(index))
+        at = at.sort_values("block")
+        ax.plot(at["block"], at["value"].where(at["value"] > 0), marker=".", color=color,
+                label=f"step {step}")  # fmt: skip
+    ax.set_yscale("log")
+    name_ticks(ax, stream)
+    ax.set(title="Residual stream rms per block", xlabel="block (input side at left)",
+           ylabel="rms (log scale)")  # fmt: skip
+    ax.legend(fontsize=8)
+    return ax
+
+
+def scalars(
+    data: Any, names: Sequence[str] | None = None, *, ax: plt.Axes | None = None
+) -> plt.Axes:
+    """Logged scalars (the loss, `Recorder.log_scalar`) over steps; log scale when positive.
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp, torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with gs.watch(model) as rec:
+        ...     loss = model(torch.randn(8, 4)).square().mean()
+        ...     rec.log_scalar("loss", loss)
+        ...     loss.backward()
+        ...     rec.step()
+        >>> gp.scalars(rec).get_xlabel()
+        'step'
+    """
+    frame = as_frame(data)
+    rows = fr.select(frame, Kind.SCALAR)
+    if names is not None:
+        rows = rows[rows["stat"].isin(list(names))]
+    rows = need(rows, "logged scalars (Recorder.log_scalar; the callbacks log the loss)")
+    values = rows["value"].to_numpy(dtype=float)
+    log = bool((values[np.isfinite(values)] > 0).all())
+    ax = new_axes(ax, (8, 3.5))
+    sns.lineplot(data=rows.rename(columns={"stat": "scalar"}), x="step", y="value",
+                 hue="scalar", marker=".", ax=ax)  # fmt: skip
+    if log:
+        ax.set_yscale("log")
+    ax.set(title="Logged scalars", xlabel="step", ylabel="value" + (" (log scale)" if log else ""))
+    return ax
+
+
+def verdict_timeline(
+    verdicts: Any, *, steps: tuple[int, int] | None = None, ax: plt.Axes | None = None
+) -> plt.Axes:
+    """When each verdict held: one bar per verdict from its first to its last step,
+    coloured by severity (healthy verdicts included, so an all-green run shows as such).
+
+    `verdicts` is a list of gradscope.Verdict, a Run, or a Recorder (diagnosed now).
+
+    Example:
+        >>> import gradscope as gs, gradscope.plot as gp
+        >>> v = gs.Verdict("vanishing_gradients", "warning", "m", "s", first_step=2, last_step=9)
+        >>> gp.verdict_timeline([v]).get_xlabel()
+        'step'
+    """
+    if hasattr(verdicts, "verdicts"):
+        verdicts = verdicts.verdicts
+    elif hasattr(verdicts, "diagnose"):
+        verdicts = verdicts.diagnose()
+    verdicts = list(verdicts)
+    if not verdicts:
+        raise PlotError("no verdicts to draw (nothing was diagnosed)")
+    spans = [v for v in verdicts if v.first_step is not None and v.last_step is not None]
+    lo = steps[0] if steps else min((v.first_step for v in spans), default=0)
+    hi = steps[1] if steps else max((v.last_step for v in spans), default=1)
+    ax = new_axes(ax, (8, 0.4 * len(verdicts) + 1.2))
+    for i, v in enumerate(verdicts):
+        first = v.first_step if v.first_step is not None else lo
+        last = v.last_step if v.last_step is not None else hi
+        ax.barh(i, max(last - first, 0) + 1, left=first - 0.5, height=0.6,
+                color=SEVERITY_COLORS.get(v.severity, "grey"))  # fmt: skip
+    ax.set_yticks(range(len(verdicts)), [v.id for v in verdicts], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(lo - 1, hi + 1)
+    handles = [Patch(color=SEVERITY_COLORS[s], label=s) for s in SEVERITIES
+               if any(v.severity == s for v in verdicts)]  # fmt: skip
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.set(title="When each verdict held", xlabel="step", ylabel="")
+    return ax
