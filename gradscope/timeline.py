@@ -1,8 +1,8 @@
-"""Rules over the time axis of a recording: spikes against a robust trailing baseline (with
-the layer that moved first), and trends over training (gradient growth, frozen layers, dead
-units that accumulate, a loss that does not decrease).
+"""Helpers over the time axis of a recording: step x layer tables, spikes against a robust
+trailing baseline (with the layer that moved first), per-column trends, the logged loss.
 
-Pure functions over the long-form frame; `gradscope.diagnose` calls them for a whole run.
+Pure functions over the long-form frame. The verdicts over time are gradscope.analysis's
+rules (instability, flow, units); these helpers serve figures and exploration.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pandas as pd
 
 from gradscope import frame as fr
 from gradscope.schema import TOTAL, Kind, Stat
-from gradscope.verdict import Verdict, fmt
 
 # A spike: a step-to-step change SPIKE_Z robust deviations above the usual change over the
 # previous SPIKE_WINDOW recorded steps (the MAD scaled to a Gaussian sigma; z 6 happens about
@@ -25,22 +24,8 @@ SPIKE_WINDOW = 20
 SPIKE_MIN_HISTORY = 8
 SPIKE_Z = 6.0
 SPIKE_FACTOR = 3.0
-# Gradient norms that change by more than this many decades per 100 steps, on a fit that
-# explains most of the variance (R^2), grow or shrink exponentially over training.
-TREND_DECADES_PER_100 = 0.5
-TREND_R2 = 0.8
+# A trend is fitted over at least this many positive values.
 TREND_MIN_STEPS = 10
-# A layer whose update ratio is below diagnose.UPDATE_RATIO_LOW on this share of the recorded
-# steps is frozen: it is not learning.
-FROZEN_SHARE = 0.8
-# Dead or saturated fractions rising by this much from the first to the last recorded step,
-# to above half of the outputs, are accumulating.
-RISE = 0.25
-RISE_END = 0.5
-# The loss's median over the last quarter of the run at or above this share of its median
-# over the first quarter: it is not decreasing.
-LOSS_FLAT = 0.98
-LOSS_MIN_POINTS = 20
 
 
 def wide(
@@ -149,175 +134,3 @@ def trend(table: pd.DataFrame) -> pd.DataFrame:
         r2 = 1.0 - (residual**2).sum() / total if total > 0 else 0.0
         out.append((column, 100.0 * slope, r2))
     return pd.DataFrame(out, columns=["layer", "decades_per_100_steps", "r2"])
-
-
-# -- verdicts ------------------------------------------------------------------------------
-
-
-def spike_verdicts(frame: pd.DataFrame) -> list[Verdict]:
-    """`gradient_spike` (the layer whose gradient left its baseline first, and its lead over
-    the loss) and `loss_spike`."""
-    out = []
-    loss_hit = first_loss_spike(frame)
-    last = int(frame["step"].max())
-    hits = gradient_spikes(frame)
-    if len(hits):
-        first = hits.iloc[0]
-        step = int(first["step"])
-        named = [h for h in dict.fromkeys(hits["layer"]) if h != TOTAL] or [TOTAL]
-        loss_step = loss_hit[0] if loss_hit is not None else None
-        lead = loss_step - step if loss_step is not None else None
-        where = "the total gradient norm" if first["layer"] == TOTAL else first["layer"]
-        after = ""
-        if lead is not None and lead > 0:
-            after = f", {lead} steps before the loss did (step {loss_step})"
-        elif lead == 0:
-            after = ", at the step the loss did"
-        out.append(
-            Verdict(
-                "gradient_spike",
-                "warning",
-                f"{where} ({first['stat']}) jumped {fmt(float(first['factor']))}x above its "
-                f"trailing median at step {step}{after}; {len(named)} layer(s) spiked",
-                "lower the learning rate or warm it up, clip gradients at norm 1.0, or "
-                "checkpoint before this step and look at the batch",
-                named[:20],
-                {
-                    "first_step": step,
-                    "first_layer": str(first["layer"]),
-                    "statistic": str(first["stat"]),
-                    "factor": float(first["factor"]),
-                    "robust_z": float(first["z"]),
-                    "loss_spike_step": loss_step,
-                    "lead_steps": lead,
-                    "layers_spiked": len(named),
-                },
-                SPIKE_Z,
-                step,
-                last,
-            )
-        )
-    if loss_hit is not None:
-        step, factor = loss_hit
-        out.append(
-            Verdict(
-                "loss_spike",
-                "error" if not math.isfinite(factor) else "warning",
-                f"the loss jumped {fmt(factor)}x above its trailing median at step {step}",
-                "lower the learning rate, clip gradients, or look at the batch of that step",
-                [],
-                {"step": step, "factor": factor},
-                SPIKE_Z,
-                step,
-                last,
-            )
-        )
-    return out
-
-
-def trend_verdicts(frame: pd.DataFrame, update_floor: float) -> list[Verdict]:
-    """`gradient_growth`, `frozen_layers`, `dead_units_rising`, `saturated_units_rising`,
-    `loss_not_decreasing`."""
-    out: list[Verdict] = []
-    steps = sorted(frame["step"].unique())
-    if len(steps) < 2:
-        return out
-    first_step, last_step = int(steps[0]), int(steps[-1])
-    matrices = fr.weight_matrices(frame)
-    fits = trend(wide(frame, Kind.PARAM_GRAD, Stat.NORM, matrices))
-    growing = fits[
-        (fits["decades_per_100_steps"] > TREND_DECADES_PER_100) & (fits["r2"] > TREND_R2)
-    ]
-    if len(growing):
-        worst = growing.loc[growing["decades_per_100_steps"].idxmax()]
-        out.append(
-            Verdict(
-                "gradient_growth",
-                "warning",
-                f"gradient norms of {len(growing)} weight matrices grow exponentially over "
-                f"training (fastest {worst['layer']}: {fmt(float(worst['decades_per_100_steps']))}"
-                f" decades per 100 steps, R^2 {float(worst['r2']):.2f})",
-                "lower the learning rate, add normalization, or clip gradients",
-                list(growing["layer"]),
-                {
-                    "decades_per_100_steps": dict(
-                        zip(growing["layer"], growing["decades_per_100_steps"], strict=True)
-                    )
-                },
-                TREND_DECADES_PER_100,
-                first_step,
-                last_step,
-            )
-        )
-    ratios = wide(frame, Kind.UPDATE, Stat.RATIO, matrices)
-    if len(ratios) >= 5:
-        share = (ratios < update_floor).mean()
-        frozen = share[share >= FROZEN_SHARE]
-        if len(frozen):
-            out.append(
-                Verdict(
-                    "frozen_layers",
-                    "warning",
-                    f"{len(frozen)} weight matri(ces) barely move: update/weight ratio below "
-                    f"{update_floor:g} on {float(frozen.min()):.0%} or more of the recorded steps",
-                    "raise the learning rate for these layers, or check that their gradients "
-                    "are not vanishing",
-                    list(frozen.index),
-                    {"share_of_steps": {k: float(v) for k, v in frozen.items()}},
-                    FROZEN_SHARE,
-                    first_step,
-                    last_step,
-                )
-            )
-    stream = set(fr.stream_layers(frame))
-    for stat, vid, what in (
-        (Stat.ZERO_FRAC, "dead_units_rising", "dead (exactly zero) outputs"),
-        (Stat.SATURATED_FRAC, "saturated_units_rising", "saturated outputs"),
-    ):
-        table = wide(frame, Kind.ACTIVATION, stat)
-        table = table[[c for c in table.columns if c not in stream]]
-        if len(table) < 2:
-            continue
-        start, end = table.iloc[0], table.iloc[-1]
-        rising = table.columns[((end - start) > RISE) & (end > RISE_END)]
-        if len(rising):
-            out.append(
-                Verdict(
-                    vid,
-                    "warning",
-                    f"{len(rising)} layer(s) where {what} rose over training to more than "
-                    f"{RISE_END:.0%} (e.g. {rising[0]}: {float(start[rising[0]]):.0%} -> "
-                    f"{float(end[rising[0]]):.0%})",
-                    "lower the learning rate, use a leaky activation (GELU), or normalize inputs",
-                    list(rising),
-                    {
-                        "start": {k: float(start[k]) for k in rising},
-                        "end": {k: float(end[k]) for k in rising},
-                    },
-                    RISE,
-                    first_step,
-                    last_step,
-                )
-            )
-    loss = loss_series(frame)
-    loss = loss[np.isfinite(loss)]
-    if len(loss) >= LOSS_MIN_POINTS:
-        quarter = len(loss) // 4
-        head, tail = float(loss.iloc[:quarter].median()), float(loss.iloc[-quarter:].median())
-        if head > 0 and tail >= LOSS_FLAT * head:
-            out.append(
-                Verdict(
-                    "loss_not_decreasing",
-                    "warning",
-                    f"the loss did not decrease: median {fmt(tail)} over the last quarter of "
-                    f"the run against {fmt(head)} over the first",
-                    "check the learning rate (too low, or so high it oscillates), the labels "
-                    "and the gradient flow verdicts",
-                    [],
-                    {"first_quarter_median": head, "last_quarter_median": tail},
-                    LOSS_FLAT,
-                    int(loss.index[0]),
-                    int(loss.index[-1]),
-                )
-            )
-    return out

@@ -245,6 +245,21 @@ def table(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         "median_lead_divergence": statistics.median(leads) if leads else None,
         "min_lead_divergence": min(leads) if leads else None,
     }
+    online = [(r, s) for r, s in scored if r.get("online_fired") is not None]
+    if online:
+        online_leads = [
+            s["online_lead"] for r, s in online if r["cause"] in _DIVERGE and "online_lead" in s
+        ]
+        summary["online_false_alarms"] = sum(
+            bool(r["online_fired"]) for r, _ in online if r["cause"] == "healthy"
+        )
+        summary["online_recall"] = sum(
+            bool(r["online_fired"]) for r, _ in online if r["cause"] != "healthy"
+        ) / max(1, sum(r["cause"] != "healthy" for r, _ in online))
+        summary["online_median_lead_divergence"] = (
+            statistics.median(online_leads) if online_leads else None
+        )
+        summary["online_min_lead_divergence"] = min(online_leads) if online_leads else None
     lines.append(
         f"{'overall':<22} {len(scored):>4} {_rate([s['detected'] for s in faults]):>7} "
         f"{_rate([s['false_alarm'] for s in healthy]):>7} {_rate([s['cause_first'] for s in detected]):>9} "
@@ -300,11 +315,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n== {name} ({len(recs)} runs) ==\n{text}")
         print(
             "recall {recall}, false alarms/healthy run {false_alarm_rate}, cause first {cause_first}, "
-            "layer first {layer_first}, median lead (divergence, spikes) {median_lead_divergence}; "
-            "check failed: {check_failed}".format(
+            "layer first {layer_first}, median lead (divergence, spikes) {median_lead_divergence} "
+            "(min {min_lead_divergence}); check failed: {check_failed}".format(
                 **{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in summary.items()}
             )
         )
+        if "online_false_alarms" in summary:
+            print(
+                f"online (on_verdict): healthy runs with an alarm {summary['online_false_alarms']}, "
+                f"faulty runs with an alarm {summary['online_recall']:.2f}, lead over the loss "
+                f"event (divergence, spikes): median {summary['online_median_lead_divergence']}, "
+                f"min {summary['online_min_lead_divergence']}"
+            )
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
 
 

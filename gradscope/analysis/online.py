@@ -17,6 +17,7 @@ import collections
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ ALARM = (Severity.WARNING, Severity.ERROR)
 # The whole-run rules may take this share of the wall time between their runs.
 FULL_BUDGET = 0.03
 MIN_FULL_EVERY = 16  # recorded steps between two whole-run diagnoses, at least
-FIRST_FULL_COST_GUESS = 0.1  # seconds
+FIRST_FULL_COST_GUESS = 0.5  # seconds
 
 Rows = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -56,8 +57,9 @@ class OnlineDiagnosis:
         self._announced: set[str] = set()
         self._since_full = 0
         self._last_full_end = time.perf_counter()
-        # (a guess until the first whole-run diagnosis is timed: ~0.2 s for 33 steps of a
-        # small MLP; the first one then runs after GUESS / FULL_BUDGET seconds of training)
+        # (a guess until the first whole-run diagnosis is timed: ~0.6 s for 33 steps of a
+        # small MLP with making its frame; the first then runs after GUESS / FULL_BUDGET
+        # seconds of training, about 17 s)
         self._last_full_cost = FIRST_FULL_COST_GUESS
         self._masks: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -146,12 +148,58 @@ class OnlineDiagnosis:
     def _early(
         self, step: int, layer: np.ndarray, kind: np.ndarray, stat: np.ndarray, values: np.ndarray
     ) -> list[Verdict]:
-        """The early-warning checks on this step's numbers against the running baseline
+        """The early-warning checks on this step's rows against the running baseline
         (plain Python on a handful of numbers: numpy's per-call cost would dominate)."""
         total, ratio, size, bad = self._layout(layer, kind, stat)
         grad = float(values[total[0]]) if len(total) else math.nan
+        nonfinite = bool(values[bad].any()) or (len(total) > 0 and not math.isfinite(grad))
         r = _median_finite(values[ratio].tolist())
         s = _median_finite(values[size].tolist())
+        return self._check(step, grad, r, s, nonfinite)
+
+    def update_numbers(
+        self,
+        step: int,
+        grad_sumsq: np.ndarray,
+        param_sumsq: np.ndarray,
+        update_sumsq: np.ndarray | None,
+        ndims: list[int],
+        nonfinite: float,
+        frame: Callable[[], pd.DataFrame],
+    ) -> list[Verdict]:
+        """Adds one recorded step as the recorder holds it before making rows (per present
+        parameter: gradient, weight and update sums of squares, and ndim; the step's count
+        of inf/NaN), so rows can still be made later, in batches; `frame()` returns the
+        recording so far for the whole-run rules. Returns the new verdicts."""
+        grad = math.sqrt(float(grad_sumsq.sum())) if len(grad_sumsq) else math.nan
+        r = s = math.nan
+        if update_sumsq is not None and len(update_sumsq):
+            keep = [i for i, n in enumerate(ndims) if n >= 2] or list(range(len(ndims)))
+            u, p, g = update_sumsq[keep], param_sumsq[keep], grad_sumsq[keep]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = _median_finite(np.sqrt(u / np.where(p > 0, p, np.nan)).tolist())
+                s = _median_finite(np.sqrt(u / np.where(g > 0, g, np.nan)).tolist())
+        found = self._check(step, grad, r, s, nonfinite > 0 or not math.isfinite(grad))
+        self._since_full += 1
+        now = time.perf_counter()
+        due = (
+            self._since_full >= MIN_FULL_EVERY
+            and (now - self._last_full_end) * FULL_BUDGET >= self._last_full_cost
+        )
+        if due or any(v.severity in ALARM for v in found):
+            found += [v for v in diagnose(self._recent_steps(frame())) if v.severity in ALARM]
+            end = time.perf_counter()
+            self._last_full_cost, self._last_full_end, self._since_full = end - now, end, 0
+        return self._announce(found)
+
+    def _recent_steps(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The first recorded step (the input-scale rule judges it) and the last `window`."""
+        steps = np.unique(frame["step"].to_numpy())
+        keep = np.concatenate([steps[:1], steps[-self.window :]])
+        return frame[np.isin(frame["step"].to_numpy(), keep)]
+
+    def _check(self, step: int, grad: float, r: float, s: float, nonfinite: bool) -> list[Verdict]:
+        """instability's checks on this step's numbers against the running baselines."""
         g_base = _median(self._grad)
         s_base = _median(self._size)
         r_base = _median(self._ratio)
@@ -174,7 +222,7 @@ class OnlineDiagnosis:
         ):
             what = f"updates are {fmt(r)} of the weights' norm"
             out.append(_early(VerdictId.LR_TOO_HIGH, step, what, r))
-        if values[bad].any() or (len(total) and not math.isfinite(grad)):
+        if nonfinite:
             out.append(_early(VerdictId.NONFINITE_VALUES, step, "inf/NaN appeared", math.nan))
         return out
 

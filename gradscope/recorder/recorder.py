@@ -54,11 +54,13 @@ class Recorder(RecorderResults):
             accumulating in memory (it must not hold another recording's parts).
         spill_rows: how many rows are held in memory before they are written out.
         on_verdict: called with each new warning or error (gradscope.Verdict) as training
-            goes, e.g. to stop or checkpoint: after each recorded step the diagnosis runs
-            over the last `diagnose_window` recorded steps (spikes, non-finite values, the
-            gradient flow), and a verdict id is reported once. Costs a few ms per recorded
-            step, so it is off unless given.
-        diagnose_window: recorded steps the online diagnosis looks back over.
+            goes, e.g. to stop or checkpoint (gradscope.analysis.online): each recorded step's
+            update ratio, step size, gradient norm and inf/NaN count are checked at once
+            against their running baselines (divergence, spikes, non-finite values); the
+            whole-run rules run on the recording so far within a small time budget. A root
+            cause is reported once, its symptoms not at all. About 16 us a recorded step.
+        diagnose_window: recorded steps OnlineDiagnosis.update_rows looks back over (the
+            recorder itself gives the whole-run rules the whole recording).
         geometry: with an optimizer, also the update's cosine with the negative gradient, its
             step size and Adam's second-moment norm (one more pass over each parameter).
 
@@ -359,17 +361,17 @@ class Recorder(RecorderResults):
         origins = nonfinite_origins(tables)
         for phase, layer in origins.items():
             self.nonfinite.append(NonfiniteEvent(step, str(phase), layer))
-        # rows are made later, for many steps at once (deferred.py), unless a diagnosis
-        # of each step needs them now
+        # rows are made later, for many steps at once (deferred.py); the online diagnosis
+        # reads the step's parameter sums as they are (analysis/online.py)
+        self._rows.add(step, tables, scales, origins)
         online, on_verdict = self._online, self.on_verdict
-        if online is None or on_verdict is None:
-            self._rows.add(step, tables, scales, origins)
-            return
-        self._rows.add(step, tables, scales, origins, now=True)
-        last = self._rows.store._last  # the step's rows as arrays: no frame per step
-        if last is not None:
-            at, layout, values = last
-            for verdict in online.update_rows(at, layout.layer, layout.kind, layout.stat, values):
+        if online is not None and on_verdict is not None and len(tables.param_values) == 4:
+            assert read is not None
+            g, _, bad, p = tables.param_values
+            ndims = [self._params.params[i][1].ndim for i in read.present]
+            bad_sum = bad.sum() + tables.output_stats[:, 5].sum() + tables.grad_stats[:, 2].sum()
+            args = (g, p, tables.update_sumsq, ndims, float(bad_sum), self.to_frame)
+            for verdict in online.update_numbers(step, *args):
                 on_verdict(verdict)
 
 
