@@ -41,13 +41,12 @@ def diagnose(frame: pd.DataFrame, step: int | None = None) -> list[Verdict]:
     verdicts = rank(findings(frame))
     if not any(v.severity in (Severity.WARNING, Severity.ERROR) for v in verdicts):
         first, last = int(frame["step"].min()), int(frame["step"].max())
-        span = f"steps {first} to {last}" if first != last else f"step {last}"
         verdicts.insert(
             0,
             Verdict(
                 VerdictId.HEALTHY,
                 Severity.OK,
-                f"no rule fired over {span}: gradients flow, the optimizer steps every "
+                "no rule fired: gradients flow, the optimizer steps every "
                 "parameter that has a gradient, no dead or saturated layers, no inf/NaN, no "
                 "divergence or spike",
                 "",
