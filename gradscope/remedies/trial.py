@@ -228,8 +228,8 @@ def try_remedies(
         limit: the most remedies tried when the verdicts choose them.
         threads: torch's intra-op threads while the runs train (restored after); None keeps
             the current setting. One by default: small models train fastest on one thread
-            (a trial of the 784-128-10 MLP took 4-7 s on one thread, 35-87 s on two busy
-            cores: benchmarks/remedies_speed.py); forked workers always use one.
+            (a trial of the 784-128-10 MLP took 4-10 s on one thread, 35-139 s on two
+            busy cores: benchmarks/remedies_speed.py); forked workers always use one.
 
     Example:
         >>> import torch
