@@ -91,6 +91,15 @@ def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromi
     first.write_text(pages[1])
     dom = rendered_page(chromium, first, tmp_path / "profile", min_images=1)
     assert 'alt="trainability map' in dom
+    # every planned cell is on the map from the start (preln has no finished run yet)
+    import matplotlib.pyplot as plt
+
+    import gradscope.plot as gp
+
+    runs = load_results(out).runs.iloc[:1]
+    ax = gp.trainability_map(runs, list(config.variants), list(config.depths))
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["plain", "preln"]
+    plt.close("all")
     shot = tmp_path / "in-progress.png"
     subprocess.run(
         [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile3'}",

@@ -297,6 +297,7 @@ def test_tensorboard_export_writes_headlines_under_one_prefix(tmp_path):
         "gradscope/grad_norm",
         "gradscope/grad_ratio_first_last",
         "gradscope/grad_decay_per_layer",
+        "gradscope/loss",  # the loop logs it (rec.log_scalar)
         "gradscope/worst_severity",
     }
     norms = [e.value for e in events.Scalars("gradscope/grad_norm")]

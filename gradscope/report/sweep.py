@@ -82,7 +82,9 @@ def render_sweep_report(
             )
         )
     if len(runs):
+        # in progress: every planned cell, blank until its run finishes
         depths = config["depths"] if in_progress else None
+        rows = list(config["variants"]) if in_progress else variants
         sections.append(
             Section(
                 "The answer",
@@ -90,9 +92,9 @@ def render_sweep_report(
                 [
                     panel(
                         "trainability map: variant by depth, test accuracy and verdict",
-                        [partial(plot.trainability_map, runs, variants, depths)],
+                        [partial(plot.trainability_map, runs, rows, depths)],
                         width=1.2 * len(depths or set(runs["depth"])) + 2.4,
-                        height=0.55 * len(variants) + 1.2,
+                        height=0.55 * len(rows) + 1.2,
                     ),
                     story_html(story(runs, config)),
                 ],  # fmt: skip
