@@ -142,6 +142,7 @@ VERDICT_FIELDS = [
     field("threshold", "number", "null", required=False),
     field("first_step", "int", "null", required=False),
     field("last_step", "int", "null", required=False),
+    field("explains", "list", required=False),
 ]
 
 

@@ -36,7 +36,7 @@ from gradscope import formats
 from gradscope import frame as fr
 from gradscope.diagnose import SEVERITIES, Verdict, diagnose
 from gradscope.files import file_digest, named, pid_alive, replace_dir
-from gradscope.schema import COLUMNS, TOTAL, Kind, Stat
+from gradscope.schema import COLUMNS, TOTAL, Kind, Stat, VerdictId
 from gradscope.verdict import VerdictList
 from gradscope.version import __version__
 
@@ -299,14 +299,10 @@ WORSE_FACTOR = 10.0
 # the evidence number that says how bad a verdict is, and which way is worse (+1: larger);
 # verdicts over a set of layers are measured by how many layers they name
 MEASURES: dict[str, tuple[str, int]] = {
-    "vanishing_gradients": ("first_last_ratio", -1),
-    "exploding_gradients": ("first_last_ratio", +1),
-    "update_too_small": ("median_update_ratio", -1),
-    "update_too_large": ("median_update_ratio", +1),
-    "gradient_spike": ("factor", +1),
-    "loss_spike": ("factor", +1),
-    "gradient_growth": ("factor", +1),
-    "nonfinite_values": ("steps", +1),
+    VerdictId.VANISHING_GRADIENTS: ("median_ratio", -1),
+    VerdictId.EXPLODING_GRADIENTS: ("first_last_ratio", +1),
+    VerdictId.GRADIENT_SPIKE: ("gradient_jump", +1),
+    VerdictId.LR_TOO_HIGH: ("update_ratio", +1),
 }
 _COMPARED = [
     (Kind.PARAM_GRAD, Stat.NORM),

@@ -34,6 +34,7 @@ from gradscope.recorder.plan import plan_model
 from gradscope.recorder.reduce import Reducer, nonfinite_origins
 from gradscope.recorder.results import RecorderResults
 from gradscope.recorder.rows import RowStore
+from gradscope.recorder.stats.fields import GRAD, OUTPUT
 
 
 class Recorder(RecorderResults):
@@ -502,13 +503,21 @@ class Recorder(RecorderResults):
         # reads the step's parameter sums as they are (analysis/online.py)
         self._rows.add(step, tables, scales, origins)
         online, on_verdict = self._online, self.on_verdict
-        if online is not None and on_verdict is not None and len(tables.param_values) == 4:
-            assert read is not None
-            g, _, bad, p = tables.param_values
+        values, read = tables.param_values, tables.params
+        if (
+            online is not None
+            and on_verdict is not None
+            and values is not None
+            and read is not None
+        ):
             ndims = [self._params.params[i][1].ndim for i in read.present]
-            bad_sum = bad.sum() + tables.output_stats[:, 5].sum() + tables.grad_stats[:, 2].sum()
-            args = (g, p, tables.update_sumsq, ndims, float(bad_sum), self.to_frame)
-            for verdict in online.update_numbers(step, *args):
+            bad = (
+                values.nonfinite.sum()
+                + tables.output_stats[:, OUTPUT.index("nonfinite")].sum()
+                + tables.grad_stats[:, GRAD.index("nonfinite_samples")].sum()
+            )
+            numbers = (values.grad_sumsq, values.param_sumsq, tables.update_sumsq, ndims)
+            for verdict in online.update_numbers(step, *numbers, float(bad), self.to_frame):
                 on_verdict(verdict)
 
 
