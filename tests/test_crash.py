@@ -104,7 +104,7 @@ def test_a_job_killed_inside_a_part_keeps_the_parts_before_it(tmp_path):
 
 
 def test_spills_happen_by_steps_and_by_time(tmp_path):
-    rec = _recorded(12, spill_to=tmp_path / "a", spill_steps=5)
+    rec = _recorded(12, spill_to=tmp_path / "a", spill_steps=5, spill_seconds=3600)
     assert len(rec.spill_parts) == 2 and rec.rows_held > 0  # after steps 4 and 9
     rec.detach()
     assert len(gs.load_run(tmp_path / "a").frame) == len(rec.to_frame())
