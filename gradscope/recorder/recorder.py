@@ -298,9 +298,11 @@ class Recorder(RecorderResults):
         return [(label, module, band(module)) for label, module in plan.modules]
 
     def _trainable(self) -> list[torch.Tensor]:
-        """The model's trainable parameters now (a new optimizer is matched against them)."""
-        planned = self._planned
-        return [p for p in planned[0].parameters() if p.requires_grad] if planned else []
+        """The recorded parameters now (a new optimizer is matched against them): after
+        model surgery, those of the new plan."""
+        if self._stale:
+            self._replan()
+        return [p for _, p in self._params.params]
 
     def _on_registration(self, module: nn.Module, name: str, value: Any) -> None:
         # torch's global registration hooks: any module anywhere; ours are a set lookup
