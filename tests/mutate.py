@@ -45,8 +45,8 @@ MUTATIONS = [
     Mutation(
         "zero_frac counts x > 0 instead of x != 0 (torch-op path)",
         "gradscope/recorder/stats/torch_ops.py",
-        "[torch.count_nonzero(x), dead_units(x, axis), nonfinite]",
-        "[torch.count_nonzero(x.gt(0)), dead_units(x, axis), nonfinite]",
+        "    per_unit = torch.count_nonzero(x, dim=tuple(d for d in range(x.dim()) if d != axis))",
+        "    per_unit = torch.count_nonzero(x.gt(0), dim=tuple(d for d in range(x.dim()) if d != axis))",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(

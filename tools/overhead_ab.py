@@ -2,7 +2,7 @@
 recorder's ratios to the bare loop in its own process, and the trees' ratios are compared
 round by round, so that the machine's drift cancels.
 
-    python tools/overhead_ab.py /tmp/base-tree . [--rounds 3] [--repeats 10]
+    python tools/overhead_ab.py /tmp/base-tree . [--rounds 3] [--repeats 10] [--models mlp]
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 LINE = re.compile(r"^(everything, every (?:1|10))\s+([\d.]+)\s+([\d.]+)")
 
 
-def run(tree: str, repeats: int) -> dict[tuple[str, str], float]:
+def run(tree: str, repeats: int, models: str) -> dict[tuple[str, str], float]:
     env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
     out = subprocess.run(
-        [sys.executable, str(BENCH), "--targets-only", "--repeats", str(repeats)],
+        [sys.executable, str(BENCH), "--targets-only", "--repeats", str(repeats)]
+        + ["--models", models],
         env=env,
         capture_output=True,
         text=True,
@@ -44,11 +45,12 @@ def main() -> None:
     parser.add_argument("b")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--models", default="mlp,relu32,preln32")
     args = parser.parse_args()
     results: dict[str, list[dict[tuple[str, str], float]]] = {"a": [], "b": []}
     for r in range(args.rounds):
         for side in ("a", "b"):
-            results[side].append(run(getattr(args, side), args.repeats))
+            results[side].append(run(getattr(args, side), args.repeats, args.models))
             print(f"round {r + 1} {side}: {results[side][-1]}", flush=True)
     print(f"\nA = {args.a}, B = {args.b}; median over {args.rounds} alternated rounds")
     print(f"{'model':<8} {'loop':<22} {'A ratio':>8} {'B ratio':>8} {'B/A':>6}")

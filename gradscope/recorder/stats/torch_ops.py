@@ -108,7 +108,9 @@ def activation_moments(
     sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
     nonfinite = torch.count_nonzero(torch.sub(x, x, out=work))  # inf - inf, NaN - NaN: NaN
     moments = [torch.sum(x, dtype=acc), sumsq, lo.to(acc), hi.to(acc)]
-    counts = [torch.count_nonzero(x), dead_units(x, axis), nonfinite]
+    # the non-zeros of each unit give both counts in one pass over x
+    per_unit = torch.count_nonzero(x, dim=tuple(d for d in range(x.dim()) if d != axis))
+    counts = [per_unit.sum(), per_unit.eq(0).sum(), nonfinite]
     return moments, counts, torch.linalg.vector_norm(x, dtype=torch.float64)
 
 

@@ -101,23 +101,26 @@ MOMENTS(moments_f64, double, count_nonfinite_f64)
  * units are the last axis (inner == 1) the rows are OR-ed into per-unit flags, stopping
  * once every unit has been seen non-zero; else each unit's inner run is scanned until its
  * first non-zero. */
-#define DEAD_UNITS(NAME, T)                                                                 \
+#define DEAD_UNITS(NAME, T, BITS, MAGNITUDE)                                                 \
     double NAME(const T* x, int64_t outer, int64_t units, int64_t inner) {                  \
         if (units <= 0 || outer <= 0 || inner <= 0) return 0.0;                             \
-        uint8_t* alive = calloc((size_t)units, 1);                                          \
+        BITS* alive = calloc((size_t)units, sizeof(BITS));                                  \
         if (alive == NULL) return -1.0;                                                     \
         int64_t seen = 0;                                                                   \
-        if (inner == 1) {                                                                   \
+        if (inner == 1) { /* OR of the values' bits without the sign: 0 only for +-0 */     \
+            const BITS* bits = (const BITS*)x;                                              \
             for (int64_t o = 0; o < outer; ++o) {                                           \
-                const T* row = x + o * units;                                               \
+                const BITS* row = bits + o * units;                                         \
                 _Pragma("omp simd simdlen(16)")                                             \
-                for (int64_t u = 0; u < units; ++u) alive[u] |= (row[u] != 0);             \
-                if ((o & 7) == 0 || o == outer - 1) {                                       \
-                    seen = 0;                                                               \
-                    for (int64_t u = 0; u < units; ++u) seen += alive[u];                   \
-                    if (seen == units) break;                                               \
+                for (int64_t u = 0; u < units; ++u) alive[u] |= row[u] & MAGNITUDE;         \
+                if ((o & 15) == 0 || o == outer - 1) {                                      \
+                    int64_t zero = 0;                                                       \
+                    _Pragma("omp simd reduction(+ : zero)")                                 \
+                    for (int64_t u = 0; u < units; ++u) zero += alive[u] == 0;              \
+                    if (!zero) break;                                                       \
                 }                                                                           \
             }                                                                               \
+            for (int64_t u = 0; u < units; ++u) alive[u] = alive[u] != 0;                   \
         } else {                                                                            \
             for (int64_t o = 0; o < outer && seen < units; ++o) {                           \
                 for (int64_t u = 0; u < units; ++u) {                                       \
@@ -132,14 +135,14 @@ MOMENTS(moments_f64, double, count_nonfinite_f64)
                     }                                                                       \
                 }                                                                           \
             }                                                                               \
-            seen = 0;                                                                       \
-            for (int64_t u = 0; u < units; ++u) seen += alive[u];                           \
         }                                                                                   \
+        seen = 0;                                                                           \
+        for (int64_t u = 0; u < units; ++u) seen += alive[u] != 0;                          \
         free(alive);                                                                        \
         return (double)(units - seen);                                                      \
     }
-DEAD_UNITS(dead_units_f32, float)
-DEAD_UNITS(dead_units_f64, double)
+DEAD_UNITS(dead_units_f32, float, uint32_t, 0x7fffffffu)
+DEAD_UNITS(dead_units_f64, double, uint64_t, 0x7fffffffffffffffull)
 
 /* one module output's row of the recorder's per-call schema (recorder/stats/fields.py
  * OUTPUT): moments() into out[0..5], then the dead units and the units; 0, or -1 out of
