@@ -172,7 +172,7 @@ def test_an_unexpected_error_is_one_line_too(tmp_path, monkeypatch):
 
     run = _run(tmp_path / "run")
 
-    def broken(a, b):
+    def broken(*args, **kwargs):
         raise KeyError("boom")
 
     monkeypatch.setattr(runs, "diff_runs", broken)

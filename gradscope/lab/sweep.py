@@ -205,7 +205,7 @@ def run_one(
         "grad_ratio_end": last["grad_ratio"] if last is not None else math.nan,
         "grad_decay_init": first["grad_decay"] if first is not None else math.nan,
         "grad_decay_end": last["grad_decay"] if last is not None else math.nan,
-        # the mean-field prediction for plain stacks (gradscope.theory); none for residual ones
+        # the mean-field prediction for plain stacks (gradscope.lab.theory); none for residual ones
         "grad_decay_theory": theory.decay_per_layer(
             config.activation, config.init, config.width, "param_grad"
         )

@@ -55,7 +55,7 @@ def gradient_profile(
     Args:
         data: the long-form frame, a Run, a Recorder or a run folder.
         steps: a step, several, "last", or None for the first, a middle and the last.
-        theory_slope: a predicted decay (decades per layer, e.g. gradscope.theory's) drawn as
+        theory_slope: a predicted decay (decades per layer, e.g. gradscope.lab.theory's) drawn as
             a dotted line through the last layer of the last step.
         ax: the Axes to draw into (a new figure by default).
 

@@ -162,7 +162,7 @@ def slope_vs_depth(
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
     predicted = runs.get("grad_decay_theory", pd.Series(dtype=float))
     predicted = predicted[runs["variant"] == "plain"].dropna()
-    if len(predicted) and when == "init":  # the mean-field prediction (gradscope.theory)
+    if len(predicted) and when == "init":  # the mean-field prediction (gradscope.lab.theory)
         value = float(predicted.iloc[0])
         ax.axhline(value, color=palette.get("plain", "black"), lw=1.2, ls=":",
                    label=f"plain, theory ({value:.3g})")  # fmt: skip
