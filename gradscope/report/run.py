@@ -135,13 +135,18 @@ def _brief(info: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in info.items() if k != "verdicts"}, "model": model}
 
 
+def _count(n: Any) -> str:
+    """A count with thousands separators, or '?' where a run folder does not say."""
+    return f"{n:,}" if isinstance(n, int) else "?"
+
+
 def render_run_report(run: Run, trial: Any = None) -> Any:
     """Writes report.html into the run folder; returns its path. With `trial` (a
     gradscope.remedies.Trial), a "Tried" section after the verdicts."""
     info = run.info
     model, steps = info.get("model", {}), info.get("steps", {})
     subtitle = (
-        f"{model.get('class', 'model')} with {model.get('parameters', '?'):,} parameters; "
+        f"{model.get('class', 'model')} with {_count(model.get('parameters'))} parameters; "
         f"{steps.get('recorded', 0)} recorded steps ({steps.get('first', '-')} to "
         f"{steps.get('last', '-')}); optimizer {info.get('recorder', {}).get('optimizer')}; "
         f"torch {info.get('versions', {}).get('torch')}"
