@@ -132,7 +132,8 @@ def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
         (["--min", "50", "--max", "10"], "--min (50) is above --max (10)"),
         (["--variants", "plain,densenet"], "unknown variant 'densenet'"),
         (["--depths", "2,x"], "comma-separated integers"),
-        (["--optimizer", "lion"], "unknown optimizer"),
+        (["--optimizer", "lion"], "'lion' is not one of"),
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_sweep_bad_input(tmp_path, args, message):

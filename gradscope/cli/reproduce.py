@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gradscope.cli.common import DataRoot, app, fail, fetch_data, int_list
+from gradscope.lab.choices import DatasetName
 
 if TYPE_CHECKING:
     pass
@@ -21,7 +22,7 @@ reproduce_app = typer.Typer(
 app.add_typer(reproduce_app, name="reproduce")
 
 Seeds = Annotated[str, typer.Option(help="Comma-separated seeds.")]
-Dataset = Annotated[str, typer.Option(help="mnist, fashion-mnist, synthetic.")]
+Dataset = Annotated[DatasetName, typer.Option()]
 Out = Annotated[
     Path | None, typer.Option(help="Output folder; default reports/reproduce-<name>-<time>/.")
 ]
@@ -33,7 +34,7 @@ Quick = Annotated[
 def _reproduce(
     name: str,
     seeds: str,
-    dataset: str,
+    dataset: DatasetName,
     data_root: str | None,
     out: Path | None,
     quick: bool,
@@ -48,9 +49,9 @@ def _reproduce(
 
     seed_list = int_list(seeds, "--seeds")
     target = out or Path("reports") / f"reproduce-{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    fetch_data(dataset, data_root)
+    fetch_data(dataset.value, data_root)
     try:
-        data = load_dataset(dataset, data_root)
+        data = load_dataset(dataset.value, data_root)
         if target.exists() and any(target.iterdir()):
             fail(f"{target} exists and is not empty; choose a new --out")
         target.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def reproduce_journey(
     lr_sgd: Annotated[float, typer.Option(help="Learning rate of the SGD row.")] = 0.01,
     lr_adam: Annotated[float, typer.Option(help="Learning rate of the Adam/AdamW rows.")] = 1e-3,
     quick: Quick = False,
-    dataset: Dataset = "mnist",
+    dataset: Dataset = DatasetName.MNIST,
     data_root: DataRoot = None,
     out: Out = None,
 ) -> None:
@@ -111,7 +112,7 @@ def reproduce_dropout(
     epochs: Annotated[int, typer.Option()] = 20,
     train_size: Annotated[int, typer.Option()] = 1000,
     quick: Quick = False,
-    dataset: Dataset = "mnist",
+    dataset: Dataset = DatasetName.MNIST,
     data_root: DataRoot = None,
     out: Out = None,
 ) -> None:
@@ -142,7 +143,7 @@ def reproduce_regularization(
         float, typer.Option(help="L1 proximal strength (threshold lr * this).")
     ] = 0.1,
     quick: Quick = False,
-    dataset: Dataset = "mnist",
+    dataset: Dataset = DatasetName.MNIST,
     data_root: DataRoot = None,
     out: Out = None,
 ) -> None:
@@ -169,7 +170,7 @@ def reproduce_clipping(
     lr: Annotated[float, typer.Option()] = 0.05,
     clip: Annotated[float, typer.Option()] = 1.0,
     quick: Quick = False,
-    dataset: Dataset = "mnist",
+    dataset: Dataset = DatasetName.MNIST,
     data_root: DataRoot = None,
     out: Out = None,
 ) -> None:

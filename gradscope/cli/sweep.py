@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gradscope.cli.common import DataRoot, app, fail, fetch_data, int_list
+from gradscope.lab.choices import Activation, DatasetName, Init, OptimizerName
 
 if TYPE_CHECKING:
     from gradscope.lab.sweep import SweepConfig
@@ -35,14 +36,14 @@ def depth_sweep(
         typer.Option(help="Comma-separated: plain, residual, preln, postln, rmsnorm, batchnorm."),
     ] = "plain,residual,preln,postln,rmsnorm",
     width: Annotated[int, typer.Option()] = 128,
-    activation: Annotated[str, typer.Option(help="relu, tanh, sigmoid, gelu.")] = "relu",
-    init: Annotated[str, typer.Option(help="default, kaiming, xavier, orthogonal.")] = "default",
+    activation: Annotated[Activation, typer.Option()] = Activation.RELU,
+    init: Annotated[Init, typer.Option()] = Init.DEFAULT,
     optimizer: Annotated[
-        str,
+        OptimizerName,
         typer.Option(
             help="sgd (momentum 0.9) by default: Adam-like optimizers rescale small gradients and hide vanishing."
         ),
-    ] = "sgd",
+    ] = OptimizerName.SGD,
     lr: Annotated[float | None, typer.Option(help="Default: sgd 0.05, adam/adamw 1e-3.")] = None,
     steps: Annotated[
         int | None, typer.Option(help="Training steps per run (overrides --epochs).")
@@ -50,7 +51,7 @@ def depth_sweep(
     epochs: Annotated[int, typer.Option(help="Epochs per run, used when --steps is 0.")] = 1,
     batch_size: Annotated[int, typer.Option()] = 128,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
-    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, synthetic.")] = "mnist",
+    dataset: Annotated[DatasetName, typer.Option()] = DatasetName.MNIST,
     data_root: DataRoot = None,
     every: Annotated[
         int, typer.Option(help="Record every N steps (and step 0, and the last).")
@@ -61,7 +62,9 @@ def depth_sweep(
     resume: Annotated[
         Path | None, typer.Option(help="Go on with an interrupted sweep in this folder.")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes (runs go in parallel).")] = 2,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes (runs go in parallel).", min=1)
+    ] = 2,
 ) -> None:
     """Train every variant across depths and show where gradients vanish or explode.
 
@@ -69,29 +72,26 @@ def depth_sweep(
     """
     from gradscope.lab.sweep import SweepConfig, SweepError, default_depths
 
-    if depths is not None:
-        depth_list = sorted(set(int_list(depths, "--depths")))
-    else:
-        if max_depth < 1 or min_depth < 1:
-            fail(f"--min and --max must be >= 1, got --min {min_depth} --max {max_depth}")
-        if min_depth > max_depth:
-            fail(f"--min ({min_depth}) is above --max ({max_depth})")
-        depth_list = default_depths(min_depth, max_depth)
-    if workers < 1:
-        fail(f"--workers must be >= 1, got {workers}")
+    try:
+        if depths is not None:
+            depth_list = sorted(set(int_list(depths, "--depths")))
+        else:
+            depth_list = default_depths(min_depth, max_depth)
+    except SweepError as e:
+        fail(str(e))
     config = SweepConfig(
         depths=tuple(depth_list),
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         width=width,
-        activation=activation,
-        init=init,
-        optimizer=optimizer,
+        activation=activation.value,
+        init=init.value,
+        optimizer=optimizer.value,
         lr=lr,
         steps=steps or None,
         epochs=epochs,
         batch_size=batch_size,
         seeds=tuple(int_list(seeds, "--seeds")),
-        dataset=dataset,
+        dataset=dataset.value,
         every=every,
     )
     if resume is not None and out is not None and out != resume:

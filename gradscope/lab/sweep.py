@@ -75,8 +75,10 @@ def default_depths(lo: int, hi: int, count: int = DEFAULT_DEPTH_COUNT) -> list[i
         >>> default_depths(2, 100)
         [2, 4, 10, 21, 46, 100]
     """
-    if lo < 1 or hi < lo:
-        raise SweepError(f"need 1 <= min <= max, got min={lo}, max={hi}")
+    if lo < 1 or hi < 1:
+        raise SweepError(f"depths must be >= 1, got --min {lo} --max {hi}")
+    if lo > hi:
+        raise SweepError(f"--min ({lo}) is above --max ({hi})")
     points = np.geomspace(lo, hi, num=min(count, hi - lo + 1))
     return sorted({lo, hi, *(int(round(p)) for p in points)})
 
