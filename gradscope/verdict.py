@@ -33,7 +33,8 @@ class Verdict:
 
     def __str__(self) -> str:
         text = f"[{self.severity}] {self.id}: {self.message}"
-        return f"{text}. {self.suggestion}" if self.suggestion else text
+        todo = self.suggestion
+        return f"{text}. {todo[:1].upper()}{todo[1:]}" if todo else text
 
 
 def fmt(x: float) -> str:
