@@ -70,7 +70,7 @@ def _init_worker(
 ) -> None:
     if parent is not None:  # a worker process (not the parent's own loop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while spawned
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # blocked while spawned
         threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     _worker["data"] = load_dataset(dataset, data_root)
@@ -84,14 +84,21 @@ def _end_with(parent: int) -> None:
     os._exit(1)
 
 
+# Ctrl-C, and SIGTERM (which the CLI turns into Ctrl-C): either arriving while a worker is
+# being spawned would cut the data it is started with short, and it would die printing a
+# traceback (EOFError in multiprocessing's spawn_main)
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
 def _sigint_blocked() -> Any:
-    """Ctrl-C held back while worker processes start: they inherit the blocked signal (and
-    so never see it before they ignore it); the parent gets it once they have started."""
+    """Ctrl-C and SIGTERM held back while worker processes start: they inherit the blocked
+    signals (and unblock them once they ignore Ctrl-C); the parent gets them once they have
+    started."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
         yield
     finally:
