@@ -172,20 +172,7 @@ def check_run_info(data: Any, path: Path, severities: list[str]) -> dict[str, An
 
 SWEEP_ROW_FORMAT = 2  # 2: "format" written (rows without one are format 1, read alike)
 
-_NUMBERS = (
-    "lr",
-    "train_acc",
-    "test_acc",
-    "train_loss",
-    "test_loss",
-    "final_loss",
-    "grad_ratio_init",
-    "grad_ratio_end",
-    "grad_decay_init",
-    "grad_decay_end",
-    "grad_decay_theory",
-    "seconds",
-)
+# in the order of runs.csv's columns (lab.sweep.RUN_COLUMNS is this list's names)
 SWEEP_ROW_FIELDS = [
     field("format", "int", required=False),
     field("variant", "str"),
@@ -195,10 +182,26 @@ SWEEP_ROW_FIELDS = [
     field("activation", "str"),
     field("init", "str"),
     field("optimizer", "str"),
+    field("lr", "number", "null"),
     field("steps", "int"),
     field("batch_size", "int"),
-    *(field(name, "number", "null") for name in _NUMBERS),
+    *(
+        field(name, "number", "null")
+        for name in (
+            "train_acc",
+            "test_acc",
+            "train_loss",
+            "test_loss",
+            "final_loss",
+            "grad_ratio_init",
+            "grad_ratio_end",
+            "grad_decay_init",
+            "grad_decay_end",
+            "grad_decay_theory",
+        )
+    ),
     field("diverged", "bool"),
+    field("seconds", "number", "null"),
     field("verdicts_init", "str"),
     field("verdicts", "str"),
     field("details", "dict"),

@@ -168,14 +168,14 @@ def test_diff_exits_1_only_when_b_is_worse(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_too(tmp_path, monkeypatch):
-    import gradscope.runs as runs
+    import gradscope.diff as diff
 
     run = _run(tmp_path / "run")
 
     def broken(*args, **kwargs):
         raise KeyError("boom")
 
-    monkeypatch.setattr(runs, "diff_runs", broken)
+    monkeypatch.setattr(diff, "diff_runs", broken)
     line = _one_line_error(runner.invoke(app, ["diff", str(run), str(run)]))
     assert "unexpected KeyError" in line
 

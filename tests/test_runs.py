@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 import gradscope as gs
 from gradscope.cli import app
+from gradscope.diff import MEASURES
 from gradscope.files import file_digest
 from gradscope.lab.models import build_model
-from gradscope.runs import MEASURES, RunError, load_run
+from gradscope.runs import RunError, load_run
 
 runner = CliRunner()
 

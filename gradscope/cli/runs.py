@@ -51,7 +51,8 @@ def diff(
     """
     import pandas as pd
 
-    from gradscope.runs import RunError, diff_runs, load_run
+    from gradscope.diff import diff_runs
+    from gradscope.runs import RunError, load_run
 
     try:
         result = diff_runs(load_run(run_a), load_run(run_b), strip_prefix, worse_factor)

@@ -36,32 +36,8 @@ from gradscope.recorder import Recorder
 
 DEFAULT_VARIANTS = ("plain", "residual", "preln", "postln", "rmsnorm")
 DEFAULT_DEPTH_COUNT = 6
-RUN_COLUMNS = [
-    "variant",
-    "depth",
-    "seed",
-    "width",
-    "activation",
-    "init",
-    "optimizer",
-    "lr",
-    "steps",
-    "batch_size",
-    "train_acc",
-    "test_acc",
-    "train_loss",
-    "test_loss",
-    "final_loss",
-    "grad_ratio_init",
-    "grad_ratio_end",
-    "grad_decay_init",
-    "grad_decay_end",
-    "grad_decay_theory",
-    "diverged",
-    "seconds",
-    "verdicts_init",
-    "verdicts",
-]
+# runs.csv's columns: a sweep row's fields (gradscope.formats), but its version and details
+RUN_COLUMNS = [f.name for f in formats.SWEEP_ROW_FIELDS if f.name not in ("format", "details")]
 
 
 class SweepError(ValueError):
