@@ -17,6 +17,9 @@ from gradscope.recorder.stats import native
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("GRADSCOPE_REQUIRE_DATA") == "1"
+# a depth sweep of four short synthetic runs, for the CLI's end-to-end tests
+TINY_SWEEP = ["--depths", "2,6", "--variants", "plain,preln", "--steps", "12", "--every", "4"]
+TINY_SWEEP += ["--dataset", "synthetic", "--workers", "1"]
 
 
 def _need(reason: str) -> None:

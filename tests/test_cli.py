@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import TINY_SWEEP as TINY
 from typer.testing import CliRunner
 
 from gradscope.cli import app
@@ -12,20 +13,6 @@ from gradscope.lab.sweep import RUN_COLUMNS
 from gradscope.runs import load_run
 
 runner = CliRunner()
-TINY = [
-    "--depths",
-    "2,6",
-    "--variants",
-    "plain,preln",
-    "--steps",
-    "12",
-    "--every",
-    "4",
-    "--dataset",
-    "synthetic",
-    "--workers",
-    "1",
-]
 
 
 def _sweep(out: Path, *extra: str):

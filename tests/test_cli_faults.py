@@ -18,6 +18,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
+from conftest import TINY_SWEEP as TINY
 from torch import nn
 from typer.testing import CliRunner
 
@@ -26,20 +27,6 @@ from gradscope.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-TINY = [
-    "--depths",
-    "2,6",
-    "--variants",
-    "plain,preln",
-    "--steps",
-    "12",
-    "--every",
-    "4",
-    "--dataset",
-    "synthetic",
-    "--workers",
-    "1",
-]
 
 
 def _one_line_error(result, *names: str, code: int = 2) -> str:
