@@ -532,7 +532,7 @@ def _eacces(tmp: Path) -> list[str]:
     def denied(*a: Any, **k: Any) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp / "s" / "runs"))
 
-    import gradscope.lab.sweep as sweep
+    import gradscope.lab.sweep.store as sweep
 
     with patched(sweep, "atomic_write", denied):
         return [cli(["depth-sweep", *TINY, "--out", str(tmp / "s")])]

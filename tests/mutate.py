@@ -89,7 +89,7 @@ MUTATIONS = [
     ),
     Mutation(
         "--resume compares only depths, variants and width",
-        "gradscope/lab/sweep.py",
+        "gradscope/lab/sweep/store.py",
         "if saved != config:",
         "if (saved.depths, saved.variants, saved.width) != (config.depths, config.variants, config.width):",
         ("tests/test_sweep.py",),

@@ -90,7 +90,7 @@ def test_resume_skips_finished_runs(tmp_path):
 
 
 def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
-    from gradscope.lab import sweep_run as sweep
+    from gradscope.lab.sweep import executor as sweep
 
     calls = {"n": 0}
     real = sweep._work

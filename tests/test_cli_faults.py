@@ -179,7 +179,7 @@ def _resume(out: Path):
 
 
 def test_a_full_disk_writing_config_json_leaves_no_empty_file(tmp_path, monkeypatch):
-    import gradscope.lab.sweep as sweep
+    import gradscope.lab.sweep.store as sweep
 
     out = tmp_path / "sweep"
     with monkeypatch.context() as m:

@@ -48,7 +48,7 @@ ALLOWED = {
     # gs.watch(model, live=True) draws the live view
     ("gradscope.recorder.recorder", "gradscope.integrations.live"),
     # what Jupyter shows for a sweep's results (the lab, not the core: for the cycle check)
-    ("gradscope.lab.sweep", "gradscope.integrations.notebook"),
+    ("gradscope.lab.sweep.result", "gradscope.integrations.notebook"),
 }
 
 

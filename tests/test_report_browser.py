@@ -57,8 +57,10 @@ def test_report_renders_in_chromium(tmp_path, chromium):
 def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromium):
     """report.html exists from the first finished run, marked in progress and reloading
     itself, rewritten as runs finish; the last run leaves the whole report."""
-    from gradscope.lab.sweep import SweepConfig
-    from gradscope.lab.sweep_run import run_sweep
+    from functools import partial
+
+    from gradscope.lab.sweep import SweepConfig, load_sweep, run_sweep
+    from gradscope.report.sweep import render_progress
 
     out = tmp_path / "sweep"
     config = SweepConfig(
@@ -71,7 +73,9 @@ def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromi
         if p.done_runs not in pages and (out / "report.html").exists():
             pages[p.done_runs] = (out / "report.html").read_text()
 
-    run_sweep(config, out, workers=1, on_progress=seen)
+    run_sweep(
+        config, out, workers=1, on_progress=seen, on_run_finished=partial(render_progress, out)
+    )
     assert sorted(pages) == [1, 2, 3, 4]
     for done in (1, 2, 3):
         page = pages[done]
@@ -79,9 +83,7 @@ def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromi
         assert f"{done} of 4 runs finished" in page
     assert pages[2] != pages[1]  # rewritten as runs finish
     # in Jupyter the sweep's results show the map of the runs so far
-    from gradscope.lab.sweep import load_results
-
-    summary = load_results(out)._repr_html_()
+    summary = load_sweep(out)._repr_html_()
     assert "gradscope depth sweep: 4 runs" in summary and "data:image/png" in summary
     final = pages[4]
     assert "refresh" not in final and "In progress" not in final
@@ -96,7 +98,7 @@ def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromi
 
     import gradscope.plot as gp
 
-    runs = load_results(out).runs.iloc[:1]
+    runs = load_sweep(out).runs.iloc[:1]
     ax = gp.trainability_map(runs, list(config.variants), list(config.depths))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["plain", "preln"]
     plt.close("all")

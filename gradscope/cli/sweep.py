@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -115,18 +116,16 @@ def _run_sweep_cli(
         TimeRemainingColumn,
     )
 
-    from gradscope.lab import sweep_run
     from gradscope.lab.data import DataError
-    from gradscope.lab.sweep import SweepError
+    from gradscope.lab.sweep import SweepError, SweepProgress, reports_here, run_sweep, scan_runs
+    from gradscope.report.sweep import render_progress
 
-    if resume and sweep_run.reports_here():
-        from gradscope.lab.sweep import scan_runs
-
+    if resume and reports_here():
         for problem in scan_runs(target)[1].values():
             typer.echo(f"{problem}: running it again", err=True)
-    if not sweep_run.reports_here():  # other ranks train their share quietly
+    if not reports_here():  # other ranks train their share quietly
         try:
-            sweep_run.run(config, target, data_root, workers, resume)
+            run_sweep(config, target, data_root, workers, resume)
         except (SweepError, DataError):
             raise typer.Exit(2) from None
         return
@@ -145,7 +144,7 @@ def _run_sweep_cli(
 
         latest: dict[str, Any] = {"runs": 0, "text": ""}
 
-        def show(p: sweep_run.SweepProgress) -> None:
+        def show(p: SweepProgress) -> None:
             if p.done_runs != latest["runs"]:  # a run finished: its cell of the map
                 latest["runs"], latest["text"] = p.done_runs, _latest_cell(target)
             bar.update(
@@ -157,7 +156,16 @@ def _run_sweep_cli(
 
         try:
             with _terminate_as_interrupt():
-                sweep_run.run(config, target, data_root, workers, resume, on_progress=show)
+                run_sweep(
+                    config,
+                    target,
+                    data_root,
+                    workers,
+                    resume,
+                    on_progress=show,
+                    # report.html from the first finished run on, rewritten as each finishes
+                    on_run_finished=functools.partial(render_progress, target),
+                )
         except (SweepError, DataError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -196,7 +204,7 @@ def _latest_cell(target: Path) -> str:
     import json
     from types import SimpleNamespace
 
-    from gradscope.plot.sweep import cell_verdict
+    from gradscope.lab.sweep import cell_verdict
 
     rows = sorted((target / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
     try:
@@ -210,12 +218,12 @@ def _latest_cell(target: Path) -> str:
 def _write_outputs(target: Path) -> None:
     import pandas as pd
 
-    from gradscope.lab.sweep import deepest_verdicts, write_outputs
+    from gradscope.lab.sweep import write_outputs
     from gradscope.report import render_sweep_report
 
-    results = write_outputs(target)
-    runs = results[1]
-    report = render_sweep_report(target, results)
+    result = write_outputs(target)
+    runs = result.runs
+    report = render_sweep_report(result)
     if len(runs):
         cols = ["variant", "depth", "test_acc", "grad_ratio_init", "grad_decay_init"]
         with pd.option_context("display.width", 160, "display.max_rows", 200):
@@ -226,11 +234,11 @@ def _write_outputs(target: Path) -> None:
             )
         titles = {"init": "at init", "end": "after training"}
         shown = None
-        for phase, variant, depth, v in deepest_verdicts(target, runs):
+        for phase, run, v in result.deepest_verdicts():
             if phase != shown:
                 typer.echo(f"\nverdicts {titles[phase]}, deepest run of each variant:")
                 shown = phase
-            typer.echo(f"  {variant} depth {depth}: [{v['severity']}] {v['message']}")
+            typer.echo(f"  {run.variant} depth {run.depth}: [{v['severity']}] {v['message']}")
     typer.echo(f"\nreport: {report}")
 
 

@@ -119,13 +119,14 @@ def run_html(run: Any) -> str:
     return summary_html(f"gradscope run {name}", run.frame, list(run.verdicts))
 
 
-def sweep_html(results: Any) -> str:
-    """A sweep's results: runs finished, the trainability map (a small figure)."""
+def sweep_html(result: Any) -> str:
+    """A sweep's results (a SweepResult): runs finished, the trainability map (a small
+    figure)."""
     import matplotlib.pyplot as plt
 
     from gradscope import plot
 
-    runs = results[1]
+    runs = result.runs
     if runs.empty:
         return "<i>gradscope sweep: no finished run yet</i>"
     fig, ax = plt.subplots(figsize=(1.0 * runs["depth"].nunique() + 2.4, 2.8))

@@ -1,7 +1,7 @@
 """Figures of a depth sweep: the trainability map, ratio and decay slope against depth,
 gradient profiles per depth, per-variant heatmaps, signal propagation, activations, accuracy.
 
-Each takes the sweep's results (`gradscope.lab.sweep.load_results`: the merged frame, the
+Each takes the sweep's results (a `gradscope.lab.sweep.SweepResult`: the merged frame, the
 run table, the losses) or the part of them it needs.
 """
 
@@ -19,13 +19,10 @@ import seaborn as sns
 from gradscope import frame as fr
 from gradscope.lab import theory
 from gradscope.lab.models import Variant
-from gradscope.lab.sweep import deepest_runs
+from gradscope.lab.sweep.result import cell_verdict, deepest_runs
 from gradscope.plot.common import PlotError, new_axes
 from gradscope.plot.run import heatmap
 from gradscope.schema import Kind, Stat
-
-CHANCE = 0.15  # test accuracy at or below this on 10 classes: nothing was learned
-TRAINS = 0.5  # test accuracy above this: the run trains
 
 
 def variant_palette() -> dict[str, Any]:
@@ -35,9 +32,8 @@ def variant_palette() -> dict[str, Any]:
 
 
 def _runs(runs: Any) -> pd.DataFrame:
-    """The run table of sweep results (a (frame, runs, losses) tuple) or the table itself."""
-    if isinstance(runs, tuple):
-        runs = runs[1]
+    """The run table of a sweep's results (a SweepResult) or the table itself."""
+    runs = getattr(runs, "runs", runs)
     if not isinstance(runs, pd.DataFrame):
         raise PlotError(f"expected a sweep's run table or results, got {type(runs).__name__}")
     missing = {"variant", "depth", "seed"} - set(runs.columns)
@@ -50,20 +46,6 @@ def _runs(runs: Any) -> pd.DataFrame:
 
 def _when(phase: str) -> str:
     return "at init" if phase == "init" else "after training"
-
-
-def cell_verdict(row: Any) -> str:
-    """One word for a run: diverged, chance, vanishing, exploding or healthy."""
-    ids = set(str(row.verdicts).split(";")) if isinstance(row.verdicts, str) else set()
-    if bool(row.diverged) or "nonfinite_values" in ids:
-        return "diverged"
-    if not row.test_acc > CHANCE:
-        return "chance"
-    if "vanishing_gradients" in ids:
-        return "vanishing"
-    if "exploding_gradients" in ids:
-        return "exploding"
-    return "healthy"
 
 
 def trainability_map(
@@ -203,11 +185,6 @@ def _run_rows(frame: pd.DataFrame, variant: str, depth: int, seed: int) -> pd.Da
     ]
 
 
-def _deepest(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every seed's run at each variant's largest depth."""
-    return runs[runs["depth"] == runs.groupby("variant")["depth"].transform("max")]
-
-
 def deepest_heatmaps(frame: pd.DataFrame, runs: Any, variants: Sequence[str]) -> plt.Figure:
     """The gradient-norm heatmap (`gradscope.plot.heatmap`, fixed colour scale) of the
     deepest run of each variant, side by side."""
@@ -236,7 +213,7 @@ def signal_propagation(
     runs = _runs(runs)
     palette = palette or variant_palette()
     rows = []
-    for r in _deepest(runs).itertuples():
+    for r in deepest_runs(runs, every_seed=True).itertuples():
         run = _run_rows(frame, r.variant, r.depth, r.seed)
         run = run[run["step"] == run["step"].min()]
         stream = fr.stream_layers(run)
@@ -289,7 +266,7 @@ def activations_by_variant(
     runs = _runs(runs)
     palette = palette or variant_palette()
     rows = []
-    for r in _deepest(runs).itertuples():
+    for r in deepest_runs(runs, every_seed=True).itertuples():
         run = _run_rows(frame, r.variant, r.depth, r.seed)
         run = run[run["kind"] == Kind.ACTIVATION]
         acts = run[run["layer"].str.endswith(".act")]
@@ -330,7 +307,10 @@ def accuracy_and_loss(
                  ax=axes[0])  # fmt: skip
     axes[0].set(xscale="log", ylim=(0, 1), title="Test accuracy against depth",
                 xlabel="depth (log scale)", ylabel="test accuracy")  # fmt: skip
-    keep = loss.merge(_deepest(runs)[["variant", "depth", "seed"]], on=["variant", "depth", "seed"])
+    keep = loss.merge(
+        deepest_runs(runs, every_seed=True)[["variant", "depth", "seed"]],
+        on=["variant", "depth", "seed"],
+    )
     keep = keep[np.isfinite(keep["loss"])]
     if len(keep):
         keep = keep.assign(

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from gradscope.diagnose import EXPLODING_RATIO, VANISHING_RATIO
-from gradscope.lab.sweep import deepest_runs
-from gradscope.plot.sweep import CHANCE, TRAINS
+from gradscope.lab.sweep import SweepResult
+from gradscope.lab.sweep.result import CHANCE, TRAINS
 
 
-def story(runs: pd.DataFrame, config: dict[str, Any]) -> list[str]:
+def story(result: SweepResult) -> list[str]:
     """Three to six sentences: where each variant stops training, the measured decay against
     theory, and what changed during training in the deepest runs."""
+    runs, config = result.runs, result.config
     first_seed = runs[runs["seed"] == runs["seed"].min()]
     out = []
     trains, fails = [], []
@@ -40,8 +39,7 @@ def story(runs: pd.DataFrame, config: dict[str, Any]) -> list[str]:
         deep = plain.iloc[-1]
         theory = deep.get("grad_decay_theory", math.nan)
         versus = (
-            f" (mean-field theory for {config.get('activation')}, {config.get('init')} init: "
-            f"{theory:.3f})"
+            f" (mean-field theory for {config.activation}, {config.init} init: {theory:.3f})"
             if isinstance(theory, float) and math.isfinite(theory)
             else ""
         )
@@ -50,8 +48,8 @@ def story(runs: pd.DataFrame, config: dict[str, Any]) -> list[str]:
             f"per layer{versus}: at depth {int(deep['depth'])} the first layer gets "
             f"{deep['grad_ratio_init']:.2g} of the last layer's gradient."
         )
-    deepest = deepest_runs(runs)
-    steps = config.get("steps")
+    deepest = result.deepest()
+    steps = config.steps
     for r in deepest.itertuples():
         start, end = r.grad_ratio_init, r.grad_ratio_end
         if not (np.isfinite(start) and np.isfinite(end)):

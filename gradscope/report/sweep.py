@@ -12,10 +12,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from gradscope import plot
-from gradscope.lab.sweep import RunSpec, SweepError, deepest_runs, load_results
+from gradscope.lab.sweep import SweepError, SweepResult, load_sweep
 from gradscope.plot import sweep as sweep_plots
 from gradscope.plot.common import PlotError
 from gradscope.report.html import Section, figure_html, note_html, panel, render_html, table_html
@@ -35,35 +33,44 @@ def _figure(draw: Any, alt: str) -> str:
     return figure_html(getattr(fig, "figure", fig), alt)
 
 
-def _verdict_html(details: dict[str, Any], runs: pd.DataFrame) -> str:
-    parts = []
-    for r in deepest_runs(runs).itertuples():
-        run_id = RunSpec(str(r.variant), int(r.depth), int(r.seed)).run_id
-        for phase in ("init", "end"):
-            for v in details.get(run_id, {}).get(phase, []):
-                parts.append(verdict_html(v, where=f"{run_id}, {phase}"))
-    return "\n".join(parts)
+def _verdict_html(result: SweepResult) -> str:
+    found = result.deepest_verdicts()
+    runs = list(dict.fromkeys(run for _, run, _ in found))
+    return "\n".join(
+        verdict_html(v, where=f"{run.run_id}, {phase}")
+        for each in runs  # each run's verdicts at init, then after training
+        for phase, run, v in found
+        if run == each
+    )
 
 
 def render_sweep_report(
-    out: Path,
-    results: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None,
-    in_progress: bool = False,
+    result: SweepResult, path: Path | None = None, in_progress: bool = False
 ) -> Path:
-    """Renders report.html in a sweep folder from its saved runs; returns its path.
+    """Renders a sweep's results (`gradscope.lab.sweep.load_sweep(folder)`) as one HTML page,
+    written to `path` (default: report.html in the sweep's folder); returns its path.
 
-    `results` is what `load_results(out)` returns, for callers that have loaded it already.
     `in_progress` marks the page as a sweep still running: a banner, the planned cells of the
     map left blank, and a reload every RELOAD_SECONDS until the final page replaces it.
     """
-    frame, runs, loss = results if results is not None else load_results(out)
-    config = json.loads((out / "config.json").read_text())
-    details = {}
-    for p in (out / "runs").glob("*.json"):
-        details[p.name[: -len(".json")]] = json.loads(p.read_text()).get("details", {})
+    if path is None:
+        if result.folder is None:
+            raise ValueError("the sweep result has no folder: pass the report's path")
+        path = result.folder / "report.html"
+    page = sweep_report_html(result, in_progress)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one writer's own file
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+
+
+def sweep_report_html(result: SweepResult, in_progress: bool = False) -> str:
+    """The sweep report's page (see render_sweep_report)."""
+    frame, runs, loss = result.frame, result.runs, result.losses
+    config = result.config.to_json()
     palette = plot.variant_palette()
-    variants = [v for v in config["variants"] if v in set(runs["variant"])]
-    planned = len(config["variants"]) * len(config["depths"]) * len(config["seeds"])
+    variants = result.variants
+    planned = result.planned
     subtitle = (
         f"{len(runs)} of {planned} runs finished; dataset {config['dataset']}, "
         f"optimizer {config['optimizer']}, width {config['width']}, activation "
@@ -96,7 +103,7 @@ def render_sweep_report(
                         width=1.2 * len(depths or set(runs["depth"])) + 2.4,
                         height=0.55 * len(rows) + 1.2,
                     ),
-                    story_html(story(runs, config)),
+                    story_html(story(result)),
                 ],  # fmt: skip
             )
         )
@@ -149,21 +156,16 @@ def render_sweep_report(
             ),
         ]  # fmt: skip
     sections += [
-        Section("7. Verdicts (deepest run of each variant)", "", [_verdict_html(details, runs)]),
+        Section("7. Verdicts (deepest run of each variant)", "", [_verdict_html(result)]),
         Section("Runs", "", [table_html(runs)]),
         Section("Configuration", "", [f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>"]),
     ]
-    page = render_html(
+    return render_html(
         "gradscope depth sweep" + (" (in progress)" if in_progress else ""),
         subtitle,
         sections,
         reload_seconds=RELOAD_SECONDS if in_progress else None,
     )
-    path = out / "report.html"
-    tmp = path.with_name(f".report.html.{os.getpid()}.tmp")  # one writer's own file
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
 
 
 def render_progress(out: Path, done: int, total: int) -> Path | None:
@@ -172,7 +174,7 @@ def render_progress(out: Path, done: int, total: int) -> Path | None:
     cannot be drawn now (a run being written) is left as it was: training goes on.
     """
     try:
-        return render_sweep_report(out, load_results(out), in_progress=done < total)
+        return render_sweep_report(load_sweep(out), in_progress=done < total)
     except (SweepError, OSError, ValueError) as e:
         warnings.warn(f"gradscope: the sweep report was not updated ({e})", stacklevel=2)
         return None
