@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from gradscope.cli.common import DataRoot, app, fail, fetch_data, int_list
 from gradscope.lab.choices import DatasetName
-
-if TYPE_CHECKING:
-    pass
 
 reproduce_app = typer.Typer(
     help="Rerun the teaching text's MNIST experiments and check its numbers.",
@@ -21,23 +20,51 @@ reproduce_app = typer.Typer(
 )
 app.add_typer(reproduce_app, name="reproduce")
 
-Seeds = Annotated[str, typer.Option(help="Comma-separated seeds.")]
-Dataset = Annotated[DatasetName, typer.Option()]
-Out = Annotated[
-    Path | None, typer.Option(help="Output folder; default reports/reproduce-<name>-<time>/.")
-]
-Quick = Annotated[
-    bool, typer.Option(help="A short version for tests and demos (fewer epochs/steps).")
-]
+
+def _shared(
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    quick: Annotated[
+        bool, typer.Option(help="A short version for tests and demos (fewer epochs/steps).")
+    ] = False,
+    dataset: Annotated[DatasetName, typer.Option()] = DatasetName.MNIST,
+    data_root: DataRoot = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder; default reports/reproduce-<name>-<time>/.")
+    ] = None,
+) -> None:
+    """The options every `gradscope reproduce` command takes, declared once: a new one goes
+    here and into _reproduce's parameters."""
+
+
+def _command(name: str, **fixed: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Registers `gradscope reproduce <name>` from a function that declares only the
+    experiment's own options (its docstring is the help): the command takes them and the
+    shared ones (_shared), and runs gradscope.lab.reproduce.<name> with them and `fixed`."""
+
+    def register(own: Callable[..., None]) -> Callable[..., None]:
+        shared = list(inspect.signature(_shared, eval_str=True).parameters.values())
+        params = [*inspect.signature(own, eval_str=True).parameters.values(), *shared]
+
+        def command(**options: Any) -> None:
+            common = {p.name: options.pop(p.name) for p in shared}
+            _reproduce(name, **common, **fixed, **options)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = own.__doc__
+        reproduce_app.command(name)(command)
+        return own
+
+    return register
 
 
 def _reproduce(
     name: str,
     seeds: str,
+    quick: bool,
     dataset: DatasetName,
     data_root: str | None,
     out: Path | None,
-    quick: bool,
     **settings: Any,
 ) -> None:
     """Runs gradscope.lab.reproduce.<name>(data, seeds, **settings), saves, reports, prints."""
@@ -78,112 +105,44 @@ def _reproduce(
     typer.echo(f"\nreport: {report}")
 
 
-@reproduce_app.command("journey")
-def reproduce_journey(
-    seeds: Seeds = "0,1,2",
+@_command("journey", train_size=None)
+def _journey(
     epochs: Annotated[int, typer.Option()] = 5,
     batch_size: Annotated[int, typer.Option()] = 64,
     lr_sgd: Annotated[float, typer.Option(help="Learning rate of the SGD row.")] = 0.01,
     lr_adam: Annotated[float, typer.Option(help="Learning rate of the Adam/AdamW rows.")] = 1e-3,
-    quick: Quick = False,
-    dataset: Dataset = DatasetName.MNIST,
-    data_root: DataRoot = None,
-    out: Out = None,
 ) -> None:
     """digit with SGD, Adam, AdamW, AdamW + cosine, and deep-digit: against 93.6 ... 98.1%."""
-    _reproduce(
-        "journey",
-        seeds,
-        dataset,
-        data_root,
-        out,
-        quick,
-        epochs=epochs,
-        batch_size=batch_size,
-        train_size=None,
-        lr_sgd=lr_sgd,
-        lr_adam=lr_adam,
-    )
 
 
-@reproduce_app.command("dropout")
-def reproduce_dropout(
-    seeds: Seeds = "0,1,2",
+@_command("dropout", also_epochs=(50, 100))
+def _dropout(
     epochs: Annotated[int, typer.Option()] = 20,
     train_size: Annotated[int, typer.Option()] = 1000,
-    quick: Quick = False,
-    dataset: Dataset = DatasetName.MNIST,
-    data_root: DataRoot = None,
-    out: Out = None,
 ) -> None:
     """1,000 training examples with and without dropout 0.2: train/test accuracy and the gap.
 
     The comparison is repeated at 50 and 100 epochs (not with --quick): the effect fades
     with longer training.
     """
-    _reproduce(
-        "dropout",
-        seeds,
-        dataset,
-        data_root,
-        out,
-        quick,
-        epochs=epochs,
-        train_size=train_size,
-        also_epochs=(50, 100),
-    )
 
 
-@reproduce_app.command("regularization")
-def reproduce_regularization(
-    seeds: Seeds = "0,1,2",
+@_command("regularization", train_size=None)
+def _regularization(
     epochs: Annotated[int, typer.Option()] = 5,
     l1: Annotated[float, typer.Option(help="L1 penalty strength (in the loss).")] = 1e-4,
     l1_proximal: Annotated[
         float, typer.Option(help="L1 proximal strength (threshold lr * this).")
     ] = 0.1,
-    quick: Quick = False,
-    dataset: Dataset = DatasetName.MNIST,
-    data_root: DataRoot = None,
-    out: Out = None,
 ) -> None:
     """L2 (AdamW weight decay) against L1 (penalty and proximal): weight norms and zeros."""
-    _reproduce(
-        "regularization",
-        seeds,
-        dataset,
-        data_root,
-        out,
-        quick,
-        epochs=epochs,
-        train_size=None,
-        l1=l1,
-        l1_proximal=l1_proximal,
-    )
 
 
-@reproduce_app.command("clipping")
-def reproduce_clipping(
-    seeds: Seeds = "0,1,2",
+@_command("clipping")
+def _clipping(
     depth: Annotated[int, typer.Option(help="Residual blocks (no normalization).")] = 50,
     steps: Annotated[int, typer.Option()] = 300,
     lr: Annotated[float, typer.Option()] = 0.05,
     clip: Annotated[float, typer.Option()] = 1.0,
-    quick: Quick = False,
-    dataset: Dataset = DatasetName.MNIST,
-    data_root: DataRoot = None,
-    out: Out = None,
 ) -> None:
     """A residual stack with exploding gradients, trained with and without clipping at 1.0."""
-    _reproduce(
-        "clipping",
-        seeds,
-        dataset,
-        data_root,
-        out,
-        quick,
-        depth=depth,
-        steps=steps,
-        lr=lr,
-        clip=clip,
-    )
