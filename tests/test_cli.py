@@ -9,7 +9,7 @@ from conftest import TINY_SWEEP as TINY
 from typer.testing import CliRunner
 
 from gradscope.cli import app
-from gradscope.lab.sweep import RUN_COLUMNS
+from gradscope.lab.sweep import RUN_COLUMNS, load_sweep
 from gradscope.runs import load_run
 
 runner = CliRunner()
@@ -51,6 +51,13 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert "http://" not in html and "https://" not in html and "<link" not in html
     assert html.count("data:image/png;base64,") >= 5
     assert "verdicts at init" in result.output
+    # what trains where plain fails, measured from the sweep's own runs: Pre-LN at depth 6
+    fixes = load_sweep(out).what_trains()
+    assert fixes[["variant", "depth", "word", "fix"]].values.tolist() == [
+        ["plain", 6, "chance", "preln"]
+    ]
+    assert "<b>plain at depth 6</b>: stays at chance" in html
+    assert f"these train: preln {acc['preln', 6]:.1%}" in html
     config = json.loads((out / "config.json").read_text())
     assert config["depths"] == [2, 6] and config["variants"] == ["plain", "preln"]
     # the report re-renders from the saved files

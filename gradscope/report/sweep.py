@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import warnings
 from functools import partial
@@ -14,6 +15,7 @@ from typing import Any
 
 from gradscope import plot
 from gradscope.lab.sweep import SweepError, SweepResult, load_sweep
+from gradscope.lab.sweep.result import TRAINS
 from gradscope.plot import sweep as sweep_plots
 from gradscope.plot.common import PlotError
 from gradscope.report.html import Section, figure_html, note_html, panel, render_html, table_html
@@ -42,6 +44,51 @@ def _verdict_html(result: SweepResult) -> str:
         for phase, run, v in found
         if run == each
     )
+
+
+_TROUBLE = {
+    "vanishing": "gradients vanish",
+    "exploding": "gradients explode",
+    "diverged": "diverges (the loss is not finite)",
+    "chance": "stays at chance",
+}
+
+
+def what_trains_html(result: SweepResult) -> str:
+    """The "what trains here" list: one item per failing cell of the sweep, with what trains
+    at its depth (SweepResult.what_trains) and the line of code to adopt the best."""
+    table = result.what_trains()
+    if table.empty:
+        return note_html("no failing cell: every run swept trains, its gradients healthy")
+    items = []
+    for (variant, depth), rows in table.groupby(["variant", "depth"], sort=False):
+        cell = rows.iloc[0]
+        ratios = [
+            f"{ratio:.2g} {when}"
+            for ratio, when in (
+                (cell.grad_ratio_init, "at init"),
+                (cell.grad_ratio_end, "after training"),
+            )
+            if math.isfinite(ratio)
+        ]
+        text = f"<b>{html.escape(f'{variant} at depth {depth}')}</b>: {_TROUBLE[cell.word]}"
+        text += f" (first/last layer gradient {', '.join(ratios)})" if ratios else ""
+        text += f", test accuracy {cell.test_acc:.0%}. "
+        fixes = rows[rows["fix"] != ""]
+        if len(fixes):
+            trains = ", ".join(f"{f.fix} {f.fix_acc:.1%}" for f in fixes.itertuples())
+            text += html.escape(f"At depth {depth} these train: {trains}.")
+        else:
+            text += html.escape(f"Nothing in this sweep trains at depth {depth}.")
+        if math.isfinite(cell.trains_to):
+            text += html.escape(
+                f" The deepest {variant} that trains here: depth {cell.trains_to:.0f}."
+            )
+        if len(fixes) and fixes.iloc[0].code:
+            best = fixes.iloc[0]
+            text += f"<br>To adopt {html.escape(best.fix)}: <code>{html.escape(best.code)}</code>"
+        items.append(f"<li>{text}</li>")
+    return "<ul class='what-trains'>" + "".join(items) + "</ul>"
 
 
 def render_sweep_report(
@@ -92,7 +139,7 @@ def sweep_report_html(result: SweepResult, in_progress: bool = False) -> str:
         # in progress: every planned cell, blank until its run finishes
         depths = config["depths"] if in_progress else None
         rows = list(config["variants"]) if in_progress else variants
-        sections.append(
+        sections += [
             Section(
                 "The answer",
                 "",
@@ -105,8 +152,18 @@ def sweep_report_html(result: SweepResult, in_progress: bool = False) -> str:
                     ),
                     story_html(story(result)),
                 ],  # fmt: skip
-            )
-        )
+            ),
+            Section(
+                "What trains here",
+                "For each failing cell (gradients that vanish or explode, a loss that diverges, "
+                "test accuracy at chance): the variants that train at the same depth in this "
+                f"sweep's own runs (healthy, test accuracy above {TRAINS:.0%}, mean over "
+                "seeds), best first, and the line that turns a plain stack into the best one. "
+                f"Every run here uses the {config['init']} init; sweep again with --init to "
+                "compare inits.",
+                [what_trains_html(result)],
+            ),
+        ]
     if len(runs) and len(frame) and not in_progress:
         sections += [
             Section(

@@ -128,7 +128,7 @@ class SweepResult:
         (failing cell, variant that trains there), best first, and one row with `fix` empty
         where nothing does. Columns: variant, depth, word, test_acc, grad_ratio_init,
         grad_ratio_end (the failing cell's), fix, fix_acc, code (the line that adopts the fix),
-        trains_to (the failing variant's deepest depth that trains, NaN if none).
+        trains_to (the failing variant's deepest depth below this one that trains, else NaN).
 
         Measured, not predicted: a variant is named only where its own runs at that depth
         train (healthy, test accuracy above TRAINS, mean over seeds)."""
@@ -140,7 +140,8 @@ class SweepResult:
         good = cells[(cells["word"] == "healthy") & (cells["test_acc"] > TRAINS)]
         rows = []
         for cell in cells[cells["word"].isin(FAILS)].itertuples():
-            trains_to = good.loc[good["variant"] == cell.variant, "depth"]
+            below = good[(good["variant"] == cell.variant) & (good["depth"] < cell.depth)]
+            trains_to = below["depth"]
             base = {c: getattr(cell, c) for c in columns[:6]}
             base["trains_to"] = trains_to.max() if len(trains_to) else math.nan
             fixes = good[good["depth"] == cell.depth].sort_values("test_acc", ascending=False)
