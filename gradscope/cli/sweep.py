@@ -71,15 +71,15 @@ def depth_sweep(
 
     Writes frame.parquet, runs.csv, report.html and config.json, each run saved as it finishes.
     """
-    from gradscope.lab.sweep import SweepConfig, SweepError, default_depths
+    from gradscope.lab.sweep import SweepConfig, default_depths
 
-    try:
-        if depths is not None:
-            depth_list = sorted(set(int_list(depths, "--depths")))
-        else:
-            depth_list = default_depths(min_depth, max_depth)
-    except SweepError as e:
-        fail(str(e))
+    if resume is not None and out is not None and out != resume:
+        fail("give either --out or --resume, not both")
+    if depths is not None:
+        depth_list = sorted(set(int_list(depths, "--depths")))
+    else:
+        depth_list = default_depths(min_depth, max_depth)
+    # (a SweepConfig validates itself: a SweepError is one line and exit 2, as every error)
     config = SweepConfig(
         depths=tuple(depth_list),
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
@@ -95,13 +95,7 @@ def depth_sweep(
         dataset=dataset.value,
         every=every,
     )
-    if resume is not None and out is not None and out != resume:
-        fail("give either --out or --resume, not both")
     target = resume or out or Path("reports") / f"depth-sweep-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    try:
-        config.validate()
-    except SweepError as e:
-        fail(str(e))
     _run_sweep_cli(config, target, data_root, workers, resume is not None)
 
 
