@@ -17,7 +17,7 @@ import gradscope as gs  # noqa: E402
 import gradscope.plot as gp  # noqa: E402
 from gradscope import frame as fr  # noqa: E402
 from gradscope.lab.models import build_model  # noqa: E402
-from gradscope.plot import common, run, sweep  # noqa: E402
+from gradscope.plot import common, outputs, run, sweep  # noqa: E402
 
 
 def _train(model, x, y, steps=4, every=1):
@@ -131,10 +131,11 @@ def test_every_figure_says_why_on_empty_or_nan_input(draw, source, kwargs, reque
 
 
 def test_examples_in_the_docstrings_run():
-    for module in (gp, run, sweep, common):
+    for module in (gp, run, outputs, sweep, common):
         failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)[:2]
         assert failed == 0, module.__name__
-    assert doctest.testmod(run)[1] >= 8  # every figure of a run has its example
+    # every figure of a run has its example
+    assert doctest.testmod(run)[1] + doctest.testmod(outputs)[1] >= 8
     plt.close("all")
 
 
