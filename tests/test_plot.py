@@ -83,6 +83,7 @@ FIGURES = [
     (gp.over_steps, "preln", {}),
     (gp.activations, "convnet", {"stat": "rms"}),
     (gp.activations, "convnet", {"stat": "zero_frac"}),
+    (gp.activations, "convnet", {"stat": "dead_units"}),
     (gp.activations, "convnet", {"stat": "saturated_frac"}),
     (gp.update_ratio, "preln", {}),
     (gp.residual_stream, "preln", {}),
@@ -227,6 +228,60 @@ def test_zero_fractions_only_for_activation_functions(convnet):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["9"]  # the Tanh
     ax = gp.activations(frame, "rms", types=types)
     assert [t.get_text() for t in ax.get_xticklabels()] == list(types)  # every module
+    plt.close("all")
+
+
+def _dead_reference(model, x, channel_dims):
+    """One recorded step; per ReLU, the share of units (features, or channels over batch
+    and space) that are 0 for every sample, computed directly in torch."""
+    seen = {}
+    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    handles = [
+        m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out.detach()))
+        for n, m in relus
+    ]
+    with gs.watch(model) as rec:
+        model(x).sum().backward()
+        rec.step()
+    for h in handles:
+        h.remove()
+    dead = {}
+    for name, out in seen.items():
+        reduce = [d for d in range(out.ndim) if d != 1] if out.ndim in channel_dims else [0]
+        dead[name] = float((out == 0).all(dim=reduce[0] if len(reduce) == 1 else tuple(reduce))
+                           .float().mean())  # fmt: skip
+    return rec, dead
+
+
+@pytest.mark.parametrize("shape", ["mlp", "cnn"])
+def test_dead_units_are_units_zero_for_the_whole_batch(shape):
+    """The dead panel plots dead_units / units of each ReLU (a ReLU MLP with units killed by
+    a bias of -100; a CNN with max-pool with channels killed), equal to the fraction computed
+    in torch, and not the exact-zero element fraction a healthy ReLU has near 0.5."""
+    torch.manual_seed(0)
+    if shape == "mlp":
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                              nn.Linear(16, 3))  # fmt: skip
+        killed = model[2]
+        x = torch.randn(32, 12)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 4 * 4, 3))  # fmt: skip
+        killed = model[3]
+        x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        killed.bias[:6] = -100.0  # 6 units (or channels) of the second ReLU: 6/16 or 6/8
+    rec, dead = _dead_reference(model, x, channel_dims={4})
+    ax = gp.activations(rec, "dead_units", steps=0)
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == list(dead)  # the ReLUs only (not the max-pool, which passes them on)
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([dead[n] for n in names])
+    assert dead[names[1]] >= 6 / killed.bias.numel()  # the killed ones (and any others)
+    assert ax.get_ylabel() == "fraction of units dead"
+    zeros = gp.activations(rec, "zero_frac", steps=0)
+    assert zeros.get_ylabel() == "fraction of elements exactly 0"
+    assert zeros.get_lines()[0].get_ydata()[0] > dead[names[0]] + 0.2  # a healthy ReLU's zeros
     plt.close("all")
 
 

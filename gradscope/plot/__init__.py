@@ -11,8 +11,8 @@ Example:
     >>> ax = gp.gradient_profile(rec)  # or gp.heatmap(rec), gp.activations(rec, "zero_frac")
 """
 
-from gradscope.plot.outputs import activations, residual_stream
 from gradscope.plot.common import LOG10_SCALES, MAX_ROWS, ZERO_COLOR, PlotError, row_groups
+from gradscope.plot.outputs import activations, residual_stream
 from gradscope.plot.run import (
     gradient_profile,
     heatmap,

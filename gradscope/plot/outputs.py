@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope import frame as fr
-from gradscope.analysis.rules.units import DEAD_ELEMENT_FRAC as DEAD_FRAC
+from gradscope.analysis.rules.units import DEAD_ELEMENT_FRAC, DEAD_FRAC
 from gradscope.plot.common import (
     PlotError,
     as_frame,
@@ -24,7 +24,7 @@ from gradscope.plot.common import (
     pick_steps,
     steps_palette,
 )
-from gradscope.schema import Kind, Stat
+from gradscope.schema import COLUMNS, Kind, Stat
 
 # activation functions whose exact zeros mean units that output nothing; other modules
 # (Identity shortcuts, pooling, dropout, convolutions after a ReLU) only pass zeros on
@@ -33,8 +33,9 @@ BOUNDED = {"Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid
 
 
 def _activation_layers(frame: pd.DataFrame, stat: str, types: Mapping[str, str] | None) -> list:
-    """The modules whose `stat` means what the figure says: for zero fractions, units that
-    output exactly zero (ReLU-like functions), for saturation, bounded functions."""
+    """The modules whose `stat` means what the figure says: for dead units and zero
+    fractions, the modules that make zeros (ReLU-like functions), for saturation, bounded
+    functions."""
     acts = fr.select(frame, Kind.ACTIVATION)
     stream = set(fr.stream_layers(frame))
     order = [n for n in dict.fromkeys(acts["layer"]) if n not in stream]
@@ -42,7 +43,7 @@ def _activation_layers(frame: pd.DataFrame, stat: str, types: Mapping[str, str] 
         return order
     have = set(acts.loc[acts["stat"] == stat, "layer"])
     if types:
-        wanted = ZEROING if stat == Stat.ZERO_FRAC else BOUNDED
+        wanted = BOUNDED if stat == Stat.SATURATED_FRAC else ZEROING
         return [n for n in order if n in have and types.get(n) in wanted]
     if stat == Stat.SATURATED_FRAC:
         return [n for n in order if n in have]  # recorded only for bounded activations
@@ -54,7 +55,7 @@ def _activation_layers(frame: pd.DataFrame, stat: str, types: Mapping[str, str] 
     for name in order:
         value = float(zero.get(name, np.nan))
         if np.isfinite(value):
-            if value > before + 0.05:
+            if value > before + 0.05 and name in have:
                 keep.append(name)
             before = value
     return keep
@@ -70,9 +71,11 @@ def activations(
 ) -> plt.Axes:
     """An activation statistic per module, named on the x axis, at chosen steps.
 
-    `stat` is "rms" (every module but the residual stream), "zero_frac" (ReLU-like
-    functions only: a ReLU's ~0.5 is normal, near 1 its units are dead; the dotted line is
-    the dead-units verdict's limit) or "saturated_frac" (bounded functions only). `types`
+    `stat` is "rms" (every module but the residual stream), "dead_units" (ReLU-like
+    functions only: the fraction of units, features or channels, that are 0 for every
+    sample of the batch, `dead_units / units`; the dotted line is the dead-units verdict's
+    limit), "zero_frac" (the same modules' exact-zero elements: a healthy ReLU's ~0.5 is
+    sparsity, not death) or "saturated_frac" (bounded functions only). `types`
     maps module fqns to class names (a run's ``info["model"]["types"]``); without it, the
     modules that pass zeros on (Identity, pooling, dropout) are told apart by their zero
     fraction not exceeding the module before them.
@@ -83,8 +86,8 @@ def activations(
         >>> with gs.watch(model) as rec:
         ...     model(torch.randn(8, 784)).sum().backward()
         ...     rec.step()
-        >>> gp.activations(rec, "zero_frac").get_ylabel()
-        'fraction of outputs exactly 0'
+        >>> gp.activations(rec, "dead_units").get_ylabel()
+        'fraction of units dead'
     """
     frame = as_frame(data)
     info = getattr(data, "info", None)  # a Run's run.json (a DataFrame's .info is a method)
@@ -95,8 +98,9 @@ def activations(
     stat = str(stat)
     names = _activation_layers(frame, stat, types)
     rows = need(
-        fr.select(frame, Kind.ACTIVATION, stat, layers=names),
+        _values(frame, stat, names),
         {"rms": "activation rms", "zero_frac": "ReLU-like activation",
+         "dead_units": "dead units of a ReLU-like activation",
          "saturated_frac": "bounded activation (tanh, sigmoid, ...)"}.get(stat, stat),
     )  # fmt: skip
     picks = pick_steps(rows["step"], steps if steps is not None else first_last(rows))
@@ -118,10 +122,18 @@ def activations(
         ax.set(title="Output rms per module (forward order)", ylabel="rms (log scale)")
     else:
         ax.set_ylim(-0.02, 1.02)
-        if stat == Stat.ZERO_FRAC:
-            ax.axhline(DEAD_FRAC, color="grey", ls=":", lw=1, label=f"dead above {DEAD_FRAC:.0%}")
-            ax.set(title="Exact zeros out of ReLU-like activations (~0.5 is normal)",
-                   ylabel="fraction of outputs exactly 0")  # fmt: skip
+        if stat == Stat.DEAD_UNITS:
+            ax.axhline(DEAD_FRAC, color="grey", ls=":", lw=1,
+                       label=f"verdict above {DEAD_FRAC:.0%}")  # fmt: skip
+            ax.set(title="Dead units: zero for every sample of the batch",
+                   ylabel="fraction of units dead")  # fmt: skip
+        elif stat == Stat.ZERO_FRAC:
+            if not len(fr.select(frame, Kind.ACTIVATION, Stat.DEAD_UNITS)):
+                # a recording from before the per-unit statistic: the rule judges this
+                ax.axhline(DEAD_ELEMENT_FRAC, color="grey", ls=":", lw=1,
+                           label=f"dead above {DEAD_ELEMENT_FRAC:.0%}")  # fmt: skip
+            ax.set(title="Zeros (elements) of ReLU-like outputs (~0.5 is normal)",
+                   ylabel="fraction of elements exactly 0")  # fmt: skip
         else:
             ax.set(title="Saturated outputs of bounded activations",
                    ylabel="fraction of outputs at a bound")  # fmt: skip
@@ -129,6 +141,18 @@ def activations(
     ax.set_xlabel("module (input side at left)")
     ax.legend(fontsize=8)
     return ax
+
+
+def _values(frame: pd.DataFrame, stat: str, names: list) -> pd.DataFrame:
+    """The rows of `stat` for `names`; for dead units, the fraction `dead_units / units`."""
+    if stat != Stat.DEAD_UNITS:
+        return fr.select(frame, Kind.ACTIVATION, stat, layers=names)
+    dead = fr.select(frame, Kind.ACTIVATION, Stat.DEAD_UNITS, layers=names)
+    units = fr.select(frame, Kind.ACTIVATION, Stat.UNITS, layers=names)
+    both = dead.merge(units[["step", "layer", "value"]], on=["step", "layer"], suffixes=("", "_n"))
+    return both.assign(value=both["value"] / both["value_n"].where(both["value_n"] > 0))[
+        list(COLUMNS)
+    ]
 
 
 def residual_stream(

@@ -17,7 +17,7 @@ from gradscope.report.html import Section, panel, render_html, table_html
 from gradscope.report.tried import tried_section
 from gradscope.report.verdicts import heading, verdicts_html
 from gradscope.runs import Run
-from gradscope.schema import Kind
+from gradscope.schema import Kind, Stat
 
 # Plain ReLU stacks under PyTorch's default init: the measured decay quoted on the page
 PLAIN_RELU_DECAY = 0.39
@@ -93,24 +93,26 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
         ),  # fmt: skip
         Section(
             "Activations",
-            "Output rms of every module; exact zeros only for ReLU-like activations (half of "
-            "a ReLU's outputs are zero in a healthy net: dead is near 1); saturation only for "
-            "bounded ones; the residual stream per block on its own axis.",
+            "Output rms of every module. Dead units: the share of a ReLU-like activation's "
+            "units (features or channels) that are 0 for every sample of the batch. Zeros "
+            "(elements): the share of its outputs exactly 0, about half for a healthy ReLU, "
+            "which is sparsity, not death. Saturation only for bounded functions; the residual "
+            "stream per block on its own axis.",
             [
                 panel(
-                    "activation rms and zero fractions",
+                    "activation rms and dead units",
                     [
                         partial(plot.activations, frame, "rms", types=types),
-                        partial(plot.activations, frame, "zero_frac", types=types),
+                        partial(plot.activations, frame, _dead_stat(frame), types=types),
                     ],
                 ),
                 panel(
-                    "saturated fractions and residual stream",
-                    [
-                        partial(plot.activations, frame, "saturated_frac", types=types),
-                        partial(plot.residual_stream, frame),
-                    ],
+                    "zero elements and saturated fractions",
+                    [partial(plot.activations, frame, "zero_frac", types=types)]
+                    * (_dead_stat(frame) != Stat.ZERO_FRAC)
+                    + [partial(plot.activations, frame, "saturated_frac", types=types)],
                 ),
+                panel("residual stream", [partial(plot.residual_stream, frame)], width=9),
             ],  # fmt: skip
         ),
         Section("Non-finite values", "", [_nonfinite_html(frame)]),
@@ -127,6 +129,13 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
         ),  # fmt: skip
         Section("Run", "", [f"<pre>{html.escape(json.dumps(_brief(info), indent=2))}</pre>"]),
     ]
+
+
+def _dead_stat(frame: pd.DataFrame) -> str:
+    """Dead units where the recording has them; a recording from before the per-unit
+    statistic shows exact-zero elements in their place (what its verdict judged)."""
+    has = len(fr.select(frame, Kind.ACTIVATION, Stat.DEAD_UNITS))
+    return Stat.DEAD_UNITS if has else Stat.ZERO_FRAC
 
 
 def _brief(info: dict[str, Any]) -> dict[str, Any]:
