@@ -187,3 +187,8 @@ def test_a_killed_fit_leaves_a_folder_load_run_reads(tmp_path):
     assert sorted(run.frame.step.unique()) == list(range(30))  # the parts before the kill
     assert not (out / "run.json").exists() and run.info["model"]["class"] == "Sequential"
     assert {"param_grad", "activation"} <= set(run.frame.kind)
+    from gradscope.report.run import render_run_report
+
+    page = render_run_report(run).read_text()  # says what it is: not a finished run
+    assert "The rows written so far (3 parts): the run is still training" in page
+    assert "None" not in page.partition("<h2>")[0]

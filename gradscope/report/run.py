@@ -154,12 +154,22 @@ def render_run_report(run: Run, trial: Any = None) -> Any:
     gradscope.remedies.Trial), a "Tried" section after the verdicts."""
     info = run.info
     model, steps = info.get("model", {}), info.get("steps", {})
-    subtitle = (
-        f"{model.get('class', 'model')} with {_count(model.get('parameters'))} parameters; "
-        f"{steps.get('recorded', 0)} recorded steps ({steps.get('first', '-')} to "
-        f"{steps.get('last', '-')}); optimizer {info.get('recorder', {}).get('optimizer')}; "
-        f"torch {info.get('versions', {}).get('torch')}"
+    optimizer = info.get("recorder", {}).get("optimizer")
+    torch_version = info.get("versions", {}).get("torch")
+    subtitle = "; ".join(
+        [
+            f"{model.get('class', 'model')} with {_count(model.get('parameters'))} parameters",
+            f"{steps.get('recorded', 0)} recorded steps ({steps.get('first', '-')} to "
+            f"{steps.get('last', '-')})",
+        ]
+        + ([f"optimizer {optimizer}"] if optimizer else [])
+        + ([f"torch {torch_version}"] if torch_version else [])
     )
+    if "spill" in info:  # a folder written while training: not a finished run
+        subtitle += (
+            f". The rows written so far ({info['spill'].get('parts', '?')} parts): the run is "
+            "still training, or stopped before it was saved"
+        )
     page = render_html(
         f"gradscope run: {info.get('name', run.path.name)}", subtitle, run_sections(run, trial)
     )
