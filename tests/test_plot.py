@@ -285,6 +285,23 @@ def test_dead_units_are_units_zero_for_the_whole_batch(shape):
     plt.close("all")
 
 
+def test_recordings_without_dead_units_show_zero_elements_against_their_limit(convnet):
+    """A recording from before the per-unit statistic: the dead-units rule judges exact-zero
+    elements (at 97%), so their figure carries that line, and the report shows it once."""
+    from gradscope.analysis.rules.units import DEAD_ELEMENT_FRAC
+    from gradscope.report.run import _dead_stat
+
+    frame = convnet.to_frame()
+    old = frame[~frame["stat"].isin(["dead_units", "units"])]
+    limits = [line.get_ydata()[0] for line in gp.activations(old, "zero_frac").get_lines()[2:]]
+    assert limits == [DEAD_ELEMENT_FRAC]
+    assert len(gp.activations(frame, "zero_frac").get_lines()) == 2  # steps only, no limit
+    assert (_dead_stat(old), _dead_stat(frame)) == ("zero_frac", "dead_units")
+    with pytest.raises(gp.PlotError, match="dead units"):
+        gp.activations(old, "dead_units")
+    plt.close("all")
+
+
 def test_the_residual_stream_has_its_own_block_axis(preln):
     ax = gp.residual_stream(preln)
     blocks = fr.stream_layers(preln.to_frame())

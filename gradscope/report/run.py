@@ -40,6 +40,7 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
     grouped = f" ({len(layers)} matrices grouped into {rows} rows)" if rows < len(layers) else ""
     types = info.get("model", {}).get("types")
     spans = any(v.first_step is not None for v in verdicts)
+    dead = _dead_stat(frame)
     return [
         Section(
             heading(verdicts),
@@ -103,14 +104,16 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
                     "activation rms and dead units",
                     [
                         partial(plot.activations, frame, "rms", types=types),
-                        partial(plot.activations, frame, _dead_stat(frame), types=types),
+                        partial(plot.activations, frame, dead, types=types),
                     ],
                 ),
                 panel(
                     "zero elements and saturated fractions",
-                    [partial(plot.activations, frame, "zero_frac", types=types)]
-                    * (_dead_stat(frame) != Stat.ZERO_FRAC)
-                    + [partial(plot.activations, frame, "saturated_frac", types=types)],
+                    [
+                        partial(plot.activations, frame, stat, types=types)
+                        for stat in ("zero_frac", "saturated_frac")
+                        if stat != dead  # (shown already where there are no dead units)
+                    ],
                 ),
                 panel("residual stream", [partial(plot.residual_stream, frame)], width=9),
             ],  # fmt: skip
