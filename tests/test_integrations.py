@@ -200,5 +200,88 @@ def test_hf_callback_logs_headlines_and_saves_the_run(tmp_path):
     run = load_run(tmp_path / "run")
     total = run.frame[(run.frame.layer == "*") & (run.frame.kind == "param_grad")]
     by_step = {h["step"]: h["gradscope/grad_norm"] for h in history if "loss" not in h}
+    assert list(by_step) == total.step.tolist() == [0, 1, 2, 3]  # the recorder's steps
     assert list(by_step.values()) == pytest.approx(total.value.tolist())
     assert run.info["model"]["class"] == "GPT2LMHeadModel"
+
+
+class _Tiny(nn.Module):
+    """A model that returns its loss as a mean over its batch (no num_items_in_batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x, labels):
+        return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
+
+
+class _Reported(transformers.TrainerCallback):
+    """What a reporter after gradscope's callback receives in on_log."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, dict]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+@pytest.mark.parametrize("model_kind", ["gpt2", "mean-loss"])
+def test_hf_callback_steps_with_gradient_accumulation(tmp_path, model_kind):
+    """gradient_accumulation_steps=2: one recorded step per optimizer step (global_step), the
+    loss the Trainer logs for update k+1 on the recorder's step k, the gradient norms the
+    update used, and the headlines on the recorder's step axis."""
+    from gradscope.integrations.transformers import STEP_KEY, GradscopeTrainerCallback
+
+    torch.manual_seed(0)
+    if model_kind == "gpt2":  # the Trainer passes num_items_in_batch: the loss is summed
+        config = transformers.GPT2Config(
+            n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=32, use_cache=False
+        )
+        model = transformers.GPT2LMHeadModel(config)
+        data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32, (32, 8))]
+    else:
+        model = _Tiny()
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        data = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
+    reference, reported = _Reference(), _Reported()
+    callback = GradscopeTrainerCallback(tmp_path / "run", every=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        max_grad_norm=1e9,  # no clipping: the Trainer's grad_norm is the one the update used
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-2,
+    )
+    callbacks = [reference, callback, reported]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer.train()
+    assert trainer.state.global_step == 4 and len(reference.seen) == 4
+    frame = load_run(tmp_path / "run").frame
+    assert sorted(frame.step.unique()) == [0, 1, 2, 3]  # optimizer steps, not micro-batches
+    got = _grad_norms(frame)
+    for step, ref in enumerate(reference.seen):
+        for name, value in ref.items():
+            assert got[(step, name)] == pytest.approx(value, rel=1e-6), (step, name)
+    # the Trainer logs update k+1's loss and grad_norm at global_step k+1
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    loss = frame[(frame.kind == "scalar") & (frame.stat == "loss")]
+    assert loss.step.tolist() == [0, 1, 2, 3]
+    assert loss.value.tolist() == pytest.approx([logged[k + 1]["loss"] for k in range(4)], rel=1e-5)
+    total = frame[(frame.layer == "*") & (frame.kind == "param_grad") & (frame.stat == "norm")]
+    trainer_norms = [logged[k + 1]["grad_norm"] for k in range(4)]
+    assert total.value.tolist() == pytest.approx(trainer_norms, rel=1e-4)
+    heads = {h["step"]: h for h in trainer.state.log_history if "gradscope/grad_norm" in h}
+    assert sorted(heads) == [0, 1, 2, 3]
+    assert [heads[k]["gradscope/loss"] for k in range(4)] == pytest.approx(loss.value.tolist())
+    # a reporter after the callback gets each headline once, with the step it is of
+    assert sum("gradscope/grad_norm" in logs for _, logs in reported.logs) == 4
+    for global_step, logs in reported.logs:
+        if "gradscope/grad_norm" in logs:
+            assert logs[STEP_KEY] == global_step - 1

@@ -17,7 +17,7 @@ import gradscope as gs  # noqa: E402
 import gradscope.plot as gp  # noqa: E402
 from gradscope import frame as fr  # noqa: E402
 from gradscope.lab.models import build_model  # noqa: E402
-from gradscope.plot import common, run, sweep  # noqa: E402
+from gradscope.plot import common, outputs, run, sweep  # noqa: E402
 
 
 def _train(model, x, y, steps=4, every=1):
@@ -83,6 +83,7 @@ FIGURES = [
     (gp.over_steps, "preln", {}),
     (gp.activations, "convnet", {"stat": "rms"}),
     (gp.activations, "convnet", {"stat": "zero_frac"}),
+    (gp.activations, "convnet", {"stat": "dead_units"}),
     (gp.activations, "convnet", {"stat": "saturated_frac"}),
     (gp.update_ratio, "preln", {}),
     (gp.residual_stream, "preln", {}),
@@ -131,10 +132,11 @@ def test_every_figure_says_why_on_empty_or_nan_input(draw, source, kwargs, reque
 
 
 def test_examples_in_the_docstrings_run():
-    for module in (gp, run, sweep, common):
+    for module in (gp, run, outputs, sweep, common):
         failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)[:2]
         assert failed == 0, module.__name__
-    assert doctest.testmod(run)[1] >= 8  # every figure of a run has its example
+    # every figure of a run has its example
+    assert doctest.testmod(run)[1] + doctest.testmod(outputs)[1] >= 8
     plt.close("all")
 
 
@@ -226,6 +228,77 @@ def test_zero_fractions_only_for_activation_functions(convnet):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["9"]  # the Tanh
     ax = gp.activations(frame, "rms", types=types)
     assert [t.get_text() for t in ax.get_xticklabels()] == list(types)  # every module
+    plt.close("all")
+
+
+def _dead_reference(model, x, channel_dims):
+    """One recorded step; per ReLU, the share of units (features, or channels over batch
+    and space) that are 0 for every sample, computed directly in torch."""
+    seen = {}
+    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    handles = [
+        m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out.detach()))
+        for n, m in relus
+    ]
+    with gs.watch(model) as rec:
+        model(x).sum().backward()
+        rec.step()
+    for h in handles:
+        h.remove()
+    dead = {}
+    for name, out in seen.items():
+        reduce = [d for d in range(out.ndim) if d != 1] if out.ndim in channel_dims else [0]
+        dead[name] = float((out == 0).all(dim=reduce[0] if len(reduce) == 1 else tuple(reduce))
+                           .float().mean())  # fmt: skip
+    return rec, dead
+
+
+@pytest.mark.parametrize("shape", ["mlp", "cnn"])
+def test_dead_units_are_units_zero_for_the_whole_batch(shape):
+    """The dead panel plots dead_units / units of each ReLU (a ReLU MLP with units killed by
+    a bias of -100; a CNN with max-pool with channels killed), equal to the fraction computed
+    in torch, and not the exact-zero element fraction a healthy ReLU has near 0.5."""
+    torch.manual_seed(0)
+    if shape == "mlp":
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                              nn.Linear(16, 3))  # fmt: skip
+        killed = model[2]
+        x = torch.randn(32, 12)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 4 * 4, 3))  # fmt: skip
+        killed = model[3]
+        x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        killed.bias[:6] = -100.0  # 6 units (or channels) of the second ReLU: 6/16 or 6/8
+    rec, dead = _dead_reference(model, x, channel_dims={4})
+    ax = gp.activations(rec, "dead_units", steps=0)
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == list(dead)  # the ReLUs only (not the max-pool, which passes them on)
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([dead[n] for n in names])
+    assert dead[names[1]] >= 6 / killed.bias.numel()  # the killed ones (and any others)
+    assert ax.get_ylabel() == "fraction of units dead"
+    zeros = gp.activations(rec, "zero_frac", steps=0)
+    assert zeros.get_ylabel() == "fraction of elements exactly 0"
+    assert zeros.get_lines()[0].get_ydata()[0] > dead[names[0]] + 0.2  # a healthy ReLU's zeros
+    plt.close("all")
+
+
+def test_recordings_without_dead_units_show_zero_elements_against_their_limit(convnet):
+    """A recording from before the per-unit statistic: the dead-units rule judges exact-zero
+    elements (at 97%), so their figure carries that line, and the report shows it once."""
+    from gradscope.analysis.rules.units import DEAD_ELEMENT_FRAC
+    from gradscope.report.run import _dead_stat
+
+    frame = convnet.to_frame()
+    old = frame[~frame["stat"].isin(["dead_units", "units"])]
+    limits = [line.get_ydata()[0] for line in gp.activations(old, "zero_frac").get_lines()[2:]]
+    assert limits == [DEAD_ELEMENT_FRAC]
+    assert len(gp.activations(frame, "zero_frac").get_lines()) == 2  # steps only, no limit
+    assert (_dead_stat(old), _dead_stat(frame)) == ("zero_frac", "dead_units")
+    with pytest.raises(gp.PlotError, match="dead units"):
+        gp.activations(old, "dead_units")
     plt.close("all")
 
 

@@ -1,10 +1,12 @@
 """A Lightning Callback: records the LightningModule's network during `trainer.fit`, logs the
 loss and the headline scalars of each recorded step (at that step) to the trainer's
-loggers, and saves the run folder at the end.
+loggers, and keeps the run folder current while it trains (every `save_every` recorded
+steps, whole at the end).
 
 Example:
     >>> from gradscope.integrations.lightning import GradscopeCallback
     >>> cb = GradscopeCallback("runs/fit-1", every=10)  # Trainer(callbacks=[cb])
+    >>> # while it trains: gradscope report runs/fit-1
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from gradscope.integrations.folder import DEFAULT_SAVE_EVERY, clear_earlier_run, folder_options
 from gradscope.integrations.headline import NewHeadlines
 from gradscope.recorder import Recorder
 
@@ -44,6 +47,10 @@ class GradscopeCallback(pl.Callback):
     Args:
         out: the run folder to save (frame.parquet, run.json, report.html); None saves none.
         every, **recorder_kwargs: as for gradscope.Recorder.
+        save_every: while training, the rows recorded so far are added to `out` as a Parquet
+            part every this many recorded steps (and at least every minute), so `gradscope
+            report out` and `gradscope.load_run` read the run while it trains or after it was
+            killed (see gradscope.integrations.folder); None writes `out` only at fit end.
         unwrap: watch the network the LightningModule wraps (see `network_of`) rather than
             the LightningModule, so its layer names match the same network's in a plain loop.
     """
@@ -53,15 +60,19 @@ class GradscopeCallback(pl.Callback):
         out: str | os.PathLike[str] | None = None,
         every: int = 1,
         unwrap: bool = True,
+        save_every: int | None = DEFAULT_SAVE_EVERY,
         **recorder_kwargs: Any,
     ) -> None:
         self.out = Path(out) if out is not None else None
         self.unwrap = unwrap
-        self.recorder = Recorder(every=every, **recorder_kwargs)
+        kwargs = folder_options(self.out, save_every, recorder_kwargs)
+        self.recorder = Recorder(every=every, **kwargs)
         self._new_headlines = NewHeadlines()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.recorder.attached:
+            if trainer.is_global_zero:
+                clear_earlier_run(self.recorder)
             self.recorder.attach(network_of(pl_module) if self.unwrap else pl_module)
 
     def on_before_backward(

@@ -12,12 +12,11 @@ Example:
 """
 
 from gradscope.plot.common import LOG10_SCALES, MAX_ROWS, ZERO_COLOR, PlotError, row_groups
+from gradscope.plot.outputs import activations, residual_stream
 from gradscope.plot.run import (
-    activations,
     gradient_profile,
     heatmap,
     over_steps,
-    residual_stream,
     scalars,
     update_ratio,
     verdict_timeline,

@@ -12,6 +12,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from gradscope import frame as fr
 from gradscope.schema import COLUMNS
@@ -172,3 +173,14 @@ def save_png(fig: plt.Figure, path: str | os.PathLike[str], dpi: int = 90) -> No
     """Writes a figure as PNG and closes it."""
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
+
+
+def steps_palette(steps: Sequence[int]) -> list[Any]:
+    """One colour per step, early to late (viridis)."""
+    return list(sns.color_palette("viridis", len(steps)))
+
+
+def first_last(rows: pd.DataFrame) -> list[int]:
+    """The first and the last recorded step of `rows` (one where they are the same)."""
+    steps = sorted(rows["step"].unique())
+    return [int(s) for s in dict.fromkeys([steps[0], steps[-1]])]

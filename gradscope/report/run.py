@@ -17,7 +17,7 @@ from gradscope.report.html import Section, panel, render_html, table_html
 from gradscope.report.tried import tried_section
 from gradscope.report.verdicts import heading, verdicts_html
 from gradscope.runs import Run
-from gradscope.schema import Kind
+from gradscope.schema import Kind, Stat
 
 # Plain ReLU stacks under PyTorch's default init: the measured decay quoted on the page
 PLAIN_RELU_DECAY = 0.39
@@ -40,6 +40,7 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
     grouped = f" ({len(layers)} matrices grouped into {rows} rows)" if rows < len(layers) else ""
     types = info.get("model", {}).get("types")
     spans = any(v.first_step is not None for v in verdicts)
+    dead = _dead_stat(frame)
     return [
         Section(
             heading(verdicts),
@@ -93,24 +94,28 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
         ),  # fmt: skip
         Section(
             "Activations",
-            "Output rms of every module; exact zeros only for ReLU-like activations (half of "
-            "a ReLU's outputs are zero in a healthy net: dead is near 1); saturation only for "
-            "bounded ones; the residual stream per block on its own axis.",
+            "Output rms of every module. Dead units: the share of a ReLU-like activation's "
+            "units (features or channels) that are 0 for every sample of the batch. Zeros "
+            "(elements): the share of its outputs exactly 0, about half for a healthy ReLU, "
+            "which is sparsity, not death. Saturation only for bounded functions; the residual "
+            "stream per block on its own axis.",
             [
                 panel(
-                    "activation rms and zero fractions",
+                    "activation rms and dead units",
                     [
                         partial(plot.activations, frame, "rms", types=types),
-                        partial(plot.activations, frame, "zero_frac", types=types),
+                        partial(plot.activations, frame, dead, types=types),
                     ],
                 ),
                 panel(
-                    "saturated fractions and residual stream",
+                    "zero elements and saturated fractions",
                     [
-                        partial(plot.activations, frame, "saturated_frac", types=types),
-                        partial(plot.residual_stream, frame),
+                        partial(plot.activations, frame, stat, types=types)
+                        for stat in ("zero_frac", "saturated_frac")
+                        if stat != dead  # (shown already where there are no dead units)
                     ],
                 ),
+                panel("residual stream", [partial(plot.residual_stream, frame)], width=9),
             ],  # fmt: skip
         ),
         Section("Non-finite values", "", [_nonfinite_html(frame)]),
@@ -129,6 +134,13 @@ def run_sections(run: Run, trial: Any = None) -> list[Section]:
     ]
 
 
+def _dead_stat(frame: pd.DataFrame) -> str:
+    """Dead units where the recording has them; a recording from before the per-unit
+    statistic shows exact-zero elements in their place (what its verdict judged)."""
+    has = len(fr.select(frame, Kind.ACTIVATION, Stat.DEAD_UNITS))
+    return Stat.DEAD_UNITS if has else Stat.ZERO_FRAC
+
+
 def _brief(info: dict[str, Any]) -> dict[str, Any]:
     """run.json without the bulky parts shown elsewhere (verdicts, module types)."""
     model = {k: v for k, v in info.get("model", {}).items() if k != "types"}
@@ -145,12 +157,22 @@ def render_run_report(run: Run, trial: Any = None) -> Any:
     gradscope.remedies.Trial), a "Tried" section after the verdicts."""
     info = run.info
     model, steps = info.get("model", {}), info.get("steps", {})
-    subtitle = (
-        f"{model.get('class', 'model')} with {_count(model.get('parameters'))} parameters; "
-        f"{steps.get('recorded', 0)} recorded steps ({steps.get('first', '-')} to "
-        f"{steps.get('last', '-')}); optimizer {info.get('recorder', {}).get('optimizer')}; "
-        f"torch {info.get('versions', {}).get('torch')}"
+    optimizer = info.get("recorder", {}).get("optimizer")
+    torch_version = info.get("versions", {}).get("torch")
+    subtitle = "; ".join(
+        [
+            f"{model.get('class', 'model')} with {_count(model.get('parameters'))} parameters",
+            f"{steps.get('recorded', 0)} recorded steps ({steps.get('first', '-')} to "
+            f"{steps.get('last', '-')})",
+        ]
+        + ([f"optimizer {optimizer}"] if optimizer else [])
+        + ([f"torch {torch_version}"] if torch_version else [])
     )
+    if "spill" in info:  # a folder written while training: not a finished run
+        subtitle += (
+            f". The rows written so far ({info['spill'].get('parts', '?')} parts): the run is "
+            "still training, or stopped before it was saved"
+        )
     page = render_html(
         f"gradscope run: {info.get('name', run.path.name)}", subtitle, run_sections(run, trial)
     )
