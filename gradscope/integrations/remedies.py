@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gradscope.remedies.catalog import CLIP_NORM, WARMUP_STEPS, CannotApply, Context, Remedy, remedy
+from gradscope.remedies.catalog import remedy
+from gradscope.remedies.changes import CLIP_NORM, WARMUP_STEPS
+from gradscope.remedies.core import CannotApply, Context, Remedy
 
 # Lightning steps its optimizers with a closure (forward and backward run inside
 # optimizer.step), so a change made before the update cannot see that step's gradients;
