@@ -17,6 +17,7 @@ from gradscope.remedies import (
     REMEDIES,
     CannotApply,
     Context,
+    needed,
     propose,
     remedy,
 )
@@ -274,3 +275,19 @@ def test_proposals_come_from_warnings_only_and_tolerate_unknown_ids() -> None:
     assert names[:3] == ["lr_x0.1", "clip_1.0", "warmup"]  # the error's remedies first
     assert names[3] == "lr_x0.3" and len(names) == len(set(names))
     assert len(propose(verdicts, limit=2)) == 2
+
+
+def test_a_spike_the_run_got_over_proposes_nothing() -> None:
+    spike = Verdict("gradient_spike", "warning", "x", "", first_step=20)
+    # the reference, written out: the last tenth's mean against the tenth before step 20
+    recovered = [2.0 - 0.02 * t for t in range(20)] + [5.0] + [1.0 - 0.01 * t for t in range(19)]
+    stuck = recovered[:21] + [3.0] * 19
+    diverged = recovered[:21] + [math.inf] * 19
+    assert sum(recovered[-4:]) / 4 < sum(recovered[16:20]) / 4 < sum(stuck[-4:]) / 4
+    assert not needed(spike, recovered) and propose([spike], losses=recovered) == []
+    assert needed(spike, stuck) and needed(spike, diverged)
+    assert [r.name for r in propose([spike], losses=stuck)][:1] == ["clip_1.0"]
+    assert needed(spike)  # without losses the verdict alone decides
+    # other verdicts are not events: a lower final loss does not silence them
+    assert needed(Verdict("dead_units", "warning", "x", "", first_step=20), recovered)
+    assert not needed(Verdict("gradient_spike", "info", "x", "", first_step=20), stuck)

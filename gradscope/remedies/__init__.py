@@ -9,7 +9,7 @@ Example:
 
 from gradscope.remedies.catalog import REMEDIES, remedy
 from gradscope.remedies.core import CannotApply, Context, Remedy
-from gradscope.remedies.proposals import PROPOSALS, propose, remedies_for
+from gradscope.remedies.proposals import PROPOSALS, needed, propose, remedies_for
 from gradscope.remedies.runner import try_remedies
 from gradscope.remedies.trial import Trial, TrialError, TrialRun
 
@@ -22,6 +22,7 @@ __all__ = [
     "Trial",
     "TrialError",
     "TrialRun",
+    "needed",
     "propose",
     "remedies_for",
     "remedy",

@@ -1,9 +1,14 @@
-"""Which verdicts propose which remedies, and the gate: only warnings and errors propose."""
+"""Which verdicts propose which remedies, and the gate: a remedy is proposed only on evidence
+that it is needed (a warning or an error, and for a one-off spike, a run that did not recover).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 from gradscope.remedies.catalog import REMEDIES
 from gradscope.remedies.core import Remedy
@@ -50,12 +55,38 @@ PROPOSALS: dict[str, tuple[str, ...]] = {
 }
 
 
-def propose(verdicts: Iterable[Any], limit: int | None = None) -> list[Remedy]:
+# Verdicts about one event: a run whose loss came back below where it stood before the event
+# got over it, and a remedy for it has nothing left to fix.
+EVENTS = ("gradient_spike", "loss_spike")
+
+
+def needed(verdict: Any, losses: Sequence[float] | None = None) -> bool:
+    """Whether a verdict is evidence that a remedy is needed: a warning or an error; for a
+    one-off event (EVENTS) with the run's per-step losses known, only where the run did not
+    recover: its final loss (the mean of the last tenth) is not finite or not below the
+    mean of the tenth of the steps before the event."""
+    if getattr(verdict, "severity", "") not in ("warning", "error"):
+        return False
+    at = getattr(verdict, "first_step", None)
+    if str(verdict.id) not in EVENTS or not losses or at is None or at < 1:
+        return True
+    values = np.asarray(losses, dtype=float)
+    tenth = max(1, len(values) // 10)
+    before = float(np.mean(values[max(0, at - tenth) : at]))
+    final = float(np.mean(values[-tenth:]))
+    return not (math.isfinite(final) and math.isfinite(before) and final < before)
+
+
+def propose(
+    verdicts: Iterable[Any], limit: int | None = None, losses: Sequence[float] | None = None
+) -> list[Remedy]:
     """The remedies a list of verdicts proposes, worst verdict first, each verdict's likeliest
-    fix first, without repeats. Only warnings and errors propose: a healthy run gets none.
+    fix first, without repeats. Only verdicts that show a remedy is needed propose (`needed`:
+    warnings and errors; a spike only where the run, given its `losses`, did not get over
+    it): a healthy run gets none.
     """
     ranked = sorted(
-        (v for v in verdicts if getattr(v, "severity", "") in ("warning", "error")),
+        (v for v in verdicts if needed(v, losses)),
         key=lambda v: 0 if v.severity == "error" else 1,  # stable: the diagnosis's own order
     )
     names: list[str] = []

@@ -130,7 +130,9 @@ def try_remedies(
             raise TrialError(f"the baseline run failed: {baseline.failed}")
         skipped: list[TrialRun] = []
         if chosen is None:
-            chosen, skipped = _applicable(spec, propose(baseline.verdicts), limit)
+            chosen, skipped = _applicable(
+                spec, propose(baseline.verdicts, losses=baseline.losses), limit
+            )
         runs = [baseline] + _run_all(spec, chosen, workers) + skipped
     finally:
         torch.set_num_threads(before)
