@@ -9,7 +9,7 @@ decreasing (final below the first tenth's mean). "top" is the trial's measured b
 remedy beat the baseline by more than 2%: the first proposed that ran); "first" (a column
 beside it) is the remedy proposed first, before anything is measured.
 
-    python -m benchmarks.faults.repair [--set registry|heldout|mine] [--split all|tune|heldout]
+    python -m benchmarks.faults.repair [--set registry|heldout|mine] [--split all|tune|heldout|variant]
         [--only NAME] [--seed 0 [1 ...]] [--check] [--markdown] [--json out.json]
 
 `--set registry` (default): the fault benchmark's cases (benchmarks/faults/registry.py); the
@@ -170,7 +170,7 @@ def _from_registry(case: Any, seed: int, control: str | None = None) -> RepairCa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", dest="cases", default="registry")
-    parser.add_argument("--split", default="all", choices=["all", "tune", "heldout"])
+    parser.add_argument("--split", default="all", choices=["all", "tune", "heldout", "variant"])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     parser.add_argument("--workers", type=int, default=1)
@@ -179,20 +179,39 @@ def main() -> None:
         help="build and trial seeds, each a run of the whole set (default 0; heldout: 2 3)",
     )  # fmt: skip
     parser.add_argument("--check", action="store_true", help="check each run in plain torch")
+    parser.add_argument("--no-check", action="store_true", help="(heldout) checks already run")
+    parser.add_argument(
+        "--part", default="1/1", help="i/n: every n-th faulty run from the i-th (controls: all)"
+    )
+    parser.add_argument("--controls", choices=["all", "used"], default="all",
+                        help="used: only the healthy runs some faulty run is judged against")  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="only summarize the rows of earlier --json files"
+    )
     args = parser.parse_args()
+    if args.combine:
+        rows = [row for path in args.combine for row in json.loads(path.read_text())]
+        _report([r for r in rows if r.get("check_ok", True)], rows, args.markdown)
+        return
     seeds = args.seed or ([2, 3] if args.cases == "heldout" else [0])
-    check = args.check or args.cases == "heldout"
+    check = (args.check or args.cases == "heldout") and not args.no_check
+    part, parts = (int(x) for x in args.part.split("/"))
     rows = []
     began = time.perf_counter()
     for seed in seeds:
         controls: dict[str, float] = {}
-        for case in _load(args.cases, seed):
-            if case.fault != "healthy" and (
-                (args.only and args.only not in case.name)
-                or (args.split != "all" and case.split != args.split)
-            ):
-                continue  # (controls always run: the faults are judged against them)
+        cases = _load(args.cases, seed)
+        faulty = [c for c in cases if c.fault != "healthy"]
+        faulty = [c for c in faulty if not args.only or args.only in c.name]
+        faulty = [c for c in faulty if args.split in ("all", c.split)][part - 1 :: parts]
+        used = {c.control for c in faulty}
+        for case in cases:
+            if case.fault == "healthy":
+                if args.controls == "used" and case.name not in used:
+                    continue
+            elif not any(case is c for c in faulty):
+                continue
             checked = _check(case, seed) if check else (True, "")
             trial = gs.try_remedies(case.make, case.step, case.batches, steps=len(case.batches),
                                     seed=seed, workers=args.workers)  # fmt: skip
@@ -210,16 +229,19 @@ def main() -> None:
                 + ("" if checked[0] else f"  CHECK FAILED, not scored: {checked[1]}"),
                 flush=True,
             )
-    scored = [r for r in rows if r["check_ok"]]
+    _report([r for r in rows if r["check_ok"]], rows, args.markdown)
+    print(f"seeds {seeds}, total {time.perf_counter() - began:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str))
+
+
+def _report(scored: list[dict[str, Any]], rows: list[dict[str, Any]], markdown: bool) -> None:
     _summary(scored)
     failed = [f"{r['case']} (seed {r['seed']}: {r['check']})" for r in rows if not r["check_ok"]]
     print(f"runs whose plain-torch check failed, not scored: {len(failed)}"
           + (f": {'; '.join(failed)}" if failed else ""))  # fmt: skip
-    if args.markdown:
+    if markdown:
         _markdown(scored)
-    print(f"seeds {seeds}, total {time.perf_counter() - began:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
 
 
 def _check(case: RepairCase, seed: int) -> tuple[bool, str]:
