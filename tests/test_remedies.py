@@ -199,7 +199,7 @@ def test_remove_zero_lr_gives_zero_groups_the_working_rate() -> None:
 
 
 @pytest.mark.parametrize(
-    "act, gain", [(nn.ReLU, math.sqrt(2.0)), (nn.Tanh, 5.0 / 3.0), (nn.Sigmoid, 1.0)]
+    "act, gain", [(nn.ReLU, math.sqrt(2.0)), (nn.Tanh, 5.0 / 3.0), (nn.Sigmoid, 4.0)]
 )
 def test_reinit_matched_uses_the_activations_init(act: type[nn.Module], gain: float) -> None:
     model = nn.Sequential(nn.Linear(400, 300), act(), nn.Linear(300, 300))
@@ -291,3 +291,17 @@ def test_a_spike_the_run_got_over_proposes_nothing() -> None:
     # other verdicts are not events: a lower final loss does not silence them
     assert needed(Verdict("dead_units", "warning", "x", "", first_step=20), recovered)
     assert not needed(Verdict("gradient_spike", "info", "x", "", first_step=20), stuck)
+
+
+def test_adam_default_lr_caps_an_adaptive_optimizers_rate_only() -> None:
+    model = _mlp()
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 0.3}, {"params": model[2].parameters()}],
+        lr=1e-4,
+    )
+    assert REMEDIES["adam_default_lr"].apply(model, opt) is opt
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]  # only the rate above it
+    with pytest.raises(CannotApply, match="not an adaptive one"):
+        REMEDIES["adam_default_lr"].apply(model, torch.optim.SGD(model.parameters(), lr=3.0))
+    with pytest.raises(CannotApply, match="already at most"):
+        REMEDIES["adam_default_lr"].apply(model, torch.optim.AdamW(model.parameters(), lr=1e-3))

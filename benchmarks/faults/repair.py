@@ -191,7 +191,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.combine:
-        rows = [row for path in args.combine for row in json.loads(path.read_text())]
+        # (each part ran the controls it needed: a control counted once per seed)
+        unique = {
+            (r["case"], r["seed"]): r for p in args.combine for r in json.loads(p.read_text())
+        }
+        rows = list(unique.values())
         _report([r for r in rows if r.get("check_ok", True)], rows, args.markdown)
         return
     seeds = args.seed or ([2, 3] if args.cases == "heldout" else [0])

@@ -8,6 +8,7 @@ from gradscope.remedies.changes import (
     ADAMW_LR,
     CLIP_NORM,
     WARMUP_STEPS,
+    adaptive_default_lr,
     add_missing,
     cap_lr,
     clip,
@@ -55,7 +56,7 @@ REMEDIES: dict[str, Remedy] = {
         Remedy(
             "reinit_matched",
             "re-initialize every Linear/Conv layer with an init matched to the activation "
-            "after it (kaiming for ReLU-like, xavier with tanh/sigmoid gain), biases zero",
+            "after it (kaiming for ReLU-like, xavier with gain 5/3 for tanh, 4 for sigmoid), biases zero",
             'nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")  # xavier_normal_('
             'w, gain=nn.init.calculate_gain("tanh")) before a tanh',
             reinit(orthogonal=False),
@@ -93,6 +94,13 @@ REMEDIES: dict[str, Remedy] = {
             "step by its gradient's running size",
             f"optimizer = torch.optim.AdamW(model.parameters(), lr={ADAMW_LR:g})",
             to_adamw,
+        ),
+        Remedy(
+            "adam_default_lr",
+            f"set an adaptive optimizer's (Adam, AdamW) learning rates above {ADAMW_LR:g}, "
+            "the published default, to it",
+            f'for group in optimizer.param_groups: group["lr"] = min(group["lr"], {ADAMW_LR:g})',
+            adaptive_default_lr,
         ),
         Remedy(
             "cap_lr",

@@ -211,3 +211,21 @@ def to_adamw(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimi
         for g in optimizer.param_groups
     ]
     return torch.optim.AdamW(groups, lr=ADAMW_LR)
+
+
+def adaptive_default_lr(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimizer:
+    # an adaptive optimizer moves each weight by about its learning rate a step, whatever the
+    # gradient's size: above the published default (Kingma and Ba 2015: 1e-3) that step is
+    # large next to the weights of a usual init, and scaling it down by 3 or 10 may not suffice
+    if "betas" not in optimizer.defaults:
+        raise CannotApply(
+            f"the optimizer is {type(optimizer).__name__}, not an adaptive one (Adam, AdamW)"
+        )
+    if all(float(g["lr"]) <= ADAMW_LR for g in optimizer.param_groups):
+        raise CannotApply(f"every learning rate is already at most {ADAMW_LR:g}")
+    for group in optimizer.param_groups:
+        if float(group["lr"]) > ADAMW_LR:
+            group["lr"] = ADAMW_LR
+            if "initial_lr" in group:  # a scheduler's base, which it would restore
+                group["initial_lr"] = ADAMW_LR
+    return optimizer

@@ -17,7 +17,7 @@ from gradscope.remedies.core import CannotApply, Context
 # the modules whose weights an init shapes, and the activations that set its gain
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.Mish, nn.SELU)
-_GAINS: dict[type[nn.Module], str] = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_GAINS: dict[type[nn.Module], str] = {nn.Tanh: "tanh"}
 
 
 @dataclass
@@ -79,6 +79,11 @@ def reinit(orthogonal: bool) -> Callable[[nn.Module, Optimizer, Context], Optimi
 
 
 def _gain(act: nn.Module | None) -> float:
+    # a sigmoid's slope at 0 is 1/4, so 4x the xavier scale keeps a signal's size through it
+    # (the Theano deep learning tutorials, after Glorot and Bengio 2010); torch's
+    # calculate_gain("sigmoid") is 1, which leaves a deep sigmoid stack vanishing after it
+    if isinstance(act, nn.Sigmoid):
+        return 4.0
     if isinstance(act, nn.LeakyReLU):
         return nn.init.calculate_gain("leaky_relu", act.negative_slope)
     if isinstance(act, _RELU_LIKE):
