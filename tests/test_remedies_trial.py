@@ -38,7 +38,9 @@ def test_a_trial_never_changes_the_users_model_or_optimizer() -> None:
     )
     before = _state(model, opt)
     trial = gs.try_remedies(lambda: (model, opt), _step, _data(), steps=12, remedies=list(REMEDIES))
-    assert all(r.skipped is None for r in trial.runs[1:] if r.name != "add_missing_params")
+    # (every parameter is in the optimizer; the optimizer is SGD, not an adaptive one)
+    cannot = ("add_missing_params", "adam_default_lr")
+    assert all(r.skipped is None for r in trial.runs[1:] if r.name not in cannot)
     after = _state(model, opt)
     for a, b in zip(before[0].values(), after[0].values(), strict=True):
         assert torch.equal(a, b)
