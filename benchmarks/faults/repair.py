@@ -9,12 +9,16 @@ decreasing (final below the first tenth's mean). "top" is the trial's measured b
 remedy beat the baseline by more than 2%: the first proposed that ran); "first" (a column
 beside it) is the remedy proposed first, before anything is measured.
 
-    python -m benchmarks.faults.repair [--set registry|mine] [--split all|tune|heldout]
-        [--only NAME] [--seed 0] [--markdown] [--json out.json]
+    python -m benchmarks.faults.repair [--set registry|heldout|mine] [--split all|tune|heldout|variant]
+        [--only NAME] [--seed 0 [1 ...]] [--check] [--markdown] [--json out.json]
 
-`--set registry` (default): the fault benchmark's cases (benchmarks/faults/registry.py), the
-remedy proposals never tuned on them. `--set mine`: benchmarks/faults/remedy_cases.py, the
-runs the proposals were tuned on.
+`--set registry` (default): the fault benchmark's cases (benchmarks/faults/registry.py); the
+remedies were added after reading their first pass, so this is not a held-out measurement.
+`--set heldout`: runs the remedies were never tuned on (benchmarks/faults/repair_heldout.py:
+the registry's held-out half and variants of every remedied class with another size and
+optimizer, at seeds 2 and 3 unless --seed says otherwise), each faulty run checked in plain
+torch first (as --check does for the registry); a run whose check fails is not scored.
+`--set mine`: benchmarks/faults/remedy_cases.py, the runs the proposals were first tuned on.
 """
 
 from __future__ import annotations
@@ -82,9 +86,14 @@ class RepairCase:
     batches: list[Any] = field(repr=False)
     control: str | None
     split: str = "tune"
+    # the registry's Case, for its plain-torch check (None: not checkable, the `mine` set)
+    source: Any = field(default=None, repr=False)
+    has_remedy: bool | None = None  # None: judged by the fault class
 
     @property
     def remedied(self) -> bool:
+        if self.has_remedy is not None:
+            return self.has_remedy
         return (self.fault in REMEDIED or self.name in REMEDY_CASES) and (
             self.name not in NO_REMEDY_CASES
         )
@@ -117,10 +126,23 @@ def _load(which: str, seed: int = 0) -> list[RepairCase]:
         from benchmarks.faults.registry import CASES
 
         return [_from_registry(c, seed) for c in CASES]
-    raise SystemExit(f"unknown case set {which!r}; choose registry or mine")
+    if which == "heldout":
+        from benchmarks.faults import repair_heldout as held
+        from benchmarks.faults.registry import CASES
+
+        # the registry's healthy controls always (its held-out faults are judged against
+        # them), its held-out faults, and the variants with their own controls
+        chosen = [c for c in CASES if c.healthy or c.split == "heldout"]
+        out = [_from_registry(c, seed) for c in chosen]
+        for c in held.VARIANTS:
+            case = _from_registry(c, seed, held.CONTROLS.get(c.name))
+            case.split, case.has_remedy = "variant", c.name in held.REMEDY_CASES
+            out.append(case)
+        return out
+    raise SystemExit(f"unknown case set {which!r}; choose registry, heldout or mine")
 
 
-def _from_registry(case: Any, seed: int) -> RepairCase:
+def _from_registry(case: Any, seed: int, control: str | None = None) -> RepairCase:
     """A registry case as a trial's make/step/batches. Its step closure keeps state (a
     scheduler made on first use), so each optimizer a run steps gets the step of a fresh
     build."""
@@ -139,76 +161,128 @@ def _from_registry(case: Any, seed: int) -> RepairCase:
         lambda: (setup.model, setup.optimizer),
         step,
         list(enumerate(setup.batches)),
-        CONTROLS.get(case.name),
+        control or CONTROLS.get(case.name),
         case.split,
+        case,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", dest="cases", default="registry")
-    parser.add_argument("--split", default="all", choices=["all", "tune", "heldout"])
+    parser.add_argument("--split", default="all", choices=["all", "tune", "heldout", "variant"])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
-        "--seed", type=int, default=0, help="the registry's build seed, the trial's"
+        "--seed", type=int, nargs="+", default=None,
+        help="build and trial seeds, each a run of the whole set (default 0; heldout: 2 3)",
+    )  # fmt: skip
+    parser.add_argument("--check", action="store_true", help="check each run in plain torch")
+    parser.add_argument("--no-check", action="store_true", help="(heldout) checks already run")
+    parser.add_argument(
+        "--part", default="1/1", help="i/n: every n-th faulty run from the i-th (controls: all)"
     )
+    parser.add_argument("--controls", choices=["all", "used"], default="all",
+                        help="used: only the healthy runs some faulty run is judged against")  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="only summarize the rows of earlier --json files"
+    )
     args = parser.parse_args()
-    cases = _load(args.cases, args.seed)
-    controls: dict[str, float] = {}
+    if args.combine:
+        # (each part ran the controls it needed: a control counted once per seed)
+        unique = {
+            (r["case"], r["seed"]): r for p in args.combine for r in json.loads(p.read_text())
+        }
+        rows = list(unique.values())
+        _report([r for r in rows if r.get("check_ok", True)], rows, args.markdown)
+        return
+    seeds = args.seed or ([2, 3] if args.cases == "heldout" else [0])
+    check = (args.check or args.cases == "heldout") and not args.no_check
+    part, parts = (int(x) for x in args.part.split("/"))
     rows = []
     began = time.perf_counter()
-    for case in cases:
-        if case.fault != "healthy" and (
-            (args.only and args.only not in case.name)
-            or (args.split != "all" and case.split != args.split)
-        ):
-            continue  # (controls always run: the faults are judged against them)
-        trial = gs.try_remedies(case.make, case.step, case.batches, steps=len(case.batches),
-                                seed=args.seed, workers=args.workers)  # fmt: skip
-        if case.fault == "healthy":
-            controls[case.name] = trial.baseline.final_loss
-        best = trial.best
-        first_run = next((r for r in trial.runs[1:] if r.losses), None)
-        # the remedy a user is pointed to: the measured best, else (nothing beat the baseline
-        # by more than 2%) the first proposed that ran
-        best_run = next((r for r in trial.runs if best is not None and r.remedy is best), first_run)
-        control = controls.get(case.control or "", math.nan)
-        row = {
-            "case": case.name,
-            "fault": case.fault,
-            "split": case.split,
-            "remedied": case.remedied,
-            "detected": bool(trial.baseline.problems),
-            "verdicts": ", ".join(trial.baseline.problems),
-            "proposed": [r.name for r in trial.runs[1:]],
-            "top": best_run.name if best_run else None,
-            "measured_best": best is not None,
-            "baseline_loss": trial.baseline.final_loss,
-            "top_loss": best_run.final_loss if best_run else None,
-            "control_loss": control,
-            "repaired_top": _trains(trial, best_run, control),
-            "first": first_run.name if first_run else None,
-            "repaired_first": _trains(trial, first_run, control),
-            "seconds": sum(r.seconds for r in trial.runs),
-        }
-        rows.append(row)
-        print(
-            f"{case.name:36s} {case.fault:20s} detected={row['detected']!s:5s} "
-            f"top={row['top']!s:18s} loss {row['baseline_loss']:.3g} -> "
-            f"{row['top_loss'] if row['top_loss'] is not None else float('nan'):.3g} "
-            f"(control {control:.3g}) repaired={row['repaired_top']} "
-            f"first={row['first']} ({row['repaired_first']}) [{row['verdicts']}]",
-            flush=True,
-        )
-    _summary(rows)
-    if args.markdown:
-        _markdown(rows)
-    print(f"total {time.perf_counter() - began:.0f} s")
+    for seed in seeds:
+        controls: dict[str, float] = {}
+        cases = _load(args.cases, seed)
+        faulty = [c for c in cases if c.fault != "healthy"]
+        faulty = [c for c in faulty if not args.only or args.only in c.name]
+        faulty = [c for c in faulty if args.split in ("all", c.split)][part - 1 :: parts]
+        used = {c.control for c in faulty}
+        for case in cases:
+            if case.fault == "healthy":
+                if args.controls == "used" and case.name not in used:
+                    continue
+            elif not any(case is c for c in faulty):
+                continue
+            checked = _check(case, seed) if check else (True, "")
+            trial = gs.try_remedies(case.make, case.step, case.batches, steps=len(case.batches),
+                                    seed=seed, workers=args.workers)  # fmt: skip
+            if case.fault == "healthy":
+                controls[case.name] = trial.baseline.final_loss if checked[0] else math.nan
+            row = _row(case, trial, controls.get(case.control or "", math.nan))
+            row.update(seed=seed, check_ok=checked[0], check=checked[1])
+            rows.append(row)
+            print(
+                f"s{seed} {case.name:34s} {case.fault:20s} detected={row['detected']!s:5s} "
+                f"top={row['top']!s:18s} loss {row['baseline_loss']:.3g} -> "
+                f"{row['top_loss'] if row['top_loss'] is not None else float('nan'):.3g} "
+                f"(control {row['control_loss']:.3g}) repaired={row['repaired_top']} "
+                f"first={row['first']} ({row['repaired_first']}) [{row['verdicts']}]"
+                + ("" if checked[0] else f"  CHECK FAILED, not scored: {checked[1]}"),
+                flush=True,
+            )
+    _report([r for r in rows if r["check_ok"]], rows, args.markdown)
+    print(f"seeds {seeds}, total {time.perf_counter() - began:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
+
+
+def _report(scored: list[dict[str, Any]], rows: list[dict[str, Any]], markdown: bool) -> None:
+    _summary(scored)
+    failed = [f"{r['case']} (seed {r['seed']}: {r['check']})" for r in rows if not r["check_ok"]]
+    print(f"runs whose plain-torch check failed, not scored: {len(failed)}"
+          + (f": {'; '.join(failed)}" if failed else ""))  # fmt: skip
+    if markdown:
+        _markdown(scored)
+
+
+def _check(case: RepairCase, seed: int) -> tuple[bool, str]:
+    """The registry's own plain-torch check of the run (its fault is there, or a control
+    trains), run apart from the trial."""
+    if case.source is None:
+        return True, "not checkable"
+    from benchmarks.faults.run import run_case
+
+    record = run_case(case.source, seed)
+    return bool(record["check_ok"]), str(record["check"])
+
+
+def _row(case: RepairCase, trial: Trial, control: float) -> dict[str, Any]:
+    best = trial.best
+    first_run = next((r for r in trial.runs[1:] if r.losses), None)
+    # the remedy a user is pointed to: the measured best, else (nothing beat the baseline by
+    # more than 2%) the first proposed that ran
+    best_run = next((r for r in trial.runs if best is not None and r.remedy is best), first_run)
+    return {
+        "case": case.name,
+        "fault": case.fault,
+        "split": case.split,
+        "remedied": case.remedied,
+        "detected": bool(trial.baseline.problems),
+        "verdicts": ", ".join(trial.baseline.problems),
+        "proposed": [r.name for r in trial.runs[1:]],
+        "top": best_run.name if best_run else None,
+        "measured_best": best is not None,
+        "baseline_loss": trial.baseline.final_loss,
+        "top_loss": best_run.final_loss if best_run else None,
+        "control_loss": control,
+        "repaired_top": _trains(trial, best_run, control),
+        "first": first_run.name if first_run else None,
+        "repaired_first": _trains(trial, first_run, control),
+        "seconds": sum(r.seconds for r in trial.runs),
+    }
 
 
 def _summary(rows: list[dict[str, Any]]) -> None:
@@ -242,7 +316,7 @@ def _summary(rows: list[dict[str, Any]]) -> None:
               f"by the top remedy (target >= 80%), {first}/{n} by the first proposed; "
               f"{strict}/{n} = {strict / n:.0%} where the top remedy also measurably beat the "
               "faulty run")  # fmt: skip
-        for split in ("tune", "heldout"):
+        for split in ("tune", "heldout", "variant"):
             part = [r for r in faulty if r["split"] == split]
             if part:
                 won = sum(r["repaired_top"] for r in part)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gradscope.remedies.catalog import CLIP_NORM, WARMUP_STEPS, CannotApply, Context, Remedy, remedy
+from gradscope.remedies.catalog import remedy
+from gradscope.remedies.changes import ADAMW_LR, CLIP_NORM, WARMUP_STEPS
+from gradscope.remedies.core import CannotApply, Context, Remedy
 
 # Lightning steps its optimizers with a closure (forward and backward run inside
 # optimizer.step), so a change made before the update cannot see that step's gradients;
@@ -109,6 +111,10 @@ def training_arguments(args: Any, which: str | Remedy) -> Any:
         if "adamw" in str(args.optim).lower():
             raise CannotApply(f"the Trainer's optimizer is already {args.optim}")
         changes = {"optim": "adamw_torch"}
+    elif chosen.name == "adam_default_lr":
+        if args.learning_rate <= ADAMW_LR:
+            raise CannotApply(f"the learning rate is already at most {ADAMW_LR:g}")
+        changes = {"learning_rate": ADAMW_LR}
     elif chosen.name == "remove_zero_lr":
         if args.learning_rate != 0:
             raise CannotApply("no learning rate is zero")

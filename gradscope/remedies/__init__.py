@@ -7,17 +7,11 @@ Example:
     'torch.nn.utils.clip_grad_norm_(model.parameters(), 1)  # between loss.backward() and optimizer.step()'
 """
 
-from gradscope.remedies.catalog import (
-    PROPOSALS,
-    REMEDIES,
-    CannotApply,
-    Context,
-    Remedy,
-    propose,
-    remedies_for,
-    remedy,
-)
-from gradscope.remedies.trial import Trial, TrialError, TrialRun, try_remedies
+from gradscope.remedies.catalog import REMEDIES, remedy
+from gradscope.remedies.core import CannotApply, Context, Remedy
+from gradscope.remedies.proposals import PROPOSALS, needed, propose, remedies_for
+from gradscope.remedies.runner import try_remedies
+from gradscope.remedies.trial import Trial, TrialError, TrialRun
 
 __all__ = [
     "PROPOSALS",
@@ -28,6 +22,7 @@ __all__ = [
     "Trial",
     "TrialError",
     "TrialRun",
+    "needed",
     "propose",
     "remedies_for",
     "remedy",
