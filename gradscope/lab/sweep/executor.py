@@ -285,12 +285,15 @@ def _run_pool(
             finished.drain()
     except BaseException:
         # the runs in flight are dropped (their files are written whole or not at all), so
-        # the folder can be resumed; the workers are stopped now, not after their run
+        # the folder can be resumed; the workers are stopped now, not after their run. Killed,
+        # not terminated: a worker still starting holds SIGTERM back (see INTERRUPTS), and
+        # left running past our exit it would die on our queue's removed semaphore, printing
+        # a traceback
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             with contextlib.suppress(Exception):
-                process.terminate()
+                process.kill()
         for process in processes:
             with contextlib.suppress(Exception):
                 process.join(5)
