@@ -1,7 +1,8 @@
 """The recorder: hooks on any nn.Module that record exact per-layer gradient, activation and
 update statistics into a long-form frame (see gradscope.schema). One job per file:
 
-- recorder.py  the front: settings, attach/detach, the step schedule, results; `watch`
+- recorder.py  the front: settings, attach/detach, re-planning after model surgery; `watch`
+- steps.py     the step clock: which steps are recorded, closing a step, collecting it
 - hooks.py     which modules are watched, forward and output-gradient hooks, the registry
 - params.py    the recorded parameters: copied before the update, read after it in one
                pass (gradient, parameter, the update and its dot with the gradient, second
