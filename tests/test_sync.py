@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradscope as gs
+from benchmarks.call_ops import ops_per_call
 from gradscope.lab.models import build_model
 from gradscope.recorder.stats import native, transfer
 
@@ -186,6 +187,20 @@ def test_the_counters_see_what_they_look_for():
     assert {"item", "tolist", "__bool__", "nonzero"} <= set(functions.loop)
     assert {"_local_scalar_dense", "nonzero"} <= set(ops.loop)
     assert not functions.seen and not ops.seen  # none of them made by gradscope
+
+
+# ATen ops (kernels, views left out) one call runs on the torch-op path: a module output's sum,
+# float64 norm, one fill of the work buffer, a per-unit count and its two reductions, a NaN
+# fill and one reduction for both extremes; an output gradient's per-sample float64 norms
+OPS_PER_OUTPUT, OPS_PER_GRAD = 8, 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_recorded_call_runs_few_ops(name):
+    torch.manual_seed(0)
+    counts = ops_per_call(MODELS[name](), torch.randn(8, 784))
+    assert 0 < counts["output"] <= OPS_PER_OUTPUT, counts
+    assert 0 < counts["grad"] <= OPS_PER_GRAD, counts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
