@@ -182,7 +182,7 @@ class StepCapture:
     def collect(
         self,
         updates: Part | None,
-        scaler_scale: float | None,
+        scaler_scale: torch.Tensor | float | None,
         geometry: tuple[Part, Part] | None = None,
     ) -> PendingStep:
         """Starts the step's one transfer to the host (without waiting for the device) and
@@ -197,6 +197,11 @@ class StepCapture:
         grads_seen = self.grads or backwards
         scales = self.scales if grads_seen and scaler_scale is not None else []
         parts += scales
+        # the scale at the step's end (for backwards of no forward seen), a device tensor read
+        # with the rest: the scaler's update() changes it in place only after the join
+        scale_now = scaler_scale.reshape(1) if isinstance(scaler_scale, torch.Tensor) else None
+        if scale_now is not None:
+            parts.append(scale_now)
         read = self.params
         param_parts = [v for v in read.values if v is not None] if read and read.values else []
         parts += param_parts
@@ -229,6 +234,7 @@ class StepCapture:
             if graph is not None:
                 _graph_tables(graph, backwards, reader, tables)
             scale_values = reader.take(len(scales))
+            now = float(reader.take(1)[0]) if scale_now is not None else scaler_scale
             values = None
             if read is not None and read.values is not None:
                 got = iter([reader.part(p) for p in param_parts])
@@ -244,9 +250,8 @@ class StepCapture:
                     (name, float(v))
                     for name, v in zip(names, reader.take(len(scalars)), strict=True)
                 ]
-            if scaler_scale is None:
+            if now is None:
                 return tables, None
-            now = scaler_scale  # the scale at the step's end, where no forward was seen
             per_call = np.array(
                 [scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads]
             )

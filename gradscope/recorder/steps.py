@@ -166,7 +166,13 @@ class StepClock:
             read, updates, geometry = self._params.after_update(read, self.optimizer, self.geometry)
             self._capture.params = read
         scaler = self.grad_scaler
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        scale = None
+        if scaler is not None and scaler.is_enabled():
+            # the scale as a device tensor, read with the step's transfer (float() of it would
+            # wait for the device); a host number before the scaler's first scale()
+            scale = scaler._get_scale_async()
+            if scale is None:
+                scale = float(scaler.get_scale())
         # the transfer is read when it has arrived (this step on the CPU, a later one on a
         # device): _finish then makes the step's rows
         self._rows.pend(step, self._capture.collect(updates, scale, geometry), self._finish)
