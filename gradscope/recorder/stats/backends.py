@@ -21,7 +21,6 @@ import torch
 from gradscope.recorder.stats import native
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
-from gradscope.recorder.stats.units import unit_shape
 
 # the C kernels write the rows in the schema's order
 assert OUTPUT.names == native.OUTPUT_FIELDS and GRAD.names == native.GRAD_FIELDS
@@ -72,8 +71,8 @@ Decoder = Callable[[Reader], tuple[np.ndarray, np.ndarray]]
 class Backend(Protocol):
     """Per-call statistics of one step's module outputs and output gradients."""
 
-    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        """The output's row; `axis`: its units' dim (units.unit_axis)."""
+    def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
+        """The output's row; `shape`: the output as (outer, units, inner), units.unit_shape."""
         ...
 
     def repeat_moments(self) -> None:
@@ -106,8 +105,8 @@ class NativeBackend:
         self._acts = _HostRows(len(OUTPUT))
         self._grads = _HostRows(len(GRAD))
 
-    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        native.output_row(tensor, unit_shape(tensor.shape, axis), self._acts.take(1))
+    def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
+        native.output_row(tensor, shape, self._acts.take(1))
 
     def repeat_moments(self) -> None:
         self._acts.repeat()
@@ -156,8 +155,7 @@ class TorchBackend:
     def clear(self) -> None:
         self._scratch.clear()
 
-    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        shape = unit_shape(tensor.shape, axis)
+    def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
         self._moments.extend(stats.activation_moments(tensor, self._scratch, shape))
         self._units.append(shape[1] if tensor.numel() else 0)
 
