@@ -13,7 +13,7 @@ import torch
 from gradscope.recorder.stats import graph_ops, native
 from gradscope.recorder.stats.backends import NativeBackend, Reader, TorchBackend
 from gradscope.recorder.stats.fields import GRAD, GRAPH_GRAD, GRAPH_OUTPUT, OUTPUT, Reduction
-from gradscope.recorder.stats.units import unit_axis
+from gradscope.recorder.stats.units import unit_axis, unit_shape
 
 
 def _output_reference(x: torch.Tensor, axis: int | None) -> dict[str, float]:
@@ -73,13 +73,13 @@ def _transferred(backend: NativeBackend | TorchBackend) -> tuple[np.ndarray, np.
 
 def _torch_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     backend = TorchBackend()
-    backend.moments(x, axis)
+    backend.moments(x, unit_shape(x.shape, axis))
     return _transferred(backend)[0][0]
 
 
 def _native_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     backend = NativeBackend()
-    backend.moments(x, axis)
+    backend.moments(x, unit_shape(x.shape, axis))
     return _transferred(backend)[0][0]
 
 

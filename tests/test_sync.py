@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradscope as gs
+from benchmarks.call_ops import ops_per_call
 from gradscope.lab.models import build_model
 from gradscope.recorder.stats import native, transfer
 
@@ -173,6 +175,41 @@ def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
     assert {"activation", "activation_grad", "param_grad", "update"} <= set(frame.kind)
 
 
+@pytest.mark.usefixtures("torch_ops")
+def test_a_grad_scaler_adds_no_synchronization():
+    """With a GradScaler the step's scale is read on the device with the step's transfer (the
+    scaler's own .item() on found-inf is the loop's, and counted apart)."""
+    torch.manual_seed(0)
+    model = MODELS["mlp"]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batches = _steps(model, opt, "cpu", 4)
+    with gs.watch(model, optimizer=opt, every=1, grad_scaler=scaler) as rec:
+        for i, (x, y) in enumerate(batches):
+            functions, ops = SyncCounter(), SyncOpCounter()
+            with functions, ops:
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            if i:  # the first step makes the buffers
+                assert dict(functions.seen) == {} and dict(ops.seen) == {}, (i, functions.seen)
+    assert ops.loop["_local_scalar_dense"] > 0  # the scaler's found-inf check, seen
+    frame = rec.to_frame()
+    grads = frame[(frame.kind == "activation_grad") & (frame.stat == "norm")]
+    assert len(grads) and set(grads.step) == {0, 1, 2, 3}
+    # unscaled: the same loop without a scaler records the same output-gradient norms
+    torch.manual_seed(0)
+    twin = MODELS["mlp"]()
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    with gs.watch(twin, optimizer=twin_opt, every=1) as plain:
+        _train(plain, twin, twin_opt, batches)
+    ref = plain.to_frame()
+    ref = ref[(ref.kind == "activation_grad") & (ref.stat == "norm")]
+    assert np.allclose(grads.value.to_numpy(), ref.value.to_numpy(), rtol=1e-5)
+
+
 def test_the_counters_see_what_they_look_for():
     """The detector itself: each kind of synchronizing call is counted."""
     x = torch.arange(4.0)
@@ -186,6 +223,20 @@ def test_the_counters_see_what_they_look_for():
     assert {"item", "tolist", "__bool__", "nonzero"} <= set(functions.loop)
     assert {"_local_scalar_dense", "nonzero"} <= set(ops.loop)
     assert not functions.seen and not ops.seen  # none of them made by gradscope
+
+
+# ATen ops (kernels, views left out) one call runs on the torch-op path: a module output's sum,
+# float64 norm, one fill of the work buffer, a per-unit count and its two reductions, a NaN
+# fill and one reduction for both extremes; an output gradient's per-sample float64 norms
+OPS_PER_OUTPUT, OPS_PER_GRAD = 8, 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_recorded_call_runs_few_ops(name):
+    torch.manual_seed(0)
+    counts = ops_per_call(MODELS[name](), torch.randn(8, 784))
+    assert 0 < counts["output"] <= OPS_PER_OUTPUT, counts
+    assert 0 < counts["grad"] <= OPS_PER_GRAD, counts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

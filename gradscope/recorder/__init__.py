@@ -1,7 +1,8 @@
 """The recorder: hooks on any nn.Module that record exact per-layer gradient, activation and
 update statistics into a long-form frame (see gradscope.schema). One job per file:
 
-- recorder.py  the front: settings, attach/detach, the step schedule, results; `watch`
+- recorder.py  the front: settings, attach/detach, re-planning after model surgery; `watch`
+- steps.py     the step clock: which steps are recorded, closing a step, collecting it
 - hooks.py     which modules are watched, forward and output-gradient hooks, the registry
 - params.py    the recorded parameters: copied before the update, read after it in one
                pass (gradient, parameter, the update and its dot with the gradient, second
@@ -35,8 +36,9 @@ statistics are computed where its tensors are, joined there into one float64 vec
 closes and copied without blocking into a reused (page-locked where CUDA is available) host
 buffer, with an event; the host reads them when the event has completed: at a later step's
 close, or when rows, verdicts or a save are asked for (deferred.py; at most 2 steps in
-flight). No tensor is held for a recount: the torch ops compute the float64 recount beside
-each float32 sum and the host picks it where needed. On the CPU the values are there at once
+flight). No tensor is held for a recount: the torch ops sum module outputs' and output
+gradients' squares in float64 as they go, and compute the parameters' float64 recount beside
+each float32 sum, which the host picks where needed. On the CPU the values are there at once
 and a step is read as it closes; on a device, what needs them early (``rec.nonfinite``, the
 non-finite origin, ``on_verdict``) sees a step one step (or two) late. Turning them into rows is host bookkeeping that waits (deferred.py)
 until the frame is asked for, the calls change, 256 steps are held or the rows would reach
@@ -55,9 +57,10 @@ Norms are exact: they equal ``torch.linalg.vector_norm(t.double())`` to 1e-6 rel
 to float32 subnormals. CPU float32/float64 tensors go through one-pass C kernels
 (``gradscope.recorder.stats.native``, compiled on first use) that accumulate in float64 and
 count non-finite values as they go; other tensors (GPU, bfloat16, or where no C compiler is found) through
-torch ops, as float32 cascade sums of squares, with float64 norms computed beside them on
-the device that the host takes where a square may have underflowed or overflowed (nothing
-is held until the step closes). ``min`` and ``max`` ignore NaN (counted
+torch ops: module outputs and output gradients in eight ops and one op a call, their sums of
+squares as float64 norms; parameters as float32 cascade sums of squares over size groups,
+with float64 foreach norms beside them that the host takes where a square may have
+underflowed or overflowed (nothing is held until the step closes). ``min`` and ``max`` ignore NaN (counted
 in ``nonfinite``). Statistics of all calls of a module within one step (shared weights,
 micro-batches) are merged from additive moments. Forward passes under ``torch.no_grad()``
 (evaluation) are skipped. Device statistics move to the host once per recorded step. From

@@ -17,7 +17,7 @@ from gradscope.recorder.stats.backends import Backend, Backends, Reader, exact_p
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
 from gradscope.recorder.stats.torch_ops import ParamValues
 from gradscope.recorder.stats.transfer import StepTransfer, TransferPool
-from gradscope.recorder.stats.units import unit_axis
+from gradscope.recorder.stats.units import unit_axis, unit_shape
 
 
 class OutputCall(NamedTuple):
@@ -105,8 +105,20 @@ class StepCapture:
         self._transfers = TransferPool()  # host buffers for the steps' one transfer each
         # labels of the watched modules whose 3-d outputs have their units on dim 1 (set at
         # attach: units.channel_first)
-        self.channel_first: frozenset[str] = frozenset()
+        self._channel_first: frozenset[str] = frozenset()
+        # (label, output shape) -> the output as (outer, units, inner): decided once, not at
+        # every call (a recorded step of a deep stack makes hundreds)
+        self._unit_shapes: dict[tuple[str, torch.Size], tuple[int, int, int]] = {}
         self.reset()
+
+    @property
+    def channel_first(self) -> frozenset[str]:
+        return self._channel_first
+
+    @channel_first.setter
+    def channel_first(self, labels: frozenset[str]) -> None:
+        self._channel_first = labels
+        self._unit_shapes.clear()
 
     def reset(self) -> None:
         self.backends.reset()
@@ -125,26 +137,32 @@ class StepCapture:
         self.params: ParamRead | None = None
         self.scalars: list[tuple[str, torch.Tensor | float]] = []
         # the tensor of the last output call and of the last gradient call, its version
-        # counter then, and the backend that took it (and the output's unit axis)
-        self._last_output: tuple[torch.Tensor | None, int | None, Any, int | None] = (
+        # counter then, and the backend that took it (and the output's unit shape)
+        self._last_output: tuple[torch.Tensor | None, int | None, Any, tuple[int, ...] | None] = (
             None, None, None, None,
         )  # fmt: skip
         self._last_grad: tuple[torch.Tensor | None, int | None, Any] = (None, None, None)
 
     def output(self, label: str, band: tuple[float, float] | None, tensor: torch.Tensor) -> None:
         numel = tensor.numel()
-        ndim = tensor.dim()
-        axis = unit_axis(ndim, ndim == 3 and label.partition("[")[0] in self.channel_first)
+        key = (label, tensor.shape)
+        shape = self._unit_shapes.get(key)
+        if shape is None:
+            if len(self._unit_shapes) > 4096:  # shapes that vary (sequence lengths)
+                self._unit_shapes.clear()
+            ndim = tensor.dim()
+            first = ndim == 3 and label.partition("[")[0] in self._channel_first
+            shape = self._unit_shapes[key] = unit_shape(tensor.shape, unit_axis(ndim, first))
         last = self._last_output
-        if last[0] is tensor and last[1] == version(tensor) is not None and last[3] == axis:
+        if last[0] is tensor and last[1] == version(tensor) is not None and last[3] == shape:
             # the very tensor the last call saw, unchanged (a block's output is its last
             # layer's): the same statistics, copied instead of computed again
             backend = last[2]
             backend.repeat_moments()
         else:
             backend = self.backends.for_tensor(tensor) if numel else self.backends.torch
-            backend.moments(tensor, axis)
-            self._last_output = (tensor, version(tensor), backend, axis)
+            backend.moments(tensor, shape)
+            self._last_output = (tensor, version(tensor), backend, shape)
         if band is not None:
             self.saturated.append((len(self.outputs), backend.saturated(tensor, band)))
         self.outputs.append(OutputCall(label, numel, backend))
@@ -182,7 +200,7 @@ class StepCapture:
     def collect(
         self,
         updates: Part | None,
-        scaler_scale: float | None,
+        scaler_scale: torch.Tensor | float | None,
         geometry: tuple[Part, Part] | None = None,
     ) -> PendingStep:
         """Starts the step's one transfer to the host (without waiting for the device) and
@@ -197,6 +215,11 @@ class StepCapture:
         grads_seen = self.grads or backwards
         scales = self.scales if grads_seen and scaler_scale is not None else []
         parts += scales
+        # the scale at the step's end (for backwards of no forward seen), a device tensor read
+        # with the rest: the scaler's update() changes it in place only after the join
+        scale_now = scaler_scale.reshape(1) if isinstance(scaler_scale, torch.Tensor) else None
+        if scale_now is not None:
+            parts.append(scale_now)
         read = self.params
         param_parts = [v for v in read.values if v is not None] if read and read.values else []
         parts += param_parts
@@ -229,6 +252,7 @@ class StepCapture:
             if graph is not None:
                 _graph_tables(graph, backwards, reader, tables)
             scale_values = reader.take(len(scales))
+            now = float(reader.take(1)[0]) if scale_now is not None else scaler_scale
             values = None
             if read is not None and read.values is not None:
                 got = iter([reader.part(p) for p in param_parts])
@@ -244,9 +268,8 @@ class StepCapture:
                     (name, float(v))
                     for name, v in zip(names, reader.take(len(scalars)), strict=True)
                 ]
-            if scaler_scale is None:
+            if now is None:
                 return tables, None
-            now = scaler_scale  # the scale at the step's end, where no forward was seen
             per_call = np.array(
                 [scale_values[g.scale] if g.scale >= 0 else now for g in tables.grads]
             )

@@ -1,7 +1,8 @@
 """Two ways to compute the statistics of a module output or an output gradient, with the same
 results in the same rows (fields.OUTPUT, fields.GRAD): the C kernels (CPU float32/float64
-tensors, exact as they go) and torch ops (every other tensor: cascade sums on the device,
-recounted in float64 where a square may have under- or overflowed). Which one takes a tensor
+tensors, exact as they go) and torch ops (every other tensor: on its device, sums of squares
+in float64; parameters' float32 sums recounted in float64 where a square may have under- or
+overflowed). Which one takes a tensor
 is decided in one function, `choose`, for module outputs, output gradients and parameters;
 nothing else in the recorder tells them apart. (The third, compiled graphs, is chosen at
 attach for a compiled model: recorder/compiled.py, rows from graph_ops.py.)
@@ -20,7 +21,6 @@ import torch
 from gradscope.recorder.stats import native
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
-from gradscope.recorder.stats.units import unit_shape
 
 # the C kernels write the rows in the schema's order
 assert OUTPUT.names == native.OUTPUT_FIELDS and GRAD.names == native.GRAD_FIELDS
@@ -71,8 +71,8 @@ Decoder = Callable[[Reader], tuple[np.ndarray, np.ndarray]]
 class Backend(Protocol):
     """Per-call statistics of one step's module outputs and output gradients."""
 
-    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        """The output's row; `axis`: its units' dim (units.unit_axis)."""
+    def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
+        """The output's row; `shape`: the output as (outer, units, inner), units.unit_shape."""
         ...
 
     def repeat_moments(self) -> None:
@@ -105,8 +105,8 @@ class NativeBackend:
         self._acts = _HostRows(len(OUTPUT))
         self._grads = _HostRows(len(GRAD))
 
-    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        native.output_row(tensor, unit_shape(tensor.shape, axis), self._acts.take(1))
+    def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
+        native.output_row(tensor, shape, self._acts.take(1))
 
     def repeat_moments(self) -> None:
         self._acts.repeat()
@@ -138,109 +138,86 @@ class NativeBackend:
 
 class TorchBackend:
     """Torch ops on the tensor's device: each call's values stay there until the step's one
-    transfer; the float32 sums of squares or their float64 recounts are chosen on the host
-    (torch_ops.exact_sumsq), so no tensor is kept and nothing waits for the device."""
+    transfer, so no tensor is kept and nothing waits for the device."""
 
     def __init__(self) -> None:
         self._scratch = stats.Scratch()
         self.reset()
 
     def reset(self) -> None:
-        # per call, flat: torch_ops.MOMENTS, torch_ops.COUNTS, the float64 norm
+        # per output call, flat: torch_ops.MOMENTS (7 values, in 5 tensors)
         self._moments: list[torch.Tensor] = []
-        self._counts: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []
-        self._numel: list[int] = []
         self._units: list[int] = []
-        # per gradient call: the per-sample float32 sums and float64 norms, samples, numel
-        self._sample_sumsq: list[torch.Tensor] = []
+        # per gradient call: the per-sample float64 norms, and its number of samples
         self._sample_norms: list[torch.Tensor] = []
-        self._grads: list[tuple[int, int]] = []
+        self._samples: list[int] = []
 
     def clear(self) -> None:
         self._scratch.clear()
 
-    def moments(self, tensor: torch.Tensor, axis: int | None) -> None:
-        moments, counts, norm = stats.activation_moments(tensor, self._scratch, axis)
-        self._moments.extend(moments)
-        self._counts.extend(counts)
-        self._norms.append(norm)
-        self._numel.append(tensor.numel())
-        self._units.append((1 if axis is None else tensor.shape[axis]) if tensor.numel() else 0)
+    def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
+        self._moments.extend(stats.activation_moments(tensor, self._scratch, shape))
+        self._units.append(shape[1] if tensor.numel() else 0)
 
     def repeat_moments(self) -> None:
-        self._moments.extend(self._moments[-len(stats.MOMENTS) :])
-        self._counts.extend(self._counts[-len(stats.COUNTS) :])
-        self._norms.append(self._norms[-1])
-        self._numel.append(self._numel[-1])
+        self._moments.extend(self._moments[-_MOMENT_PARTS:])
         self._units.append(self._units[-1])
 
     def repeat_grad(self) -> None:
-        self._sample_sumsq.append(self._sample_sumsq[-1])
         self._sample_norms.append(self._sample_norms[-1])
-        self._grads.append(self._grads[-1])
+        self._samples.append(self._samples[-1])
 
     def saturated(self, tensor: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
         return stats.saturated_count(tensor, band)
 
     def grad(self, grad: torch.Tensor, samples: int) -> None:
-        sumsq, norms = stats.sample_sumsq(grad, self._scratch)
-        self._sample_sumsq.append(sumsq)
-        self._sample_norms.append(norms)
-        self._grads.append((samples, grad.numel()))
+        self._sample_norms.append(stats.sample_norms(grad))
+        self._samples.append(samples)
 
     def device_parts(self) -> list[torch.Tensor]:
-        return [
-            *self._moments,
-            *self._counts,
-            *self._norms,
-            *self._sample_sumsq,
-            *self._sample_norms,
-        ]
+        return [*self._moments, *self._sample_norms]
 
     def decoder(self) -> Decoder:
-        numel = np.array(self._numel, dtype=np.float64)
         units = np.array(self._units, dtype=np.float64)
-        grads = list(self._grads)
-        return lambda reader: (_output_table(reader, numel, units), _grad_table(reader, grads))
+        samples = list(self._samples)
+        return lambda reader: (_output_table(reader, units), _grad_table(reader, samples))
 
 
-def _output_table(reader: Reader, numel: np.ndarray, units: np.ndarray) -> np.ndarray:
+_MOMENT_PARTS = 5  # tensors activation_moments returns
+
+
+def _output_table(reader: Reader, units: np.ndarray) -> np.ndarray:
     """TorchBackend's output rows as transferred -> (calls, fields.OUTPUT)."""
-    calls = len(numel)
+    calls = len(units)
     if not calls:  # the usual case on the CPU: the kernels took every call
         return _NO_ROWS[len(OUTPUT)]
-    moments = reader.take(len(stats.MOMENTS) * calls).reshape(calls, -1)
-    counts = reader.take(len(stats.COUNTS) * calls).reshape(calls, -1)
-    norms = reader.take(calls)
-    table = np.zeros((calls, len(OUTPUT)))
+    values = reader.take(len(stats.MOMENTS) * calls).reshape(calls, -1)
+    got = dict(zip(stats.MOMENTS, values.T, strict=True))
+    table = np.empty((calls, len(OUTPUT)))
     col = OUTPUT.columns(table)
-    for values, names in ((moments, stats.MOMENTS), (counts, stats.COUNTS)):
-        for k, name in enumerate(names):
-            col[name][:] = values[:, k]
+    col["sum"][:] = got["sum"]
+    col["sumsq"][:] = np.square(got["norm"])
+    col["min"][:] = -got["neg_min"]
+    col["max"][:] = got["max"]
+    col["nonzero"][:] = got["nonzero"]
+    col["nonfinite"][:] = got["nonfinite"]
+    col["dead_units"][:] = units - got["alive_units"]
     col["units"][:] = units
-    # the float64 recount where the float32 sum of squares may have lost squares, or where
-    # a value is inf or NaN
-    recount = ~np.isfinite(col["sum"]) | stats.needs_exact(col["sumsq"], numel)
-    col["sumsq"][recount] = np.square(norms[recount])
     return table
 
 
-def _grad_table(reader: Reader, grads: list[tuple[int, int]]) -> np.ndarray:
+def _grad_table(reader: Reader, samples: list[int]) -> np.ndarray:
     """TorchBackend's gradient rows as transferred -> (calls, fields.GRAD)."""
-    if not grads:
+    if not samples:
         return _NO_ROWS[len(GRAD)]
-    total = sum(samples for samples, _ in grads)
-    sample_sumsq, sample_norms = reader.take(total), reader.take(total)
-    table = np.zeros((len(grads), len(GRAD)))
-    start = 0
-    for c, (samples, numel) in enumerate(grads):
-        sumsq = sample_sumsq[start : start + samples]
-        if stats.needs_exact(sumsq, numel // max(samples, 1)).any():
-            sumsq = np.square(sample_norms[start : start + samples])
-        start += samples
-        norms = np.sqrt(sumsq)
-        table[c] = sumsq.sum(), norms.sum(), np.count_nonzero(~np.isfinite(norms))
+    norms = reader.take(sum(samples))
+    table = np.empty((len(samples), len(GRAD)))
+    col = GRAD.columns(table)
+    calls = np.repeat(np.arange(len(samples)), samples)
+    size = len(samples)
+    col["sumsq"][:] = np.bincount(calls, np.square(norms), minlength=size)
+    col["sample_norm_sum"][:] = np.bincount(calls, norms, minlength=size)
+    col["nonfinite_samples"][:] = np.bincount(calls, ~np.isfinite(norms), minlength=size)
     return table
 
 

@@ -1,10 +1,12 @@
 """The per-call statistics computed with torch ops (any device, any float dtype), in additive
 form: they add across calls, micro-batches and ranks (fields.py), and derive.py turns them
-into norms, means and fractions. Sums of squares of float32 tensors use torch's cascade summation of the squares,
-accurate to ~1e-7 relative at any length; where a square may have underflowed (subnormal
-values: first-layer gradients at depth 100 are about 1e-39) or overflowed, the result is
-flagged by `needs_exact` and the recorder redoes it in float64. Work buffers are reused
-(`Scratch`, `FlatStats`), so recorded steps allocate little.
+into norms, means and fractions. Module outputs and output gradients: sums of squares are
+float64 norms squared, exact down to float32 subnormals (first-layer gradients at depth 100
+are about 1e-39), a few ops a call (activation_moments, sample_norms). Parameters: torch's
+cascade sums of the squares over flat size groups (~1e-7 relative at any length); where a
+square may have underflowed or overflowed, `needs_exact` flags the sum and the host takes
+the float64 norm computed beside it. Work buffers are reused (`Scratch`, `FlatStats`), so
+recorded steps allocate little.
 """
 
 from __future__ import annotations
@@ -17,16 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
-# what activation_moments computes on the device for one output: moments in the output's
-# float dtype, counts (int64) and the float64 norm that replaces the float32 sum of squares
-# where a square may have left float32's normal range (chosen on the host: exact_sumsq)
-MOMENTS = ("sum", "sumsq", "min", "max")
-COUNTS = ("nonzero", "dead_units", "nonfinite")
+# what activation_moments computes on the device for one output, in this order, as one
+# float64 value each once transferred: the sum (in the output's float dtype), the float64 norm
+# (its square is the sum of squares), the non-zero and non-finite counts, the units with a
+# non-zero value, and the largest value and the smallest one negated (both ignoring NaN)
+MOMENTS = ("sum", "norm", "nonzero", "nonfinite", "alive_units", "max", "neg_min")
+# the rows of the work buffer that one elementwise op fills from an output x: x itself, x * 0
+# (NaN exactly where x is inf or NaN, else 0: its non-zeros are the non-finite count) and -x
+# (whose largest value is minus x's smallest)
+_ROW_FACTORS = (1.0, 0.0, -1.0)
 
 SATURATION_MARGIN = 0.01  # "saturated": within 1% of a bound's magnitude of that bound
-# a float32 sum of n squares is exact to ~1e-7 relative unless some squares left the normal
-# range: each underflowed square loses at most 2**-149, so sums above n * 2**-126 lose at most
-# 2**-23 relative; below that (or inf/NaN) they are redone in float64
+# (parameters) a float32 sum of n squares is exact to ~1e-7 relative unless some squares left
+# the normal range: each underflowed square loses at most 2**-149, so sums above n * 2**-126
+# lose at most 2**-23 relative; below that (or inf/NaN) they are redone in float64
 _TINY_SQUARE = 2.0**-126
 
 
@@ -35,7 +41,8 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
-        self._views: dict[tuple[torch.Size, torch.dtype, torch.device, int], torch.Tensor] = {}
+        self._views: dict[tuple[Any, torch.dtype, torch.device, int], torch.Tensor] = {}
+        self._factors: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def flat(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (dtype, device, threading.get_ident())
@@ -54,6 +61,24 @@ class Scratch:
             view = self.flat(x.numel(), x.dtype, x.device).view(x.shape)
             self._views[key] = view
         return view
+
+    def rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A (len(_ROW_FACTORS), *x.shape) buffer of `dtype` (a view of the flat one)."""
+        k = len(_ROW_FACTORS)
+        key = ((k, *x.shape), dtype, x.device, threading.get_ident())
+        view = self._views.get(key)
+        if view is None:
+            view = self.flat(k * x.numel(), dtype, x.device).view(k, *x.shape)
+            self._views[key] = view
+        return view
+
+    def factors(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """_ROW_FACTORS as a (k, 1) tensor on the device (made there: no copy to it)."""
+        factors = self._factors.get((dtype, device))
+        if factors is None:
+            factors = torch.arange(1, -2, -1, dtype=dtype, device=device).view(-1, 1)
+            self._factors[(dtype, device)] = factors
+        return factors
 
     def clear(self) -> None:
         self._buffers.clear()
@@ -81,37 +106,42 @@ def dead_units(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 
 def activation_moments(
-    x: torch.Tensor, scratch: Scratch, axis: int | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """MOMENTS and COUNTS of one tensor as 0-d tensors, and its float64 L2 norm; no host
-    sync, and nothing to recount later (the tensor need not be kept).
+    x: torch.Tensor, scratch: Scratch, shape: tuple[int, int, int]
+) -> list[torch.Tensor]:
+    """MOMENTS of one tensor as 0-d and 1-d tensors on its device; no host sync, and nothing
+    to recount later (the tensor need not be kept). `shape`: x as (outer, units, inner),
+    units along their axis (units.unit_shape).
 
-    Sums are float32 cascade sums (~1e-8 relative); the float64 norm is exact where float32
-    squares under- or overflow (subnormal gradients of deep plain stacks), and exact_sumsq
-    picks it there. Extremes ignore NaN (+inf, -inf where there is no other value), counts are
-    exact. Kernels: one per reduction over x, plus the work buffer's fills (no allocation
-    of x's size: see Scratch).
+    The sum is a cascade sum in x's float dtype (~1e-7 relative; float64 from 2**24 values
+    on); the sum of squares is the float64 norm's square, exact down to float32 subnormals
+    (the squares of deep plain stacks' gradients). Extremes ignore NaN (+inf, -inf where
+    there is no other value); counts are exact. Eight ops (kernels) for any tensor: the sum,
+    the norm, one elementwise fill of a work buffer (see _ROW_FACTORS), one per-unit count
+    and its two reductions, one NaN fill and one reduction for both extremes. The buffer is
+    reused (Scratch): no allocation of x's size.
     """
     x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
+    if not x.is_floating_point():
         x = x.float()
+    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # float32 counts are exact below 2**24 elements
-    acc = torch.float64 if x.dtype == torch.float64 or x.numel() >= 1 << 24 else x.dtype
+    acc = torch.float64 if x.dtype == torch.float64 or x.numel() >= 1 << 24 else work_dtype
+    device = x.device
     if not x.numel():
-        zero = torch.zeros((), dtype=acc, device=x.device)
-        count = torch.zeros((), dtype=torch.int64, device=x.device)
-        return [zero] * 4, [count] * 3, zero.to(torch.float64)
-    work = scratch.like(x)
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        return [zero, zero, zero.new_zeros(2), zero, zero.new_zeros(2)]
+    rows = scratch.rows(x, work_dtype)
+    factors = scratch.factors(work_dtype, device).view(-1, *([1] * x.dim()))
+    torch.mul(x.unsqueeze(0), factors, out=rows)
+    per_unit = torch.count_nonzero(rows[:2].view(2, *shape), dim=(1, 3))  # (2, units)
+    counts = per_unit.sum(dim=1)  # non-zeros, non-finite values
+    alive = torch.count_nonzero(per_unit[0])
     inf = math.inf
-    lo = torch.nan_to_num(x, nan=inf, posinf=inf, neginf=-inf, out=work).amin()
-    hi = torch.nan_to_num(x, nan=-inf, posinf=inf, neginf=-inf, out=work).amax()
-    sumsq = torch.mul(x, x, out=work).sum(dtype=acc)
-    nonfinite = torch.count_nonzero(torch.sub(x, x, out=work))  # inf - inf, NaN - NaN: NaN
-    moments = [torch.sum(x, dtype=acc), sumsq, lo.to(acc), hi.to(acc)]
-    # the non-zeros of each unit give both counts in one pass over x
-    per_unit = torch.count_nonzero(x, dim=tuple(d for d in range(x.dim()) if d != axis))
-    counts = [per_unit.sum(), per_unit.eq(0).sum(), nonfinite]
-    return moments, counts, torch.linalg.vector_norm(x, dtype=torch.float64)
+    ends = rows[::2]  # x and -x: NaN -> -inf, so that their largest values ignore NaN
+    ends.nan_to_num_(nan=-inf, posinf=inf, neginf=-inf)
+    extremes = ends.amax(dim=tuple(range(1, ends.dim())))  # max, -min
+    total = torch.sum(x, dtype=acc)
+    return [total, torch.linalg.vector_norm(x, dtype=torch.float64), counts, alive, extremes]
 
 
 def exact_sumsq(sumsq: np.ndarray, norm: np.ndarray, numel: np.ndarray | int) -> np.ndarray:
@@ -147,15 +177,14 @@ def needs_exact(sumsq: np.ndarray, numel: int | np.ndarray) -> np.ndarray:
     return (values < np.asarray(numel) * _TINY_SQUARE) | ~(values < np.finfo(np.float32).max)
 
 
-def sample_sumsq(g: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample sums of squares (samples along the first dimension), cascade-summed, and
-    the per-sample float64 norms (exact_sumsq chooses)."""
+def sample_norms(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample float64 norms (samples along the first dimension), one op: their squares
+    are the per-sample sums of squares, exact down to float32 subnormals."""
     g = g.detach()
     rows = g.reshape(1, -1) if g.dim() == 0 else g.reshape(g.shape[0], -1)
-    if rows.dtype not in (torch.float32, torch.float64):
+    if not rows.is_floating_point():
         rows = rows.float()
-    sumsq = torch.mul(rows, rows, out=scratch.like(rows)).sum(dim=1)
-    return sumsq, torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
 
 
 class ParamValues(NamedTuple):
