@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,10 @@ def module_of(param: str) -> str:
 class RunView:
     """The tables the rules read, each pivoted once from the long-form frame."""
 
-    def __init__(self, frame: pd.DataFrame) -> None:
+    def __init__(self, frame: pd.DataFrame, model: dict[str, Any] | None = None) -> None:
         self.frame = frame
+        # the recorder's model summary (Recorder.model_summary), where the caller has it
+        self.model: dict[str, Any] = model or {}
         self.steps = np.sort(frame["step"].unique()) if len(frame) else np.array([], dtype=int)
 
     def table(self, kind: Kind, stat: Stat) -> pd.DataFrame:

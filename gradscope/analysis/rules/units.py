@@ -23,6 +23,9 @@ DEAD_ELEMENT_FRAC = 0.97
 # Bounded activations within 1% of a bound: healthy tanh up to 38% in the tuning half.
 SATURATED_FRAC = 0.6
 SATURATED_SHARE = 0.5
+# A module whose exact-zero share exceeds the module before it by no more than this adds no
+# zeros of its own (a dropout's p adds p; a ReLU adds about half).
+PASS_MARGIN = 0.02
 
 
 def dead_fraction(view: RunView) -> tuple[pd.DataFrame, float]:
@@ -35,11 +38,28 @@ def dead_fraction(view: RunView) -> tuple[pd.DataFrame, float]:
     return dead / units.where(units > 0), DEAD_FRAC
 
 
-def _first(view: RunView, table: pd.DataFrame, limit: float, need: float) -> tuple[list[str], dict]:
+def pass_through(view: RunView) -> set[str]:
+    """Modules that only pass on the zeros of the module before them (dropout, pooling,
+    flatten, identity): their share of exact-zero outputs (median over steps) is no higher
+    than that module's. They cannot kill a unit; a flattened copy of a channel map even counts
+    each (channel, position) as a unit, so judging them finds dead "units" that are only
+    zero pixels."""
+    zeros = view.finite_steps(view.table(Kind.ACTIVATION, Stat.ZERO_FRAC))
+    if zeros.empty:
+        return set()
+    med = zeros.median()
+    cols = [str(c) for c in zeros.columns]
+    return {b for a, b in zip(cols[:-1], cols[1:], strict=True) if med[b] <= med[a] + PASS_MARGIN}
+
+
+def _first(
+    view: RunView, table: pd.DataFrame, limit: float, need: float, skip: set[str] | None = None
+) -> tuple[list[str], dict]:
     table = view.finite_steps(table)
     if table.empty:
         return [], {}
-    table = table[[c for c in table.columns if c not in view.stream]]
+    skip = skip or set()
+    table = table[[c for c in table.columns if c not in view.stream and str(c) not in skip]]
     hits, spans = [], {}
     for module in table.columns:
         s = span(table[module] >= limit)
@@ -53,6 +73,7 @@ def check(view: RunView) -> list[Verdict]:
     out = []
     last = int(view.steps[-1]) if len(view.steps) else 0
     dead, dead_limit = dead_fraction(view)
+    inherit = pass_through(view)
     for table, limit, need, vid, words, advice in (
         (
             dead,
@@ -74,7 +95,9 @@ def check(view: RunView) -> list[Verdict]:
             "normalize the activation's input (LayerNorm), use xavier init, or ReLU/GELU",
         ),
     ):
-        hits, spans = _first(view, table, limit, need)
+        hits, spans = _first(
+            view, table, limit, need, inherit if vid == VerdictId.DEAD_UNITS else None
+        )
         if not hits:
             continue
         module = hits[0]
