@@ -2,6 +2,7 @@
 wrapper's forward, the onset of unzeroed gradients, pass-through modules not "dead", and a
 transient gradient spike on an ordinary batch."""
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -120,3 +121,46 @@ def test_dropout_after_a_relu_passes_zeros_on_and_is_not_judged():
             rows.append((step, layer, "activation", "zero_frac", zf))
     view = RunView(pd.DataFrame(rows, columns=["step", "layer", "kind", "stat", "value"]))
     assert units.pass_through(view) == {"drop"}
+
+
+def test_the_views_tables_are_pandas_pivot_tables():
+    from gradscope.analysis.view import _wide
+
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame(
+        {
+            "step": rng.integers(0, 30, n),
+            "layer": rng.choice(["b", "a", "c.x", "d"], n),
+            "kind": rng.choice(["activation", "param_grad"], n),
+            "stat": rng.choice(["rms", "norm"], n),
+            "value": np.where(rng.random(n) < 0.2, np.nan, rng.normal(size=n)),
+        }
+    )
+    frame.loc[frame["step"] == 7, "value"] = np.nan  # a step with no value at all
+    for kind, stat in (("activation", "rms"), ("param_grad", "norm"), ("param", "norm")):
+        ours = _wide(frame, kind, stat)
+        rows = frame[(frame["kind"] == kind) & (frame["stat"] == stat)]
+        if rows.empty:
+            assert ours.empty
+            continue
+        ref = rows.pivot_table(index="step", columns="layer", values="value", aggfunc="first")
+        ref = ref.reindex(columns=list(dict.fromkeys(rows["layer"]))).sort_index()
+        pd.testing.assert_frame_equal(ours, ref, check_names=False, check_index_type=False)
+
+
+def test_dead_units_explain_vanishing_only_when_they_come_after_the_starved_layers():
+    from gradscope.analysis.rank import rank
+    from gradscope.verdict import Verdict
+
+    def dead(at):
+        return Verdict("dead_units", "warning", "d", "", [str(at)], {"position": at}, None, 0, 9)
+
+    vanishing = Verdict(
+        "vanishing_gradients", "error", "v", "", ["0"], {"last_starved_position": 20}, None, 0, 9
+    )
+    after = rank([dead(30), vanishing])
+    assert [v.id for v in after] == ["dead_units"] and after[0].explains == ["vanishing_gradients"]
+    within = rank([dead(12), vanishing])
+    assert [v.id for v in within] == ["vanishing_gradients"]
+    assert within[0].explains == ["dead_units"]

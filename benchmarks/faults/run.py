@@ -342,7 +342,34 @@ def main(argv: list[str] | None = None) -> None:
                 f"event (divergence, spikes): median {summary['online_median_lead_divergence']}, "
                 f"min {summary['online_min_lead_divergence']}"
             )
+    if len(summaries) > 1:
+        print("\n" + columns(summaries))
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
+
+
+def columns(summaries: dict[str, dict[str, Any]]) -> str:
+    """The splits side by side: one column each (the blind set its own)."""
+
+    def cell(s: dict[str, Any], key: str) -> str:
+        v = s.get(key)
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    rows = [
+        ("runs scored", "scored"),
+        ("faulty", "faulty"),
+        ("recall", "recall"),
+        ("false alarms/healthy run", "false_alarm_rate"),
+        ("cause first", "cause_first"),
+        ("layer first", "layer_first"),
+        ("median lead (divergence)", "median_lead_divergence"),
+        ("online: healthy alarmed", "online_false_alarms"),
+        ("online: faulty alarmed", "online_recall"),
+    ]
+    names = list(summaries)
+    lines = [f"{'':<26}" + "".join(f"{n:>14}" for n in names)]
+    for label, key in rows:
+        lines.append(f"{label:<26}" + "".join(f"{cell(summaries[n], key):>14}" for n in names))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def check(view: RunView) -> list[Verdict]:
     last = int(view.steps[-1]) if len(view.steps) else 0
     dead, dead_limit = dead_fraction(view)
     inherit = pass_through(view)
+    order = [str(c) for c in view.table(Kind.ACTIVATION, Stat.RMS).columns]
     for table, limit, need, vid, words, advice in (
         (
             dead,
@@ -115,7 +116,10 @@ def check(view: RunView) -> list[Verdict]:
                 ),
                 advice,
                 hits,
-                {"median_fraction": pd.Series({m: spans[m][1] for m in hits}).to_dict()},
+                {
+                    "median_fraction": pd.Series({m: spans[m][1] for m in hits}).to_dict(),
+                    "position": order.index(module) if module in order else None,
+                },
                 limit,
                 s.first,
                 s.last if s.last is not None else last,
