@@ -6,7 +6,10 @@ median ratio is printed (this machine's speed drifts by 20%). Batch 64, SGD with
 every step recorded, the loss logged; each block's time includes making its frame
 (`to_frame()`), since without on_verdict the recorder makes rows later, in batches. The same
 ratio is printed for the blocks' CPU time (time.process_time): on a machine shared with other
-work, wall time mostly measures the others.
+work, wall time mostly measures the others, and even CPU time drifts 20% from block to block.
+So it also prints the CPU time spent inside the online diagnosis itself (its per-step checks
+and the whole-run checks with the frame they read), counted around
+OnlineDiagnosis.update_numbers, against the CPU time of a step recorded without it.
 
     python benchmarks/online_overhead.py [--repeats 15] [--steps 100]
 """
@@ -21,6 +24,23 @@ import torch
 from torch import nn
 
 import gradscope as gs
+from gradscope.analysis import online as online_module
+
+INSIDE = {"cpu": 0.0, "calls": 0}
+
+
+def _counted(method):  # type: ignore[no-untyped-def]
+    """The CPU time spent in the online diagnosis (what on_verdict adds to a step)."""
+
+    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        start = time.process_time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            INSIDE["cpu"] += time.process_time() - start
+            INSIDE["calls"] += 1
+
+    return run
 
 
 def block(
@@ -62,6 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    online_module.OnlineDiagnosis.update_numbers = _counted(  # type: ignore[method-assign]
+        online_module.OnlineDiagnosis.update_numbers
+    )
     model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     data = (torch.randn(64, 784), torch.randint(0, 10, (64,)))
@@ -80,6 +103,12 @@ def main() -> None:
             f"{per_step_b:.3f} ms; median ratio {statistics.median(ratios):.3f} (middle half "
             f"{q[0]:.3f} to {q[2]:.3f}; {args.repeats} alternating blocks of {args.steps} steps)"
         )
+    inside = INSIDE["cpu"] / max(1, INSIDE["calls"]) * 1e3
+    base = statistics.median(r[1] for r in runs_a) / args.steps * 1e3
+    print(
+        f"inside the online diagnosis: {inside:.3f} ms CPU a recorded step ({INSIDE['calls']} "
+        f"steps), {inside / base:.1%} of a step recorded without it ({base:.3f} ms CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -154,12 +154,13 @@ def test_dead_units_explain_vanishing_only_when_they_come_after_the_starved_laye
     from gradscope.verdict import Verdict
 
     def dead(at):
-        return Verdict("dead_units", "warning", "d", "", [str(at)], {"position": at}, None, 0, 9)
+        where = {"position": at, "reads_position": at + 2}
+        return Verdict("dead_units", "warning", "d", "", [str(at)], where, None, 0, 9)
 
     vanishing = Verdict(
         "vanishing_gradients", "error", "v", "", ["0"], {"last_starved_position": 20}, None, 0, 9
     )
-    after = rank([dead(30), vanishing])
+    after = rank([dead(18), vanishing])  # starved: up to the layer that reads the zeros
     assert [v.id for v in after] == ["dead_units"] and after[0].explains == ["vanishing_gradients"]
     within = rank([dead(12), vanishing])
     assert [v.id for v in within] == ["vanishing_gradients"]

@@ -31,8 +31,8 @@ from gradscope.verdict import Verdict, fmt
 
 ALARM = (Severity.WARNING, Severity.ERROR)
 _clock = time.process_time
-# The whole-run rules may take this share of the wall time between their runs.
-FULL_BUDGET = 0.03
+# The whole-run rules may take this share of the CPU time between their runs.
+FULL_BUDGET = 0.02
 MIN_FULL_EVERY = 16  # recorded steps between two whole-run diagnoses, at least
 # (seconds of CPU: 33 ms for 33 steps of the 784-128-10 MLP, making its frame included)
 FIRST_FULL_COST_GUESS = 0.05
@@ -61,7 +61,7 @@ class OnlineDiagnosis:
         self._since_full = 0
         self._last_full_end = _clock()
         # (a guess until the first whole-run diagnosis is timed; the first then runs after
-        # GUESS / FULL_BUDGET seconds of training's CPU time, about 1.7 s)
+        # GUESS / FULL_BUDGET seconds of training's CPU time, 2.5 s)
         self._last_full_cost = FIRST_FULL_COST_GUESS
         self._masks: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._keep: tuple[tuple[int, ...], list[int]] | None = None

@@ -64,12 +64,13 @@ def _onset(v: Verdict) -> int:
 
 
 def _dead_within_starved(dead: Verdict, vanishing: Verdict) -> bool:
-    """Dead units starve only the layers before them; where layers between them and the
-    output are starved too, the signal shrinking over depth (init, depth) made both: the
-    vanishing gradient is the cause, the units dead deep in the stack one of its symptoms."""
-    at = dead.evidence.get("position")
+    """Dead units starve the layers before them and the layer that reads them (its input is
+    zero); where layers further toward the output are starved too, the signal shrinking over
+    depth (init, depth) made both: the vanishing gradient is the cause, the units dead deep in
+    the stack one of its symptoms."""
+    at = dead.evidence.get("reads_position", dead.evidence.get("position"))
     reach = vanishing.evidence.get("last_starved_position")
-    return at is not None and reach is not None and at <= reach
+    return at is not None and reach is not None and at < reach
 
 
 def _explains(root: Verdict, symptom: Verdict) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gradscope.analysis.view import RunView, span
+from gradscope.analysis.view import RunView, module_of, span
 from gradscope.schema import Kind, Severity, Stat, VerdictId
 from gradscope.verdict import Verdict, of_steps, plural
 
@@ -69,6 +69,15 @@ def _first(
     return hits, spans
 
 
+def _next_weighted(view: RunView, order: list[str], module: str) -> int | None:
+    """The forward position of the first module with a weight matrix after `module`."""
+    if module not in order:
+        return None
+    weighted = {module_of(m) for m in view.matrices}
+    after = [i for i in range(order.index(module) + 1, len(order)) if order[i] in weighted]
+    return after[0] if after else None
+
+
 def check(view: RunView) -> list[Verdict]:
     out = []
     last = int(view.steps[-1]) if len(view.steps) else 0
@@ -119,6 +128,9 @@ def check(view: RunView) -> list[Verdict]:
                 {
                     "median_fraction": pd.Series({m: spans[m][1] for m in hits}).to_dict(),
                     "position": order.index(module) if module in order else None,
+                    # the first layer with weights after it reads its zeros: its weight
+                    # gradient is starved by them too (gradscope.analysis.rank)
+                    "reads_position": _next_weighted(view, order, module),
                 },
                 limit,
                 s.first,
