@@ -1,7 +1,11 @@
 """Runs the labelled fault benchmark: each case recorded by gradscope and checked in plain
 torch, then scored (recall, false alarms, cause and layer named first, detection lead).
 
-    python -m benchmarks.faults [--split tune|heldout|all] [--only NAME ...] [--out DIR]
+    python -m benchmarks.faults [--split tune|heldout|blind|all] [--only NAME ...] [--out DIR]
+        [--seed N] [--online] [--check-only]
+
+Splits: "tune" (rules may be tuned on it), "heldout" (held out in session 1, looked at since),
+"blind" (benchmarks.faults.blind: frozen before session 2 changed any rule, scored once).
 
 Prints one line per run as it finishes and a table per fault class and split; writes one JSON
 per run into DIR (default benchmarks/faults/results/) as it is produced, and summary.json.
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 import gradscope as gs
+from benchmarks.faults.blind import BLIND
 from benchmarks.faults.registry import CASES, Case, Trace
 
 ALARM = ("warning", "error")
@@ -89,7 +94,9 @@ def _out_rms(model: nn.Module, batch: Any) -> dict[str, float]:
     return out
 
 
-def run_case(case: Case, seed: int = 0, online: bool = False) -> dict[str, Any]:
+def run_case(
+    case: Case, seed: int = 0, online: bool = False, diagnose: bool = True
+) -> dict[str, Any]:
     """One case: trained for its steps under gs.watch (every step, the loss logged), with a
     plain-torch trace beside it; returns the record that is scored and saved."""
     setup = case.build(seed)
@@ -129,7 +136,7 @@ def run_case(case: Case, seed: int = 0, online: bool = False) -> dict[str, Any]:
         model, setup.batches[min(len(trace.losses), len(setup.batches)) - 1]
     )
     ok, why = case.check(trace)
-    verdicts = rec.diagnose()
+    verdicts = rec.diagnose() if diagnose else []
     return {
         "name": case.name,
         "cause": case.cause,
@@ -274,39 +281,47 @@ _DIVERGE = ("lr_too_high", "lr_jump", "bad_batch", "post_ln_no_warmup")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", choices=["tune", "heldout", "all"], default="all")
+    parser.add_argument("--split", choices=["tune", "heldout", "blind", "all"], default="all")
     parser.add_argument("--only", nargs="*", default=None, help="case names")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--online", action="store_true", help="also run on_verdict (slower)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--check-only",
+        action="store_true",
+        help="run the plain-torch checks only: no diagnosis is made or scored",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cases = [c for c in CASES if args.split in ("all", c.split)]
+    cases = [c for c in CASES + BLIND if args.split in ("all", c.split)]
     if args.only:
         cases = [c for c in cases if c.name in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, case in enumerate(cases, 1):
         try:
-            record = run_case(case, args.seed, args.online)
+            record = run_case(case, args.seed, args.online, not args.check_only)
         except Exception as exc:  # one broken case is reported, the others go on
             print(f"[{i}/{len(cases)}] {case.name}: FAILED to run: {exc!r}", flush=True)
             continue
         records.append(record)
         (args.out / f"{case.name}.json").write_text(json.dumps(record, indent=1))
-        s = score(record) if record["check_ok"] else {}
+        s = score(record) if record["check_ok"] and not args.check_only else {}
         mark = "" if record["check_ok"] else "  (check failed: not scored)"
         print(
             f"[{i}/{len(cases)}] {case.name:<28} {case.split:<7} {record['seconds']:>5.1f}s "
             f"top={s.get('top', '-')}@{s.get('top_layer')} {record['check']}{mark}",
             flush=True,
         )
+    if args.check_only:
+        return
     splits = {"all": records}
     if args.split == "all":
         splits = {
             "tune": [r for r in records if r["split"] == "tune"],
             "heldout": [r for r in records if r["split"] == "heldout"],
-            "all": records,
+            "blind": [r for r in records if r["split"] == "blind"],
+            "tune+heldout": [r for r in records if r["split"] != "blind"],
         }
     summaries = {}
     for name, recs in splits.items():
@@ -327,7 +342,34 @@ def main(argv: list[str] | None = None) -> None:
                 f"event (divergence, spikes): median {summary['online_median_lead_divergence']}, "
                 f"min {summary['online_min_lead_divergence']}"
             )
+    if len(summaries) > 1:
+        print("\n" + columns(summaries))
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
+
+
+def columns(summaries: dict[str, dict[str, Any]]) -> str:
+    """The splits side by side: one column each (the blind set its own)."""
+
+    def cell(s: dict[str, Any], key: str) -> str:
+        v = s.get(key)
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    rows = [
+        ("runs scored", "scored"),
+        ("faulty", "faulty"),
+        ("recall", "recall"),
+        ("false alarms/healthy run", "false_alarm_rate"),
+        ("cause first", "cause_first"),
+        ("layer first", "layer_first"),
+        ("median lead (divergence)", "median_lead_divergence"),
+        ("online: healthy alarmed", "online_false_alarms"),
+        ("online: faulty alarmed", "online_recall"),
+    ]
+    names = list(summaries)
+    lines = [f"{'':<26}" + "".join(f"{n:>14}" for n in names)]
+    for label, key in rows:
+        lines.append(f"{label:<26}" + "".join(f"{cell(summaries[n], key):>14}" for n in names))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

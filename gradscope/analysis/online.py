@@ -7,7 +7,8 @@ gradscope.analysis.rules.instability on them at once, with its thresholds: updat
 as the weights, a gradient leaving its baseline at an unchanged step size, a non-finite
 value. The whole-run rules run over the first recorded step and the last `window` ones, as
 often as keeps their cost under FULL_BUDGET of the time training takes (and at once after an
-early warning). A verdict is reported once per id, and not at all when a root cause already
+early warning); both are measured in CPU time (time.process_time), so a loaded machine,
+which stretches wall time, neither makes them run more often nor inflates their share. A verdict is reported once per id, and not at all when a root cause already
 reported explains it (gradscope.analysis.rank.EXPLAINS).
 """
 
@@ -29,10 +30,12 @@ from gradscope.schema import COLUMNS, TOTAL, Kind, Severity, Stat, VerdictId
 from gradscope.verdict import Verdict, fmt
 
 ALARM = (Severity.WARNING, Severity.ERROR)
-# The whole-run rules may take this share of the wall time between their runs.
-FULL_BUDGET = 0.03
+_clock = time.process_time
+# The whole-run rules may take this share of the CPU time between their runs.
+FULL_BUDGET = 0.02
 MIN_FULL_EVERY = 16  # recorded steps between two whole-run diagnoses, at least
-FIRST_FULL_COST_GUESS = 0.5  # seconds
+# (seconds of CPU: 33 ms for 33 steps of the 784-128-10 MLP, making its frame included)
+FIRST_FULL_COST_GUESS = 0.05
 
 Rows = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -56,12 +59,12 @@ class OnlineDiagnosis:
         )
         self._announced: set[str] = set()
         self._since_full = 0
-        self._last_full_end = time.perf_counter()
-        # (a guess until the first whole-run diagnosis is timed: ~0.6 s for 33 steps of a
-        # small MLP with making its frame; the first then runs after GUESS / FULL_BUDGET
-        # seconds of training, about 17 s)
+        self._last_full_end = _clock()
+        # (a guess until the first whole-run diagnosis is timed; the first then runs after
+        # GUESS / FULL_BUDGET seconds of training's CPU time, 2.5 s)
         self._last_full_cost = FIRST_FULL_COST_GUESS
         self._masks: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._keep: tuple[tuple[int, ...], list[int]] | None = None
 
     def update(self, step_frame: pd.DataFrame) -> list[Verdict]:
         """Adds one recorded step's rows (a frame of one step); returns the new verdicts."""
@@ -91,14 +94,14 @@ class OnlineDiagnosis:
         self._recent.append(rows)
         self._since_full += 1
         found = self._early(step, layer, kind, stat, rows[4])
-        now = time.perf_counter()
+        now = _clock()
         due = (
             self._since_full >= MIN_FULL_EVERY
             and (now - self._last_full_end) * FULL_BUDGET >= self._last_full_cost
         )
         if due or any(v.severity in ALARM for v in found):
             found += [v for v in diagnose(self._window()) if v.severity in ALARM]
-            end = time.perf_counter()
+            end = _clock()
             self._last_full_cost, self._last_full_end, self._since_full = end - now, end, 0
         return self._announce(found)
 
@@ -174,23 +177,33 @@ class OnlineDiagnosis:
         grad = math.sqrt(float(grad_sumsq.sum())) if len(grad_sumsq) else math.nan
         r = s = math.nan
         if update_sumsq is not None and len(update_sumsq):
-            keep = [i for i, n in enumerate(ndims) if n >= 2] or list(range(len(ndims)))
-            u, p, g = update_sumsq[keep], param_sumsq[keep], grad_sumsq[keep]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                r = _median_finite(np.sqrt(u / np.where(p > 0, p, np.nan)).tolist())
-                s = _median_finite(np.sqrt(u / np.where(g > 0, g, np.nan)).tolist())
+            # plain Python on a few numbers: numpy's per-call cost on tiny arrays (and
+            # errstate's) was most of this method's 40 us a step
+            keep = self._matrices(ndims)
+            u, p, g = update_sumsq.tolist(), param_sumsq.tolist(), grad_sumsq.tolist()
+            r = _median_finite([math.sqrt(u[i] / p[i]) for i in keep if p[i] > 0])
+            s = _median_finite([math.sqrt(u[i] / g[i]) for i in keep if g[i] > 0])
         found = self._check(step, grad, r, s, nonfinite > 0 or not math.isfinite(grad))
         self._since_full += 1
-        now = time.perf_counter()
+        now = _clock()
         due = (
             self._since_full >= MIN_FULL_EVERY
             and (now - self._last_full_end) * FULL_BUDGET >= self._last_full_cost
         )
         if due or any(v.severity in ALARM for v in found):
             found += [v for v in diagnose(self._recent_steps(frame())) if v.severity in ALARM]
-            end = time.perf_counter()
+            end = _clock()
             self._last_full_cost, self._last_full_end, self._since_full = end - now, end, 0
         return self._announce(found)
+
+    def _matrices(self, ndims: list[int]) -> list[int]:
+        """The weight matrices' indices (every parameter's where there are none), cached
+        while the layout stays the same."""
+        key = tuple(ndims)
+        if self._keep is None or self._keep[0] != key:
+            keep = [i for i, n in enumerate(ndims) if n >= 2] or list(range(len(ndims)))
+            self._keep = (key, keep)
+        return self._keep[1]
 
     def _recent_steps(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The first recorded step (the input-scale rule judges it) and the last `window`."""

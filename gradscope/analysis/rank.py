@@ -30,7 +30,7 @@ EXPLAINS: dict[str, set[str]] = {
     V.EXPLODING_GRADIENTS: {V.SATURATED_UNITS, V.LOSS_NOT_DECREASING},
     V.DEAD_UNITS: {V.VANISHING_GRADIENTS, V.LOSS_NOT_DECREASING},
     V.SATURATED_UNITS: {V.VANISHING_GRADIENTS, V.LOSS_NOT_DECREASING},
-    V.VANISHING_GRADIENTS: {V.LOSS_NOT_DECREASING},
+    V.VANISHING_GRADIENTS: {V.LOSS_NOT_DECREASING, V.DEAD_UNITS},  # see _dead_within_starved
     V.NO_GRADIENT: set(),
 }
 # Causes whose time matters: they explain a symptom only if they began no later.
@@ -63,11 +63,25 @@ def _onset(v: Verdict) -> int:
     return v.first_step if v.first_step is not None else 0
 
 
+def _dead_within_starved(dead: Verdict, vanishing: Verdict) -> bool:
+    """Dead units starve the layers before them and the layer that reads them (its input is
+    zero); where layers further toward the output are starved too, the signal shrinking over
+    depth (init, depth) made both: the vanishing gradient is the cause, the units dead deep in
+    the stack one of its symptoms."""
+    at = dead.evidence.get("reads_position", dead.evidence.get("position"))
+    reach = vanishing.evidence.get("last_starved_position")
+    return at is not None and reach is not None and at < reach
+
+
 def _explains(root: Verdict, symptom: Verdict) -> bool:
     if symptom.id not in EXPLAINS.get(root.id, set()):
         return False
     if root.id == V.NOT_IN_OPTIMIZER:  # only the same parameters' unzeroed gradients
         return bool(set(symptom.layers) & set(root.layers))
+    if root.id == V.DEAD_UNITS and symptom.id == V.VANISHING_GRADIENTS:
+        return not _dead_within_starved(root, symptom)
+    if root.id == V.VANISHING_GRADIENTS and symptom.id == V.DEAD_UNITS:
+        return _dead_within_starved(symptom, root)
     if symptom.id == V.LOSS_NOT_DECREASING:  # a whole-run symptom: dated by the loss's quarters
         return True
     if root.id in TIMED or symptom.id in TIMED:
@@ -78,8 +92,16 @@ def _explains(root: Verdict, symptom: Verdict) -> bool:
 def rank(verdicts: list[Verdict]) -> list[Verdict]:
     """Root causes, each with the symptoms it explains folded into `explains` and its
     evidence (`symptoms`: their messages); ranked by PRIORITY, info after the rest."""
-    # (causes come before what they explain in PRIORITY, so one pass in that order suffices)
-    order = sorted(verdicts, key=lambda v: (_rank(v), _onset(v)))
+    # (causes come before what they explain in PRIORITY, so one pass in that order suffices;
+    # dead units within a vanishing gradient's starved layers go after it)
+    vanishing = [v for v in verdicts if v.id == V.VANISHING_GRADIENTS]
+
+    def place(v: Verdict) -> int:
+        if v.id == V.DEAD_UNITS and any(_dead_within_starved(v, w) for w in vanishing):
+            return _rank(vanishing[0]) + 1
+        return _rank(v)
+
+    order = sorted(verdicts, key=lambda v: (place(v), _onset(v)))
     roots: list[Verdict] = []
     folded: dict[int, list[Verdict]] = {}
     for v in order:

@@ -5,6 +5,7 @@ statistics are merged over ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -23,6 +24,16 @@ class ModelPlan:
     modules: list[tuple[str, nn.Module]]  # (label, module) whose outputs are recorded
     block_index: dict[str, float]  # each watched block's position in the stream
     channel_first: frozenset[str]  # modules whose 3-d outputs have units on dim 1 (units.py)
+    frozen: dict[str, Any]  # the parameters not recorded for requires_grad=False (frozen_of)
+
+
+def frozen_of(model: nn.Module) -> dict[str, Any]:
+    """The model's frozen parameters (requires_grad=False) by name, with their positions in
+    parameter order and the number of parameters: the diagnosis tells a frozen prefix (an
+    embedding, a backbone) from a layer frozen between layers that train."""
+    names = [unwrapped_name(n) for n, _ in model.named_parameters()]
+    frozen = [i for i, (_, p) in enumerate(model.named_parameters()) if not p.requires_grad]
+    return {"names": [names[i] for i in frozen], "positions": frozen, "of": len(names)}
 
 
 def unwrapped_name(fqn: str) -> str:
@@ -73,4 +84,5 @@ def plan_model(
         modules,
         block_index,
         units.channel_first(modules),
+        frozen_of(model),
     )

@@ -230,6 +230,7 @@ class Recorder(StepClock, RecorderResults):
             # module classes by fqn: figures tell activation functions from pass-through
             "types": {label: type(module).__name__ for label, module, _ in modules},
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "frozen": plan.frozen,
         }
         self._describe_spill()
         hooks.register(outer, self)

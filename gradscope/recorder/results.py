@@ -85,7 +85,7 @@ class RecorderResults:
         """Verdicts over everything recorded so far (see gradscope.diagnose)."""
         from gradscope.diagnose import diagnose
 
-        return VerdictList(diagnose(self.to_frame()))
+        return VerdictList(diagnose(self.to_frame(), model=self._summary))
 
     def _repr_html_(self) -> str:
         from gradscope.integrations.notebook import recorder_html

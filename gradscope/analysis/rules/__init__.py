@@ -12,6 +12,7 @@ from collections.abc import Callable
 from gradscope.analysis.rules import (
     accumulation,
     flow,
+    frozen,
     inputs,
     instability,
     loss,
@@ -29,6 +30,7 @@ RULES: dict[str, Rule] = {
     "instability": instability.check,
     "accumulation": accumulation.check,
     "optimizer": optimizer.check,
+    "frozen": frozen.check,
     "inputs": inputs.check,
     "flow": flow.check,
     "units": units.check,

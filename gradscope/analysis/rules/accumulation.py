@@ -22,6 +22,18 @@ KAPPA = 2.0
 # ... and this many times its value over the first steps: it grows, as a running sum does.
 KAPPA_GROWTH = 4.0
 MIN_STEPS = 6
+# The onset: the step from which kappa stays above this many times its first value (a running
+# sum grows from the first step that was not zeroed, well before it crosses KAPPA).
+ONSET_RISE = 1.5
+
+
+def onset(k: pd.Series, crossed: int) -> int:
+    """The first step from which `k` stays above ONSET_RISE x its first value up to the step
+    where it `crossed` the bound."""
+    upto = k[k.index <= crossed]
+    low = upto[upto <= ONSET_RISE * float(upto.iloc[0])]
+    after = upto.index[upto.index > low.index[-1]] if len(low) else upto.index
+    return int(after[0]) if len(after) else crossed
 
 
 def kappa(view: RunView) -> dict[str, pd.Series]:
@@ -52,7 +64,7 @@ def check(view: RunView) -> list[Verdict]:
         start = float(k.iloc[:3].median())
         over = k[(k > KAPPA) & (k > KAPPA_GROWTH * max(start, 1e-12))]
         if len(over):
-            hits[module] = (int(over.index[0]), float(k.max()), start)
+            hits[module] = (onset(k, int(over.index[0])), float(k.max()), start)
     if not hits:
         return []
     first = min(s for s, _, _ in hits.values())
@@ -61,9 +73,9 @@ def check(view: RunView) -> list[Verdict]:
         Verdict(
             VerdictId.GRADIENTS_NOT_ZEROED,
             Severity.ERROR,
-            f"gradients are larger than one backward pass can make from step {first} on "
-            f"(in {plural(len(hits), 'layer')}; {worst}: {fmt(hits[worst][1])} times the "
-            "bound): they are summed over optimizer steps, not zeroed",
+            f"gradients grow from step {first} on until they are larger than one backward "
+            f"pass can make (in {plural(len(hits), 'layer')}; {worst}: {fmt(hits[worst][1])} "
+            "times the bound): they are summed over optimizer steps, not zeroed",
             "call optimizer.zero_grad() (or model.zero_grad()) once per optimizer step; "
             "to accumulate over micro-batches, zero after each optimizer.step()",
             sorted(hits, key=lambda m: hits[m][0]),

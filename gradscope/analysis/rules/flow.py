@@ -9,7 +9,7 @@ import pandas as pd
 
 from gradscope.analysis.view import RunView, module_of, span
 from gradscope.frame import decay_slope
-from gradscope.schema import Severity, VerdictId
+from gradscope.schema import Kind, Severity, Stat, VerdictId
 from gradscope.verdict import Verdict, fmt, of_steps, plural
 
 # Under SGD a layer's step scales with its gradient: below 1e-3 of the last layer's, the
@@ -18,6 +18,9 @@ VANISHING_RATIO = 1e-3
 # Below this the first layers are numerically frozen (float32 keeps ~7 digits).
 SEVERE_RATIO = 1e-6
 VANISHING_SHARE = 0.5
+# ... or from the first recorded step on for this many steps in a row: made by the init and
+# the depth, then evened out by an adaptive optimizer (Adam rescales each layer's step).
+VANISHING_STEPS = 10
 # Exploding scales with depth: the gradient gains at least EXPLODING_TOTAL decades going back
 # toward the input over a fit that leaves out the first matrix (its gradient also scales
 # with the input's size), at a steady EXPLODING_DECADES per layer or more. Healthy tuning
@@ -57,6 +60,12 @@ def profile_series(view: RunView) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
 
 
+def _position(view: RunView, module: str) -> int | None:
+    """A module's place in forward order (the order its outputs were recorded in)."""
+    order = [str(c) for c in view.table(Kind.ACTIVATION, Stat.RMS).columns]
+    return order.index(module) if module in order else None
+
+
 def check(view: RunView) -> list[Verdict]:
     prof = profile_series(view)
     cols = [c for c in view.matrices if c in view.grad.columns]
@@ -65,7 +74,8 @@ def check(view: RunView) -> list[Verdict]:
     out = []
     vanish = (prof["ratio"] < VANISHING_RATIO) | prof["first_zero"]
     hold = span(vanish)
-    if hold.share >= VANISHING_SHARE:
+    from_start = int(np.argmin(vanish.to_numpy(dtype=bool))) if not vanish.all() else len(vanish)
+    if hold.share >= VANISHING_SHARE or from_start >= VANISHING_STEPS:
         held = prof.loc[vanish.to_numpy(dtype=bool)]
         ratio = float(held["ratio"].median())
         grads = view.finite_steps(view.grad)[cols]
@@ -85,6 +95,12 @@ def check(view: RunView) -> list[Verdict]:
                 {
                     "median_ratio": ratio,
                     "share_of_steps": hold.share,
+                    "steps_from_start": from_start,
+                    # how far the starved layers reach toward the output (dead units
+                    # further in cannot explain them: gradscope.analysis.rank)
+                    "last_starved_position": _position(view, module_of(starved[-1]))
+                    if starved
+                    else None,
                     "decades_per_layer": float(held["slope"].median()),
                     "matrices": len(cols),
                 },

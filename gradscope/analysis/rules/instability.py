@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from gradscope.analysis.view import RunView, trailing_median
-from gradscope.schema import Severity, VerdictId
+from gradscope.schema import Kind, Severity, Stat, VerdictId
 from gradscope.verdict import Verdict, fmt
 
 # Updates this large a share of the weights (median over weight matrices) rewrite the
@@ -28,10 +28,15 @@ UPDATE_JUMP_FLOOR = 0.01
 # The step size (update / gradient: the effective learning rate) this many times its
 # trailing median: the learning rate itself changed (schedules change it by far less a step).
 STEP_SIZE_JUMP = 3.0
+# The first module's output rms this many times its trailing median at the spike: the batch
+# itself is unlike the others: out of its baseline by an order of magnitude, as for the
+# gradient (weights grown by a high learning rate move it by a few times).
+INPUT_JUMP = GRAD_JUMP
+RECOVERY_STEPS = 5
 BASELINE_WINDOW = 20
 MIN_HISTORY = 3
-# Large but not extreme steps count when the loss does not fall either: median update
-# ratio over the first steps, and the loss's last-quarter median against its first.
+# Large but not extreme steps count when the loss does not fall either: the peak update
+# ratio over the first 10 steps (10x the healthy 0.01), and the loss's last-quarter median against its first.
 UPDATE_RATIO_STUCK = 0.1
 LOSS_STUCK = 0.9
 
@@ -89,12 +94,37 @@ def check(view: RunView) -> list[Verdict]:
     }
     if grad_jump >= GRAD_JUMP and not (size_jump >= STEP_SIZE_JUMP):
         after = view.total_grad[view.total_grad.index > step].head(3)
+        acts = view.table(Kind.ACTIVATION, Stat.RMS)
+        input_jump = _jump(acts[acts.columns[0]], step) if not acts.empty else math.nan
+        evidence |= {"input_jump": input_jump}
+        if not input_jump >= INPUT_JUMP and _recovered(view, step):
+            return [
+                Verdict(
+                    VerdictId.GRADIENT_SPIKE,
+                    Severity.INFO,
+                    f"at step {step} the gradient jumped to {fmt(grad_jump)} times its recent "
+                    "median on a batch like the others, and the run recovered (its loss fell "
+                    "back below where it was before)",
+                    "a transient: clip gradients at norm 1.0 if it recurs",
+                    [],
+                    evidence | {"next_gradients": [float(x) for x in after]},
+                    GRAD_JUMP,
+                    step,
+                    last,
+                )
+            ]
+        batch = (
+            f" (its first layer's outputs {fmt(input_jump)}x their recent median)"
+            if input_jump >= INPUT_JUMP
+            else ""
+        )
         return [
             Verdict(
                 VerdictId.GRADIENT_SPIKE,
                 Severity.WARNING,
                 f"at step {step} the gradient jumped to {fmt(grad_jump)} times its recent "
                 "median while the step size stayed the same: one batch unlike the others"
+                + batch
                 + (
                     f" (the run went non-finite at step {view.first_nonfinite})"
                     if view.first_nonfinite is not None
@@ -142,6 +172,19 @@ def check(view: RunView) -> list[Verdict]:
     ]
 
 
+def _recovered(view: RunView, step: int) -> bool:
+    """Finite throughout, and the loss over the last RECOVERY_STEPS steps below its median
+    over the RECOVERY_STEPS before `step`."""
+    loss = view.loss
+    if view.first_nonfinite is not None or len(loss) == 0:
+        return False
+    before = loss[loss.index < step].tail(RECOVERY_STEPS)
+    end = loss[loss.index > step].tail(RECOVERY_STEPS)
+    if len(before) == 0 or len(end) < RECOVERY_STEPS:
+        return False
+    return float(end.median()) < float(before.median())
+
+
 def _stuck(view: RunView, last: int) -> list[Verdict]:
     """Large steps with a loss that does not fall: too high to settle (a Post-LN stack
     without warm-up)."""
@@ -149,7 +192,9 @@ def _stuck(view: RunView, last: int) -> list[Verdict]:
     loss = view.loss.dropna()
     if len(ratio) < 8 or len(loss) < 8:
         return []
-    early = float(ratio.iloc[:10].median())
+    # the peak, not the median: Adam's ratio falls as the weights grow, after the damage
+    # (units killed, a Post-LN stack stuck) is done in the first steps
+    early = float(ratio.iloc[:10].max())
     quarter = max(2, len(loss) // 4)
     head, tail = float(loss.iloc[:quarter].median()), float(loss.iloc[-quarter:].median())
     if early >= UPDATE_RATIO_STUCK and head > 0 and tail >= LOSS_STUCK * head:
@@ -157,7 +202,7 @@ def _stuck(view: RunView, last: int) -> list[Verdict]:
             Verdict(
                 VerdictId.LR_TOO_HIGH,
                 Severity.WARNING,
-                f"updates are {fmt(early)} of the weights' norm over the first steps and the "
+                f"updates reach {fmt(early)} of the weights' norm in the first steps and the "
                 f"loss does not fall ({fmt(head)} -> {fmt(tail)})",
                 "lower the learning rate or warm it up (Post-LN transformers need warm-up)",
                 [],

@@ -52,6 +52,23 @@ def backward_origin(view: RunView, step: int) -> str | None:
     return order[last_bad + 1]
 
 
+def unrecorded_wrappers(view: RunView, where: str) -> tuple[str | None, list[str]]:
+    """The recorded module called just before `where` and those of its enclosing modules
+    whose outputs are not recorded and that do not enclose `where` (innermost first): their
+    forwards went on after it returned and before `where` ran, so a value made there reaches
+    `where` unseen (a wrapper module's own code)."""
+    order = [str(c) for c in view.table(Kind.ACTIVATION, Stat.RMS).columns]
+    if where not in order or order.index(where) == 0:
+        return None, []
+    prev = order[order.index(where) - 1]
+    parts = prev.split(".")
+    enclosing = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+    recorded = set(order)
+    return prev, [
+        a for a in enclosing if a not in recorded and not (where == a or where.startswith(a + "."))
+    ]
+
+
 def check(view: RunView) -> list[Verdict]:
     """`nonfinite_forward`, `nonfinite_backward` or `nonfinite_values` at the first step with
     an inf/NaN."""
@@ -66,6 +83,23 @@ def check(view: RunView) -> list[Verdict]:
     evidence = {"first_step": t0, "recorder_origin": recorded}
     if forward:
         where = str(recorded.get(Stat.FORWARD, forward[0]))
+        prev, wrappers = unrecorded_wrappers(view, where)
+        if wrappers:
+            return [
+                Verdict(
+                    VerdictId.NONFINITE_FORWARD,
+                    Severity.ERROR,
+                    f"inf/NaN appeared at step {t0} after {prev}'s output (finite) and before "
+                    f"{where}'s: {wrappers[0]}'s forward ran in between (its output is not "
+                    f"recorded), so look there first, then in {where}'s forward",
+                    FORWARD_ADVICE,
+                    [wrappers[0], where],
+                    evidence | {"modules": forward[:10], "after": prev, "unrecorded": wrappers},
+                    0.0,
+                    t0,
+                    last,
+                )
+            ]
         return [
             Verdict(
                 VerdictId.NONFINITE_FORWARD,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gradscope.analysis.view import RunView, span
+from gradscope.analysis.view import RunView, module_of, span
 from gradscope.schema import Kind, Severity, Stat, VerdictId
 from gradscope.verdict import Verdict, of_steps, plural
 
@@ -23,6 +23,9 @@ DEAD_ELEMENT_FRAC = 0.97
 # Bounded activations within 1% of a bound: healthy tanh up to 38% in the tuning half.
 SATURATED_FRAC = 0.6
 SATURATED_SHARE = 0.5
+# A module whose exact-zero share exceeds the module before it by no more than this adds no
+# zeros of its own (a dropout's p adds p; a ReLU adds about half).
+PASS_MARGIN = 0.02
 
 
 def dead_fraction(view: RunView) -> tuple[pd.DataFrame, float]:
@@ -35,11 +38,28 @@ def dead_fraction(view: RunView) -> tuple[pd.DataFrame, float]:
     return dead / units.where(units > 0), DEAD_FRAC
 
 
-def _first(view: RunView, table: pd.DataFrame, limit: float, need: float) -> tuple[list[str], dict]:
+def pass_through(view: RunView) -> set[str]:
+    """Modules that only pass on the zeros of the module before them (dropout, pooling,
+    flatten, identity): their share of exact-zero outputs (median over steps) is no higher
+    than that module's. They cannot kill a unit; a flattened copy of a channel map even counts
+    each (channel, position) as a unit, so judging them finds dead "units" that are only
+    zero pixels."""
+    zeros = view.finite_steps(view.table(Kind.ACTIVATION, Stat.ZERO_FRAC))
+    if zeros.empty:
+        return set()
+    med = zeros.median()
+    cols = [str(c) for c in zeros.columns]
+    return {b for a, b in zip(cols[:-1], cols[1:], strict=True) if med[b] <= med[a] + PASS_MARGIN}
+
+
+def _first(
+    view: RunView, table: pd.DataFrame, limit: float, need: float, skip: set[str] | None = None
+) -> tuple[list[str], dict]:
     table = view.finite_steps(table)
     if table.empty:
         return [], {}
-    table = table[[c for c in table.columns if c not in view.stream]]
+    skip = skip or set()
+    table = table[[c for c in table.columns if c not in view.stream and str(c) not in skip]]
     hits, spans = [], {}
     for module in table.columns:
         s = span(table[module] >= limit)
@@ -49,10 +69,21 @@ def _first(view: RunView, table: pd.DataFrame, limit: float, need: float) -> tup
     return hits, spans
 
 
+def _next_weighted(view: RunView, order: list[str], module: str) -> int | None:
+    """The forward position of the first module with a weight matrix after `module`."""
+    if module not in order:
+        return None
+    weighted = {module_of(m) for m in view.matrices}
+    after = [i for i in range(order.index(module) + 1, len(order)) if order[i] in weighted]
+    return after[0] if after else None
+
+
 def check(view: RunView) -> list[Verdict]:
     out = []
     last = int(view.steps[-1]) if len(view.steps) else 0
     dead, dead_limit = dead_fraction(view)
+    inherit = pass_through(view)
+    order = [str(c) for c in view.table(Kind.ACTIVATION, Stat.RMS).columns]
     for table, limit, need, vid, words, advice in (
         (
             dead,
@@ -74,7 +105,9 @@ def check(view: RunView) -> list[Verdict]:
             "normalize the activation's input (LayerNorm), use xavier init, or ReLU/GELU",
         ),
     ):
-        hits, spans = _first(view, table, limit, need)
+        hits, spans = _first(
+            view, table, limit, need, inherit if vid == VerdictId.DEAD_UNITS else None
+        )
         if not hits:
             continue
         module = hits[0]
@@ -92,7 +125,13 @@ def check(view: RunView) -> list[Verdict]:
                 ),
                 advice,
                 hits,
-                {"median_fraction": pd.Series({m: spans[m][1] for m in hits}).to_dict()},
+                {
+                    "median_fraction": pd.Series({m: spans[m][1] for m in hits}).to_dict(),
+                    "position": order.index(module) if module in order else None,
+                    # the first layer with weights after it reads its zeros: its weight
+                    # gradient is starved by them too (gradscope.analysis.rank)
+                    "reads_position": _next_weighted(view, order, module),
+                },
                 limit,
                 s.first,
                 s.last if s.last is not None else last,
