@@ -119,7 +119,7 @@ def _write_folder(
     held = recorder.held_frame() if parts else recorder.to_frame()
     _write_frame(out / "frame.parquet", parts, held)
     whole = pd.read_parquet(out / "frame.parquet") if parts else held
-    verdicts = diagnose(whole) if len(whole) else []
+    verdicts = diagnose(whole, model=recorder.model_summary) if len(whole) else []
     info = {
         "format": FORMAT,
         "name": name,
@@ -223,13 +223,13 @@ def _load_spill(out: Path) -> Run:
     parts = spill_parts(out)
     frames = [_read_frame(part) for part in parts]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    verdicts = diagnose(frame) if len(frame) else []
     steps = frame["step"].to_numpy()
     about: dict[str, Any] = {"model": {"class": "model", "parameters": 0}, "recorder": {}}
     with contextlib.suppress(OSError, ValueError):  # what the recorder said at attach
         described = json.loads((out / "spill.json").read_text())
         if isinstance(described, dict):
             about |= {k: v for k, v in described.items() if isinstance(v, dict)}
+    verdicts = diagnose(frame, model=about["model"]) if len(frame) else []
     info = {
         "format": FORMAT,
         "name": out.name,

@@ -86,6 +86,7 @@ def test_lightning_callback_keeps_the_folder_readable_while_training(tmp_path):
     # after recorded step 25: the parts of steps 0-9 and 10-19 (a part every 10 recorded steps)
     assert steps == list(range(20))
     assert info["spill"]["parts"] == 2 and info["model"]["class"] == "Sequential"
+    assert info["model"]["optimizer"] == "SGD"  # found in fit(), after attach
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
     run = load_run(out)  # at the end: the whole run, saved

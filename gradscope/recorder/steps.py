@@ -45,6 +45,7 @@ class StepClock:
 
     model: nn.Module | None
     _replan: Callable[[], None]  # Recorder: follows model surgery
+    _describe_spill: Callable[[], None]  # Recorder: spill.json
     to_frame: Callable[[], Any]  # RecorderResults
 
     @property
@@ -101,6 +102,7 @@ class StepClock:
         if hooks is not None and self.optimizer is not hooks.optimizer:  # found, or made anew
             self.optimizer = hooks.optimizer
             self._summary["optimizer"] = type(hooks.optimizer).__name__
+            self._describe_spill()  # a folder read mid-run names the optimizer it found
         if self._recording:
             self._capture.params = self._params.read(snapshot=True)
 
