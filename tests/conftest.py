@@ -1,16 +1,23 @@
 """Shared fixtures: the MNIST data root, Chromium and the C kernels, all required in CI
-(GRADSCOPE_REQUIRE_DATA=1), and the two ways the recorder computes its statistics."""
+(GRADSCOPE_REQUIRE_DATA=1), the two ways the recorder computes its statistics, and the
+opt-in digest of every recorded frame (GRADSCOPE_FRAME_DIGEST, tools/frames_compare.py)."""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
+from gradscope import digest
 from gradscope.lab import download
 from gradscope.lab.data import load_dataset, resolve_root
 from gradscope.recorder.stats import native
@@ -20,6 +27,57 @@ REQUIRED = os.environ.get("GRADSCOPE_REQUIRE_DATA") == "1"
 # a depth sweep of four short synthetic runs, for the CLI's end-to-end tests
 TINY_SWEEP = ["--depths", "2,6", "--variants", "plain,preln", "--steps", "12", "--every", "4"]
 TINY_SWEEP += ["--dataset", "synthetic", "--workers", "1"]
+
+
+DIGESTS = bool(os.environ.get(digest.ENV))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With GRADSCOPE_FRAME_DIGEST=<file>, every frame a recorder makes during the run is
+    logged there (gradscope/digest.py): the file is emptied once, by the controlling
+    process, and named absolutely for tests that change directory and for child processes."""
+    if not DIGESTS:
+        return
+    path = os.path.abspath(os.environ[digest.ENV])
+    os.environ[digest.ENV] = path
+    if not hasattr(config, "workerinput"):  # not an xdist worker
+        open(path, "w").close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Frames made while a test sets up, runs and tears down are logged under its id."""
+    if DIGESTS:
+        os.environ[digest.OWNER_ENV] = item.nodeid
+    yield
+    os.environ.pop(digest.OWNER_ENV, None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Iterator[None]:
+    """A shared fixture's frames are logged under the fixture, not the test that happens to
+    set it up first (which differs between runs under xdist)."""
+    if not DIGESTS or fixturedef.scope == "function":
+        yield
+        return
+    before = os.environ.get(digest.OWNER_ENV)
+    param = f"[{request.param}]" if hasattr(request, "param") else ""
+    os.environ[digest.OWNER_ENV] = f"{fixturedef.baseid}::fixture {fixturedef.argname}{param}"
+    yield
+    if before is None:
+        os.environ.pop(digest.OWNER_ENV, None)
+    else:
+        os.environ[digest.OWNER_ENV] = before
+
+
+@pytest.fixture(autouse=True)
+def digest_seeds() -> None:
+    """Digest runs seed every test the same way, so a test that draws unseeded numbers
+    records the same frame in both runs it compares."""
+    if DIGESTS:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
 
 
 def _need(reason: str) -> None:
