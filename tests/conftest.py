@@ -109,6 +109,28 @@ def mnist(mnist_root: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def finished_tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished TINY_SWEEP folder, made once per worker; tests take a copy (tiny_sweep)."""
+    from typer.testing import CliRunner
+
+    from gradscope.cli import app
+
+    out = tmp_path_factory.mktemp("tiny-sweep") / "sweep"
+    result = CliRunner().invoke(app, ["depth-sweep", *TINY_SWEEP, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def tiny_sweep(finished_tiny_sweep: Path, tmp_path: Path) -> Path:
+    """A copy of a finished tiny sweep, the test's own to damage and resume (making the
+    sweep itself is tested in test_cli.py's test_tiny_sweep_end_to_end)."""
+    out = tmp_path / "sweep"
+    shutil.copytree(finished_tiny_sweep, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
