@@ -89,3 +89,6 @@ def test_compare_matches_frames_per_test_in_any_order(
     out = capsys.readouterr().out
     assert "differing   t::x: 1 of 2 frames: columns value (float64)" in out
     assert "only-before t::y: 1 frames" in out and "only-after  t::z: 1 frames" in out
+    twice = write(tmp_path / "d", [("t::w", one), ("t::w", one)])
+    assert frames_compare.compare(twice, write(tmp_path / "e", [("t::w", one)]), None) == 1
+    assert "differing   t::w: 1 of 2 frames (1 fewer after): \n" in capsys.readouterr().out

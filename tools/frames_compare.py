@@ -91,6 +91,16 @@ def test_changed(owner: str, base: str) -> bool:
     return old is None or new is None or old != new
 
 
+def _unmatched(frames: list[dict[str, Any]], left: Counter[str]) -> list[dict[str, Any]]:
+    """The frames whose digests the other record lacks, as many of each as it lacks."""
+    out = []
+    for frame in frames:
+        if left[frame["digest"]] > 0:
+            left[frame["digest"]] -= 1
+            out.append(frame)
+    return out
+
+
 def _column_changes(a: dict[str, Any], b: dict[str, Any]) -> str:
     if a["rows"] != b["rows"]:
         return f"{a['rows']} rows vs {b['rows']}"
@@ -123,11 +133,10 @@ def compare(a: Path, b: Path, base: str | None) -> int:
             if old == new:
                 identical += 1
                 continue
-            gone = [f for f in before[owner] if (old - new)[f["digest"]] > 0]
-            came = [f for f in after[owner] if (new - old)[f["digest"]] > 0]
+            gone, came = _unmatched(before[owner], old - new), _unmatched(after[owner], new - old)
             pairs = "; ".join(_column_changes(x, y) for x, y in zip(gone, came, strict=False))
             extra = len(gone) - len(came)
-            count = f" ({extra:+d} frames)" if extra else ""
+            count = f" ({abs(extra)} {'fewer' if extra > 0 else 'more'} after)" if extra else ""
             what = "differing"
             text = f"{sum((old - new).values())} of {sum(old.values())} frames{count}: {pairs}"
         mark = ""
