@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -189,26 +189,27 @@ def load_run(path: str | Path) -> Run:
     return Run(out, frame, info)
 
 
-def _read_rows(path: Path) -> int:
+_T = TypeVar("_T")
+
+
+def _read_parquet(path: Path, read: Callable[[Path], _T]) -> _T:
+    """`read(path)`, any error it raises as one that names the file."""
     try:
-        return int(pq.read_metadata(path).num_rows)
+        return read(path)
     except OSError as e:
         if e.errno is not None:
             raise named(e, path) from e
         raise RunError(f"{path} is not a readable Parquet file ({e})") from None
     except Exception as e:  # pyarrow raises several types for a truncated or foreign file
         raise RunError(f"{path} is not a readable Parquet file ({e})") from None
+
+
+def _read_rows(path: Path) -> int:
+    return _read_parquet(path, lambda p: int(pq.read_metadata(p).num_rows))
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_parquet(path)
-    except OSError as e:
-        if e.errno is not None:
-            raise named(e, path) from e
-        raise RunError(f"{path} is not a readable Parquet file ({e})") from None
-    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
-        raise RunError(f"{path} is not a readable Parquet file ({e})") from None
+    frame = _read_parquet(path, pd.read_parquet)
     if list(frame.columns) != list(COLUMNS):
         raise RunError(f"{path} has columns {list(frame.columns)}, expected {list(COLUMNS)}")
     return frame

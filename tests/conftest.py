@@ -1,16 +1,23 @@
 """Shared fixtures: the MNIST data root, Chromium and the C kernels, all required in CI
-(GRADSCOPE_REQUIRE_DATA=1), and the two ways the recorder computes its statistics."""
+(GRADSCOPE_REQUIRE_DATA=1), the two ways the recorder computes its statistics, and the
+opt-in digest of every recorded frame (GRADSCOPE_FRAME_DIGEST, tools/frames_compare.py)."""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
+from gradscope import digest
 from gradscope.lab import download
 from gradscope.lab.data import load_dataset, resolve_root
 from gradscope.recorder.stats import native
@@ -20,6 +27,57 @@ REQUIRED = os.environ.get("GRADSCOPE_REQUIRE_DATA") == "1"
 # a depth sweep of four short synthetic runs, for the CLI's end-to-end tests
 TINY_SWEEP = ["--depths", "2,6", "--variants", "plain,preln", "--steps", "12", "--every", "4"]
 TINY_SWEEP += ["--dataset", "synthetic", "--workers", "1"]
+
+
+DIGESTS = bool(os.environ.get(digest.ENV))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With GRADSCOPE_FRAME_DIGEST=<file>, every frame a recorder makes during the run is
+    logged there (gradscope/digest.py): the file is emptied once, by the controlling
+    process, and named absolutely for tests that change directory and for child processes."""
+    if not DIGESTS:
+        return
+    path = os.path.abspath(os.environ[digest.ENV])
+    os.environ[digest.ENV] = path
+    if not hasattr(config, "workerinput"):  # not an xdist worker
+        open(path, "w").close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Frames made while a test sets up, runs and tears down are logged under its id."""
+    if DIGESTS:
+        os.environ[digest.OWNER_ENV] = item.nodeid
+    yield
+    os.environ.pop(digest.OWNER_ENV, None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Iterator[None]:
+    """A shared fixture's frames are logged under the fixture, not the test that happens to
+    set it up first (which differs between runs under xdist)."""
+    if not DIGESTS or fixturedef.scope == "function":
+        yield
+        return
+    before = os.environ.get(digest.OWNER_ENV)
+    param = f"[{request.param}]" if hasattr(request, "param") else ""
+    os.environ[digest.OWNER_ENV] = f"{fixturedef.baseid}::fixture {fixturedef.argname}{param}"
+    yield
+    if before is None:
+        os.environ.pop(digest.OWNER_ENV, None)
+    else:
+        os.environ[digest.OWNER_ENV] = before
+
+
+@pytest.fixture(autouse=True)
+def digest_seeds() -> None:
+    """Digest runs seed every test the same way, so a test that draws unseeded numbers
+    records the same frame in both runs it compares."""
+    if DIGESTS:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
 
 
 def _need(reason: str) -> None:
@@ -48,6 +106,28 @@ def mnist_root() -> Path:
 @pytest.fixture(scope="session")
 def mnist(mnist_root: Path):  # type: ignore[no-untyped-def]
     return load_dataset("mnist", mnist_root)
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished TINY_SWEEP folder, made once per worker; tests take a copy (tiny_sweep)."""
+    from typer.testing import CliRunner
+
+    from gradscope.cli import app
+
+    out = tmp_path_factory.mktemp("tiny-sweep") / "sweep"
+    result = CliRunner().invoke(app, ["depth-sweep", *TINY_SWEEP, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def tiny_sweep(finished_tiny_sweep: Path, tmp_path: Path) -> Path:
+    """A copy of a finished tiny sweep, the test's own to damage and resume (making the
+    sweep itself is tested in test_cli.py's test_tiny_sweep_end_to_end)."""
+    out = tmp_path / "sweep"
+    shutil.copytree(finished_tiny_sweep, out)
+    return out
 
 
 @pytest.fixture(scope="session")

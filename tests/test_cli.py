@@ -66,9 +66,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert (out / "report.html").is_file()
 
 
-def test_resume_skips_finished_runs(tmp_path):
-    out = tmp_path / "sweep"
-    assert _sweep(out).exit_code == 0
+def test_resume_skips_finished_runs(tiny_sweep):
+    out = tiny_sweep
     # an interruption: two runs never finished (their files are missing)
     for run_id in ("plain-d6-s0", "preln-d2-s0"):
         for suffix in (".json", ".parquet", ".loss.parquet"):

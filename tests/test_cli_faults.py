@@ -211,20 +211,18 @@ def test_a_full_disk_saving_a_run_exits_2_and_the_folder_resumes(tmp_path, monke
     assert len(pd.read_csv(out / "runs.csv")) == 4
 
 
-def test_a_second_sweep_into_a_locked_folder_is_refused(tmp_path):
+def test_a_second_sweep_into_a_locked_folder_is_refused(tiny_sweep):
     from gradscope.lab.sweep import sweep_lock
 
-    out = tmp_path / "sweep"
-    assert _sweep(out).exit_code == 0
+    out = tiny_sweep
     with sweep_lock(out):  # a sweep writing there now
         line = _one_line_error(_resume(out), str(out), "another sweep")
     assert f"pid {os.getpid()}" in line
     assert _resume(out).exit_code == 0  # free again
 
 
-def test_a_damaged_run_row_is_named_by_report_and_rerun_by_resume(tmp_path):
-    out = tmp_path / "sweep"
-    assert _sweep(out).exit_code == 0
+def test_a_damaged_run_row_is_named_by_report_and_rerun_by_resume(tiny_sweep):
+    out = tiny_sweep
     row = out / "runs" / "plain-d2-s0.json"
     data = json.loads(row.read_text())
     data["depth"] = "two"
@@ -236,9 +234,8 @@ def test_a_damaged_run_row_is_named_by_report_and_rerun_by_resume(tmp_path):
     assert json.loads(row.read_text())["depth"] == 2
 
 
-def test_a_run_outside_the_sweep_s_config_is_not_merged(tmp_path):
-    out = tmp_path / "sweep"
-    assert _sweep(out).exit_code == 0
+def test_a_run_outside_the_sweep_s_config_is_not_merged(tiny_sweep):
+    out = tiny_sweep
     for suffix in (".json", ".parquet", ".loss.parquet"):
         src = out / "runs" / f"plain-d2-s0{suffix}"
         dst = out / "runs" / f"plain-d3-s0{suffix}"
@@ -250,9 +247,8 @@ def test_a_run_outside_the_sweep_s_config_is_not_merged(tmp_path):
     _one_line_error(runner.invoke(app, ["report", str(out)]), str(row), "not a run of this")
 
 
-def test_an_empty_config_json_is_a_clear_error(tmp_path):
-    out = tmp_path / "sweep"
-    assert _sweep(out).exit_code == 0
+def test_an_empty_config_json_is_a_clear_error(tiny_sweep):
+    out = tiny_sweep
     (out / "config.json").write_text("")
     _one_line_error(_resume(out), str(out / "config.json"))
     _one_line_error(runner.invoke(app, ["report", str(out)]), str(out / "config.json"))
@@ -260,7 +256,8 @@ def test_an_empty_config_json_is_a_clear_error(tmp_path):
 
 # -- processes: kill, terminate, Ctrl-C ------------------------------------------------------
 
-LONG = ["--depths", "2,6", "--variants", "plain,preln", "--steps", "600", "--every", "50"]
+# long enough that the workers are still starting (importing torch) when it is stopped
+LONG = ["--depths", "2,6", "--variants", "plain,preln", "--steps", "60", "--every", "20"]
 LONG += ["--dataset", "synthetic", "--workers", "2"]
 
 

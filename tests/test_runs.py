@@ -6,6 +6,7 @@ import warnings
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_SWEEP as TINY
 from conftest import rendered_page
 from torch import nn
 from typer.testing import CliRunner
@@ -265,13 +266,8 @@ def test_damaged_run_files_give_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "neither a run folder" in result.output
 
 
-TINY = ["--depths", "2", "--variants", "plain,preln", "--steps", "4", "--every", "2"]
-TINY += ["--dataset", "synthetic", "--workers", "1"]
-
-
-def test_a_damaged_sweep_run_is_named_and_rerun_on_resume(tmp_path):
-    out = tmp_path / "sweep"
-    assert runner.invoke(app, ["depth-sweep", *TINY, "--out", str(out)]).exit_code == 0
+def test_a_damaged_sweep_run_is_named_and_rerun_on_resume(tiny_sweep):
+    out = tiny_sweep
     row = out / "runs" / "plain-d2-s0.json"
     row.write_text(row.read_text()[:20])
     result = runner.invoke(app, ["report", str(out)])

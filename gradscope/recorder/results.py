@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 import torch  # noqa: F401  (the doctest below)
 
+from gradscope.digest import log_frame
 from gradscope.recorder.deferred import DeferredRows
 from gradscope.verdict import VerdictList
 
@@ -29,7 +30,9 @@ class RecorderResults:
 
     def to_frame(self) -> pd.DataFrame:
         """All recorded steps as one long-form frame: step, layer, kind, stat, value."""
-        return self._rows.settled().to_frame()
+        frame = self._rows.settled().to_frame()
+        log_frame(frame)  # only with GRADSCOPE_FRAME_DIGEST set (gradscope/digest.py)
+        return frame
 
     def last_step_frame(self) -> pd.DataFrame:
         """The last recorded step's rows (cheap: for logging headlines while training)."""
