@@ -14,6 +14,7 @@ def activation_stats(merged: dict[str, np.ndarray], count: np.ndarray) -> dict[s
     lo, hi = merged["min"].copy(), merged["max"].copy()
     no_value = lo > hi  # a layer with no value but NaN (counted in nonfinite)
     lo[no_value] = hi[no_value] = np.nan
+    lo[count == 0] = hi[count == 0] = 0.0  # an empty output: +0.0 whatever path took its extremes
     n = np.maximum(count, 1.0)
     mean = total / n
     with np.errstate(invalid="ignore", over="ignore"):
