@@ -143,38 +143,32 @@ def remove_zero_lr(model: nn.Module, optimizer: Optimizer, context: Context) -> 
     for group in optimizer.param_groups:
         if float(group["lr"]) == 0:
             group["lr"] = lr
-    held: list[Any] = []
-
-    # a schedule may set a learning rate to 0 later: replaced for each update, and put back
-    # after it so the schedule's own state goes on
-    def before(opt: Optimizer, args: Any, kwargs: Any) -> None:
-        held[:] = [g["lr"] for g in opt.param_groups]
-        for group in opt.param_groups:
-            if float(group["lr"]) == 0:
-                group["lr"] = lr
-
-    def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
-        for group, old in zip(opt.param_groups, held, strict=False):
-            group["lr"] = old
-
-    optimizer.register_step_pre_hook(before)
-    optimizer.register_step_post_hook(after)
-    return optimizer
+    # a schedule may set a learning rate to 0 later: replaced for each update
+    return _lr_for_each_update(optimizer, lambda i, now: lr if now == 0 else now)
 
 
 def cap_lr(model: nn.Module, optimizer: Optimizer, context: Context) -> Optimizer:
     base = [float(g["lr"]) for g in optimizer.param_groups]
     if all(lr == 0 for lr in base):
         raise CannotApply("the learning rate is zero: there is nothing to cap it at")
+    # each update uses at most the learning rate of the start (the schedule may come back
+    # down under the cap)
+    return _lr_for_each_update(
+        optimizer, lambda i, now: min(now, base[i]) if i < len(base) else now
+    )
+
+
+def _lr_for_each_update(optimizer: Optimizer, choose: Callable[[int, float], float]) -> Optimizer:
+    """Each update made with `choose(group index, the loop's learning rate)` where that
+    differs; the loop's own value is put back after it, so its schedule's state goes on."""
     held: list[Any] = []
 
-    # each update uses at most the learning rate of the start; the loop's own value is put
-    # back after it, so its schedule goes on (and may come back down under the cap)
     def before(opt: Optimizer, args: Any, kwargs: Any) -> None:
         held[:] = [g["lr"] for g in opt.param_groups]
-        for group, cap in zip(opt.param_groups, base, strict=False):
-            if float(group["lr"]) > cap:
-                group["lr"] = cap
+        for i, group in enumerate(opt.param_groups):
+            now = float(group["lr"])
+            if (new := choose(i, now)) != now:
+                group["lr"] = new
 
     def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
         for group, old in zip(opt.param_groups, held, strict=False):
