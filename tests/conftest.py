@@ -170,6 +170,33 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def screenshot(
+    chromium: str,
+    page: Path,
+    shot: Path,
+    size: str,
+    min_bytes: int = 10_000,
+    keep_page: bool = False,
+) -> Path:
+    """A headless-Chromium PNG of `page` at `size` ("1280,800"), checked to be a PNG of at
+    least `min_bytes`; with GRADSCOPE_KEEP_SCREENSHOTS=<dir> also kept there (and the page,
+    with `keep_page`) for a person to look at."""
+    profile = shot.with_name(shot.stem + "-profile")
+    subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+         f"--window-size={size}", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > min_bytes
+    keep = os.environ.get("GRADSCOPE_KEEP_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, Path(keep) / shot.name)
+        if keep_page:
+            shutil.copy2(page, Path(keep) / page.name)
+    return shot
+
+
 def rendered_page(chromium: str, page: Path, profile: Path, min_images: int) -> str:
     """The DOM of a report after Chromium loaded it, checked: it rendered, at least
     `min_images` figures, every one decoded, no console errors."""

@@ -5,13 +5,11 @@ in headless Chromium. Also the `_repr_html_` summaries and the terminal live vie
 import io
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHROMIUM_FLAGS, REPO
+from conftest import REPO, screenshot
 from torch import nn
 
 import gradscope as gs
@@ -88,18 +86,7 @@ def test_the_notebooks_html_export_opens_in_chromium(executed, chromium, tmp_pat
     page = tmp_path / "two_classifiers.html"
     body, _ = HTMLExporter().from_notebook_node(executed)
     page.write_text(body)
-    shot = tmp_path / "notebook.png"
-    subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    assert shot.stat().st_size > 20_000
-    keep = os.environ.get("GRADSCOPE_KEEP_SCREENSHOTS")
-    if keep:  # for a person to look at
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        page.replace(Path(keep) / page.name)
-        shot.replace(Path(keep) / shot.name)
+    screenshot(chromium, page, tmp_path / "notebook.png", "1200,3000", 20_000, keep_page=True)
 
 
 def _record(live=False, steps=6):

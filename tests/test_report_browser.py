@@ -1,10 +1,6 @@
 """The report opens in headless Chromium: no console errors, every image decodes."""
 
-import os
-import subprocess
-from pathlib import Path
-
-from conftest import CHROMIUM_FLAGS, rendered_page
+from conftest import rendered_page, screenshot
 from typer.testing import CliRunner
 
 from gradscope.cli import app
@@ -36,22 +32,7 @@ def test_report_renders_in_chromium(tmp_path, chromium):
     first, figures = dom.index("<h2>The answer</h2>"), dom.index("<h2>1. Gradient norm")
     assert first < figures and 'alt="trainability map' in dom
     assert dom.index("<li>", first) < figures
-    shot = tmp_path / "report.png"
-    subprocess.run(
-        [
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile2'}",
-            f"--screenshot={shot}",
-            "--window-size=1280,800",  # the first screen
-            page.as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    assert shot.stat().st_size > 10_000
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    screenshot(chromium, page, tmp_path / "report.png", "1280,800")  # the first screen
 
 
 def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromium):
@@ -102,14 +83,4 @@ def test_the_sweep_report_opens_after_the_first_run_and_updates(tmp_path, chromi
     ax = gp.trainability_map(runs, list(config.variants), list(config.depths))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["plain", "preln"]
     plt.close("all")
-    shot = tmp_path / "in-progress.png"
-    subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile3'}",
-         f"--screenshot={shot}", "--window-size=1280,900", first.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    assert shot.stat().st_size > 10_000
-    keep = os.environ.get("GRADSCOPE_KEEP_SCREENSHOTS")
-    if keep:  # for a person to look at
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shot.replace(Path(keep) / shot.name)
+    screenshot(chromium, first, tmp_path / "in-progress.png", "1280,900")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import html
-import subprocess
 
 import torch
-from conftest import CHROMIUM_FLAGS, rendered_page
+from conftest import rendered_page, screenshot
 from torch import nn
 
 import gradscope as gs
@@ -56,10 +55,4 @@ def test_tried_section_renders_in_chromium(tmp_path, chromium):  # type: ignore[
     tried, after = dom.index("<h2>Tried</h2>"), dom.index("Gradient norm over training")
     assert dom.index("What is wrong") < tried < after
     assert 'alt="loss curve of each remedy' in dom[tried:after]
-    shot = tmp_path / "tried.png"
-    subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", f"--screenshot={shot}",
-         "--window-size=1400,2000", page.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    screenshot(chromium, page, tmp_path / "tried.png", "1400,2000")
