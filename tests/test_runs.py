@@ -16,7 +16,7 @@ from gradscope.cli import app
 from gradscope.diff import MEASURES
 from gradscope.files import file_digest
 from gradscope.lab.models import build_model
-from gradscope.runs import RunError, load_run
+from gradscope.runs import RunError, load_run, save_run
 
 runner = CliRunner()
 
@@ -138,18 +138,20 @@ def test_a_recorder_that_recorded_nothing_says_why(case, reason):
         rec.detach()
 
 
-def _record(tmp_path, name, variant="plain", depth=3, steps=12, **kwargs):
+def _record(tmp_path, name, variant="plain", depth=3, steps=12, report=False, **kwargs):
+    """A recorded run and its folder; `report=True` saves as Recorder.save does, report
+    included (a second or so of rendering), otherwise data only (gradscope.runs.save_run)."""
     torch.manual_seed(0)
     model = build_model(variant, depth, width=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
     with gs.watch(model, every=3, **kwargs) as rec:
         _plain_loop(model, opt, steps, x, y, rec=rec)
-    return rec, rec.save(tmp_path / name)
+    return rec, rec.save(tmp_path / name) if report else save_run(rec, tmp_path / name)
 
 
 def test_run_folder_round_trips(tmp_path):
-    rec, path = _record(tmp_path, "a")
+    rec, path = _record(tmp_path, "a", report=True)
     run = load_run(path)
     pd.testing.assert_frame_equal(run.frame, rec.to_frame())
     assert run.info["steps"] == {"recorded": 4, "first": 0, "last": 9}
@@ -164,7 +166,7 @@ def test_run_folder_round_trips(tmp_path):
 
 @pytest.mark.parametrize(("variant", "depth"), [("plain", 4), ("preln", 100)])
 def test_run_report_renders_in_chromium(tmp_path, chromium, variant, depth):
-    _, path = _record(tmp_path, "r", variant=variant, depth=depth, steps=7)
+    _, path = _record(tmp_path, "r", variant=variant, depth=depth, steps=7, report=True)
     dom = rendered_page(chromium, path / "report.html", tmp_path / "profile", min_images=4)
     # "What is wrong" heads the verdicts only when one is a warning or an error
     wrong = any(v.severity in ("warning", "error") for v in load_run(path).verdicts)
@@ -243,7 +245,7 @@ def test_diff_of_unrelated_models_is_bad_input(tmp_path):
         for _ in range(10):
             other(torch.randn(2, 4)).sum().backward()
             rec.step()
-    b = rec.save(tmp_path / "b")
+    b = save_run(rec, tmp_path / "b")
     result = runner.invoke(app, ["diff", str(a), str(b)])
     assert result.exit_code == 2 and "no layer in common" in result.output
 

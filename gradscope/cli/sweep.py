@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -112,7 +111,7 @@ def _run_sweep_cli(
 
     from gradscope.lab.data import DataError
     from gradscope.lab.sweep import SweepError, SweepProgress, reports_here, run_sweep, scan_runs
-    from gradscope.report.sweep import render_progress
+    from gradscope.report.sweep import ProgressReport
 
     if resume and reports_here():
         for problem in scan_runs(target)[1].values():
@@ -157,8 +156,8 @@ def _run_sweep_cli(
                     workers,
                     resume,
                     on_progress=show,
-                    # report.html from the first finished run on, rewritten as each finishes
-                    on_run_finished=functools.partial(render_progress, target),
+                    # report.html from the first finished run on, rewritten as runs finish
+                    on_run_finished=ProgressReport(target),
                 )
         except (SweepError, DataError) as e:
             fail(str(e))

@@ -8,6 +8,7 @@ import html
 import json
 import math
 import os
+import time
 import warnings
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,10 @@ from gradscope.report.verdicts import verdict_html
 
 # seconds between reloads of a report whose sweep is still running
 RELOAD_SECONDS = 10
+# the in-progress report is redrawn at most this often, and never more than a quarter of the
+# time (a sweep of hundreds of runs would otherwise spend most of it redrawing its report)
+REDRAW_SECONDS = 10
+REDRAW_SHARE = 0.25
 
 
 def _figure(draw: Any, alt: str) -> str:
@@ -235,3 +240,29 @@ def render_progress(out: Path, done: int, total: int) -> Path | None:
     except (SweepError, OSError, ValueError) as e:
         warnings.warn(f"gradscope: the sweep report was not updated ({e})", stacklevel=2)
         return None
+
+
+class ProgressReport:
+    """The sweep's report.html while it runs, for `run_sweep(on_run_finished=...)`: drawn
+    (render_progress) as the first run finishes, then once a run finishes at least
+    REDRAW_SECONDS after the last drawing, or longer where drawing took more than
+    REDRAW_SHARE of the time since (its cost grows with the runs). The last run is left to
+    the caller, who writes the whole report once the sweep ends (the CLI's _write_outputs).
+    """
+
+    def __init__(self, out: Path, clock: Any = time.monotonic) -> None:
+        self.out, self.clock = out, clock
+        self.drawn_at: float | None = None  # when the last drawing ended
+        self.took = 0.0  # how long it took
+
+    def __call__(self, done: int, total: int) -> None:
+        if done >= total:
+            return
+        now = self.clock()
+        if self.drawn_at is not None:
+            wait = max(REDRAW_SECONDS, self.took * (1 - REDRAW_SHARE) / REDRAW_SHARE)
+            if now - self.drawn_at < wait:
+                return
+        render_progress(self.out, done, total)
+        self.drawn_at = self.clock()
+        self.took = self.drawn_at - now

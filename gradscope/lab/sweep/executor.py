@@ -67,7 +67,7 @@ def run_sweep(
     Returns the ids of the runs this process finished; under torchrun it returns on every
     rank once all runs are done (a barrier), so that rank 0 can merge them.
     `on_progress(SweepProgress)` is called as work is done; `on_run_finished(done, total)`
-    after each run that local workers finish (gradscope.report.sweep.render_progress rewrites
+    after each run that local workers finish (gradscope.report.sweep.ProgressReport redraws
     the report). KeyboardInterrupt stops the workers; the runs finished so far stay on disk.
 
     Example:
