@@ -117,6 +117,34 @@ def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
     assert len(pd.read_csv(out / "runs.csv")) == 4
 
 
+def test_a_ctrl_c_that_library_code_swallows_still_stops_the_sweep(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from gradscope.lab.sweep import executor as sweep
+
+    calls = {"n": 0}
+    real = sweep._work
+
+    def swallowing(spec, config, out):
+        calls["n"] += 1
+        result = real(spec, config, out)
+        if calls["n"] == 2:
+            try:  # Ctrl-C arrives inside library code with a bare except
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(1000))  # (the handler runs at the next bytecodes)
+            except BaseException:
+                pass
+        return result
+
+    monkeypatch.setattr(sweep, "_work", swallowing)
+    out = tmp_path / "sweep"
+    result = _sweep(out)
+    assert result.exit_code == 130, result.output
+    assert calls["n"] == 2 and len(pd.read_csv(out / "runs.csv")) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

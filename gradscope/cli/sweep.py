@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -111,6 +107,7 @@ def _run_sweep_cli(
 
     from gradscope.lab.data import DataError
     from gradscope.lab.sweep import SweepError, SweepProgress, reports_here, run_sweep, scan_runs
+    from gradscope.lab.sweep.signals import stop_if_asked, stop_on_signals
     from gradscope.report.sweep import ProgressReport
 
     if resume and reports_here():
@@ -148,7 +145,7 @@ def _run_sweep_cli(
             )
 
         try:
-            with _terminate_as_interrupt():
+            with stop_on_signals():
                 run_sweep(
                     config,
                     target,
@@ -159,6 +156,7 @@ def _run_sweep_cli(
                     # report.html from the first finished run on, rewritten as runs finish
                     on_run_finished=ProgressReport(target),
                 )
+                stop_if_asked()  # a stop that library code swallowed still counts
         except (SweepError, DataError) as e:
             fail(str(e))
         except KeyboardInterrupt:
@@ -171,24 +169,6 @@ def _run_sweep_cli(
             err=True,
         )
         raise typer.Exit(130)
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a job scheduler's stop) ends the sweep as Ctrl-C does: workers stopped, the
-    finished runs written out, one line."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _latest_cell(target: Path) -> str:

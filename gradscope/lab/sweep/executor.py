@@ -27,6 +27,7 @@ import torch
 from gradscope.lab.data import load_dataset
 from gradscope.lab.sweep.config import RunSpec, SweepConfig, SweepError, plan_runs
 from gradscope.lab.sweep.measure import run_one
+from gradscope.lab.sweep.signals import INTERRUPTS, interrupts_blocked, stop_if_asked
 from gradscope.lab.sweep.store import finished_runs, prepare_out, store_run, sweep_lock
 from gradscope.lab.train import total_steps
 
@@ -91,6 +92,7 @@ def run_sweep(
         if todo and workers == 1:
             _init_worker(config.dataset, data_root, updates, 1)
             for spec in todo:
+                stop_if_asked()
                 finished.mark(_work(spec, config, str(out)))
         elif todo:
             _run_pool(todo, config, out, data_root, workers, ctx, finished)
@@ -223,27 +225,6 @@ def _end_with(parent: int) -> None:
     os._exit(1)
 
 
-# Ctrl-C, and SIGTERM (which the CLI turns into Ctrl-C): either arriving while a worker is
-# being spawned would cut the data it is started with short, and it would die printing a
-# traceback (EOFError in multiprocessing's spawn_main)
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
-
-
-@contextlib.contextmanager
-def _sigint_blocked() -> Any:
-    """Ctrl-C and SIGTERM held back while worker processes start: they inherit the blocked
-    signals (and unblock them once they ignore Ctrl-C); the parent gets them once they have
-    started."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _work(spec: RunSpec, config: SweepConfig, out: str) -> str:
     updates = _worker["updates"]
 
@@ -276,9 +257,10 @@ def _run_pool(
         initargs=(config.dataset, data_root, finished.updates, threads, os.getpid()),
     )
     try:
-        with _sigint_blocked():
+        with interrupts_blocked():
             pending: set[Future[str]] = {pool.submit(_work, s, config, str(out)) for s in todo}
         while pending:
+            stop_if_asked()
             complete, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in complete:
                 finished.mark(fut.result())
