@@ -230,7 +230,9 @@ class Backends:
         self.all: tuple[Backend, ...] = (self.native, self.torch)
 
     def for_tensor(self, tensor: torch.Tensor) -> Backend:
-        return self.native if choose((tensor,)) is Path.KERNELS else self.torch
+        # choose() for one tensor, without building its argument (a call per module output
+        # and output gradient)
+        return self.native if native.takes(tensor) else self.torch
 
     def reset(self) -> None:
         for backend in self.all:
