@@ -19,6 +19,8 @@ from gradscope.recorder.stats.torch_ops import ParamValues
 from gradscope.recorder.stats.transfer import StepTransfer, TransferPool
 from gradscope.recorder.stats.units import unit_axis, unit_shape
 
+_OUTPUT_WIDTH, _GRAD_WIDTH = len(OUTPUT), len(GRAD)
+
 
 class OutputCall(NamedTuple):
     """One module output seen in forward."""
@@ -243,10 +245,10 @@ class StepCapture:
             sat = reader.take(len(saturated))
             tables = Tables(
                 outputs=outputs,
-                output_stats=_in_call_order(outputs, act_tables, len(OUTPUT)),
+                output_stats=_in_call_order(outputs, act_tables, _OUTPUT_WIDTH),
                 saturated=[(i, float(v)) for (i, _), v in zip(saturated, sat, strict=True)],
                 grads=grads,
-                grad_stats=_in_call_order(grads, grad_tables, len(GRAD)),
+                grad_stats=_in_call_order(grads, grad_tables, _GRAD_WIDTH),
                 params=read,
             )
             if graph is not None:

@@ -99,13 +99,16 @@ def step_key(tables: Tables, scaled: bool, origins: dict[str, str]) -> Hashable:
     )
 
 
+_FORWARD_BAD, _BACKWARD_BAD = OUTPUT.index("nonfinite"), GRAD.index("nonfinite_samples")
+
+
 def nonfinite_origins(tables: Tables) -> dict[str, str]:
     """The first call with a non-finite value, by phase (forward, backward)."""
     origins: dict[str, str] = {}
     # (count_nonzero: one numpy call, a fifth of `(col > 0).any()`'s cost on every step;
     # the counts are never negative)
-    forward = tables.output_stats[:, OUTPUT.index("nonfinite")]
-    backward = tables.grad_stats[:, GRAD.index("nonfinite_samples")]
+    forward = tables.output_stats[:, _FORWARD_BAD]
+    backward = tables.grad_stats[:, _BACKWARD_BAD]
     if np.count_nonzero(forward):
         origins[Stat.FORWARD] = tables.outputs[int(np.argmax(forward > 0))].label
     if np.count_nonzero(backward):

@@ -47,6 +47,7 @@ def choose(tensors: Sequence[torch.Tensor]) -> Path:
 _NO_ROWS = {width: np.zeros((0, width)) for width in (len(OUTPUT), len(GRAD))}
 for _table in _NO_ROWS.values():
     _table.flags.writeable = False
+_NO_OUTPUTS, _NO_GRADS = _NO_ROWS[len(OUTPUT)], _NO_ROWS[len(GRAD)]
 
 
 class Reader:
@@ -126,8 +127,8 @@ class NativeBackend:
     def decoder(self) -> Decoder:
         acts, grads = self._acts.rows(), self._grads.rows()
         tables = (
-            acts.copy() if len(acts) else _NO_ROWS[len(OUTPUT)],
-            grads.copy() if len(grads) else _NO_ROWS[len(GRAD)],
+            acts.copy() if len(acts) else _NO_OUTPUTS,
+            grads.copy() if len(grads) else _NO_GRADS,
         )
         return lambda reader: tables
 
@@ -186,7 +187,7 @@ class TorchBackend:
 
 
 def _no_calls(reader: Reader) -> tuple[np.ndarray, np.ndarray]:
-    return _NO_ROWS[len(OUTPUT)], _NO_ROWS[len(GRAD)]
+    return _NO_OUTPUTS, _NO_GRADS
 
 
 _MOMENT_PARTS = 5  # tensors activation_moments returns
@@ -196,7 +197,7 @@ def _output_table(reader: Reader, units: np.ndarray) -> np.ndarray:
     """TorchBackend's output rows as transferred -> (calls, fields.OUTPUT)."""
     calls = len(units)
     if not calls:  # the usual case on the CPU: the kernels took every call
-        return _NO_ROWS[len(OUTPUT)]
+        return _NO_OUTPUTS
     values = reader.take(len(stats.MOMENTS) * calls).reshape(calls, -1)
     got = dict(zip(stats.MOMENTS, values.T, strict=True))
     table = np.empty((calls, len(OUTPUT)))
@@ -215,7 +216,7 @@ def _output_table(reader: Reader, units: np.ndarray) -> np.ndarray:
 def _grad_table(reader: Reader, samples: list[int]) -> np.ndarray:
     """TorchBackend's gradient rows as transferred -> (calls, fields.GRAD)."""
     if not samples:
-        return _NO_ROWS[len(GRAD)]
+        return _NO_GRADS
     norms = reader.take(sum(samples))
     table = np.empty((len(samples), len(GRAD)))
     col = GRAD.columns(table)

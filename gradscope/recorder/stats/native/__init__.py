@@ -168,7 +168,8 @@ def output_row(x: torch.Tensor, shape: tuple[int, int, int], out: int) -> None:
     """Writes one output's row of the per-call schema at address `out`: MOMENT_FIELDS, then
     the dead units and the units of x seen as `shape` (outer, units, inner)."""
     x = _dense(x)
-    _check(_fn("output_row", x.dtype)(x.data_ptr(), *shape, out))
+    if _fn("output_row", x.dtype)(x.data_ptr(), *shape, out):  # (_check, inlined: per call)
+        _check(-1)
 
 
 def saturated(x: torch.Tensor, band: tuple[float, float]) -> float:
