@@ -138,11 +138,36 @@ def test_a_ctrl_c_that_library_code_swallows_still_stops_the_sweep(tmp_path, mon
         return result
 
     monkeypatch.setattr(sweep, "_work", swallowing)
+    # Ctrl-C taken as an interactive program takes it (this worker may have been started, or
+    # left by a library, ignoring it)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "sweep"
-    result = _sweep(out)
+    try:
+        result = _sweep(out)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert result.exit_code == 130, result.output
     assert calls["n"] == 2 and len(pd.read_csv(out / "runs.csv")) == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_sweep_started_ignoring_ctrl_c_keeps_ignoring_it():
+    """`nohup` or a script's `cmd &` start a process ignoring Ctrl-C: the sweep keeps that,
+    and takes SIGTERM as a stop; both are as they were afterwards."""
+    import signal
+
+    from gradscope.lab.sweep.signals import stop_on_signals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (term, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize(

@@ -264,6 +264,16 @@ LONG = ["--depths", "2,6", "--variants", "plain,preln", "--steps", "60", "--ever
 LONG += ["--dataset", "synthetic", "--workers", "2"]
 
 
+def _as_a_shell_starts_it() -> None:
+    """Ctrl-C and SIGTERM at their defaults in the child, as an interactive shell starts a
+    command: ignored dispositions are inherited through exec, and this test process may have
+    been left ignoring Ctrl-C by a library (Lightning's Trainer, for one, ignores it for good
+    once it has caught one). A sweep started ignoring Ctrl-C keeps ignoring it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _start_sweep(out: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
     """A sweep in its own process group (as a shell runs it), once its workers run."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -274,6 +284,7 @@ def _start_sweep(out: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_a_shell_starts_it,
     )
     deadline = time.monotonic() + 120
     kids: list[psutil.Process] = []

@@ -46,8 +46,14 @@ def stop_if_asked() -> None:
 
 
 def _install() -> dict[int, Any]:
+    """Our handler for each stop signal, except one this process was started ignoring (as
+    `nohup` or a script's `cmd &` start it): that choice is kept."""
     STOP.clear()
-    return {sig: signal.signal(sig, _interrupt) for sig in INTERRUPTS}
+    return {
+        sig: signal.signal(sig, _interrupt)
+        for sig in INTERRUPTS
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
 
 
 def _uninstall(old: dict[int, Any]) -> None:
