@@ -138,8 +138,8 @@ def test_a_ctrl_c_that_library_code_swallows_still_stops_the_sweep(tmp_path, mon
         return result
 
     monkeypatch.setattr(sweep, "_work", swallowing)
-    # Ctrl-C taken as an interactive program takes it (this worker may have been started, or
-    # left by a library, ignoring it)
+    # Ctrl-C taken as an interactive program takes it (a test run started as a background
+    # job ignores it)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "sweep"
     try:
