@@ -70,6 +70,16 @@ def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Ite
         os.environ[digest.OWNER_ENV] = before
 
 
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads() -> None:
+    """Every test starts with the worker's thread count: one that changes it must not change
+    the rounding (and so the frames) of the tests a worker runs after it."""
+    torch.set_num_threads(THREADS)
+
+
 @pytest.fixture(autouse=True)
 def digest_seeds() -> None:
     """Digest runs seed every test the same way, so a test that draws unseeded numbers

@@ -112,3 +112,20 @@ def test_a_healthy_sweep_has_no_failing_cell_and_the_report_says_so():
     assert "these train: preln 97.0%, residual 95.0%" in page
     assert "Nothing in this sweep trains at depth 10" in page
     assert "The deepest plain that trains here: depth 2." in page
+
+
+def test_a_sweep_run_in_this_process_gives_back_its_thread_count(tmp_path):
+    """Each run trains on one thread (results must not depend on how runs were spread); a
+    sweep in the caller's own process (workers=1) puts the caller's count back."""
+    import torch
+
+    from gradscope.lab.sweep import run_sweep
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = SweepConfig(depths=(2,), variants=("plain",), steps=2, dataset="synthetic")
+        run_sweep(config, tmp_path / "sweep", workers=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

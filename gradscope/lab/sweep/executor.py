@@ -90,10 +90,14 @@ def run_sweep(
         if group.world == 1:  # (under torchrun the ranks' runs are merged once all are done)
             finished.on_run_finished = on_run_finished
         if todo and workers == 1:
-            _init_worker(config.dataset, data_root, updates, 1)
-            for spec in todo:
-                stop_if_asked()
-                finished.mark(_work(spec, config, str(out)))
+            threads = torch.get_num_threads()  # this process's own: put back afterwards
+            try:
+                _init_worker(config.dataset, data_root, updates, 1)
+                for spec in todo:
+                    stop_if_asked()
+                    finished.mark(_work(spec, config, str(out)))
+            finally:
+                torch.set_num_threads(threads)
         elif todo:
             _run_pool(todo, config, out, data_root, workers, ctx, finished)
             updates.close()
