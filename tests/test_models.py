@@ -102,3 +102,14 @@ def test_classic_classifiers():
     assert build_named("deep-digit")(torch.zeros(2, 784)).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown model"):
         build_named("resnet")
+
+
+def test_the_example_recording_is_a_detached_recorder_of_the_asked_steps():
+    import doctest
+
+    import gradscope.lab.models as models
+
+    assert doctest.testmod(models)[0] == 0
+    rec = models.recorded_example("plain", depth=3, steps=2)
+    frame = rec.to_frame()
+    assert sorted(frame["step"].unique()) == [0, 1] and not rec.attached

@@ -246,3 +246,26 @@ def build_named(
     if name in {v.value for v in Variant}:
         return build_model(name, depth, width, activation, init, dropout)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+
+
+def recorded_example(
+    variant: str = "plain", depth: int = 4, width: int = 16, steps: int = 1, seed: int = 0
+) -> Any:
+    """A small zoo model watched for `steps` steps of random 784-wide inputs (each a backward
+    of the outputs' sum, no update): a recording to try gradscope.plot's figures and the
+    notebook summaries on. Returns the gradscope.Recorder, detached.
+
+    Example:
+        >>> rec = recorded_example("preln", steps=2)
+        >>> sorted(rec.to_frame()["step"].unique().tolist())
+        [0, 1]
+    """
+    from gradscope.recorder import watch
+
+    torch.manual_seed(seed)
+    model = build_model(variant, depth, width=width)
+    with watch(model) as rec:
+        for _ in range(steps):
+            model(torch.randn(8, 784)).sum().backward()
+            rec.step()
+    return rec

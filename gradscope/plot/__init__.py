@@ -3,11 +3,9 @@ a Recorder, a run folder; a sweep's run table for the sweep figures) in, a matpl
 drawn into `ax=` when given. The reports are assembled from these same functions.
 
 Example:
-    >>> import gradscope as gs, gradscope.plot as gp, torch
-    >>> model = gs.build_model("plain", depth=4, width=16)
-    >>> with gs.watch(model) as rec:
-    ...     model(torch.randn(8, 784)).sum().backward()
-    ...     rec.step()
+    >>> import gradscope.plot as gp
+    >>> from gradscope.lab.models import recorded_example
+    >>> rec = recorded_example()  # a small model, watched
     >>> ax = gp.gradient_profile(rec)  # or gp.heatmap(rec), gp.activations(rec, "zero_frac")
 """
 

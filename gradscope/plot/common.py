@@ -184,3 +184,23 @@ def first_last(rows: pd.DataFrame) -> list[int]:
     """The first and the last recorded step of `rows` (one where they are the same)."""
     steps = sorted(rows["step"].unique())
     return [int(s) for s in dict.fromkeys([steps[0], steps[-1]])]
+
+
+def lines_by_step(
+    ax: plt.Axes, rows: pd.DataFrame, picks: Sequence[int], layers: Sequence[str], log: bool
+) -> list[tuple[float, Any]]:
+    """One line per picked step of `rows` (layer, step, value) across `layers`, each layer at
+    its position in that list, early steps to late in viridis. With `log`, zeros are left out
+    of the lines and returned as (position, colour) for draw_zeros."""
+    index = {name: i for i, name in enumerate(layers)}
+    zeros: list[tuple[float, Any]] = []
+    for step, color in zip(picks, steps_palette(picks), strict=True):
+        at = rows[rows["step"] == step]
+        x = at["layer"].map(index).to_numpy(dtype=float)
+        y = at["value"].to_numpy(dtype=float)
+        order = np.argsort(x)
+        if log:
+            zeros += [(float(i), color) for i in x[y == 0]]
+            y = np.where(y > 0, y, np.nan)
+        ax.plot(x[order], y[order], marker=".", color=color, label=f"step {step}")
+    return zeros

@@ -18,11 +18,11 @@ from gradscope.plot.common import (
     as_frame,
     draw_zeros,
     first_last,
+    lines_by_step,
     name_ticks,
     need,
     new_axes,
     pick_steps,
-    steps_palette,
 )
 from gradscope.schema import COLUMNS, Kind, Stat
 
@@ -81,11 +81,9 @@ def activations(
     fraction not exceeding the module before them.
 
     Example:
-        >>> import gradscope as gs, gradscope.plot as gp, torch
-        >>> model = gs.build_model("plain", depth=4, width=16)
-        >>> with gs.watch(model) as rec:
-        ...     model(torch.randn(8, 784)).sum().backward()
-        ...     rec.step()
+        >>> import gradscope.plot as gp
+        >>> from gradscope.lab.models import recorded_example
+        >>> rec = recorded_example()  # a small model, watched
         >>> gp.activations(rec, "dead_units").get_ylabel()
         'fraction of units dead'
     """
@@ -104,18 +102,8 @@ def activations(
          "saturated_frac": "bounded activation (tanh, sigmoid, ...)"}.get(stat, stat),
     )  # fmt: skip
     picks = pick_steps(rows["step"], steps if steps is not None else first_last(rows))
-    index = {name: i for i, name in enumerate(names)}
     ax = new_axes(ax, (9, 4))
-    zeros: list[tuple[float, Any]] = []
-    for step, color in zip(picks, steps_palette(picks), strict=True):
-        at = rows[rows["step"] == step]
-        x = at["layer"].map(index).to_numpy(dtype=float)
-        y = at["value"].to_numpy(dtype=float)
-        order = np.argsort(x)
-        if stat == Stat.RMS:
-            y = np.where(y > 0, y, np.nan)
-            zeros += [(float(i), color) for i in x[at["value"].to_numpy() == 0]]
-        ax.plot(x[order], y[order], marker=".", color=color, label=f"step {step}")
+    zeros = lines_by_step(ax, rows, picks, names, log=stat == Stat.RMS)
     if stat == Stat.RMS:
         ax.set_yscale("log")
         draw_zeros(ax, zeros)
@@ -162,11 +150,9 @@ def residual_stream(
     one line per step, on its own block axis.
 
     Example:
-        >>> import gradscope as gs, gradscope.plot as gp, torch
-        >>> model = gs.build_model("preln", depth=4, width=16)
-        >>> with gs.watch(model) as rec:
-        ...     model(torch.randn(8, 784)).sum().backward()
-        ...     rec.step()
+        >>> import gradscope.plot as gp
+        >>> from gradscope.lab.models import recorded_example
+        >>> rec = recorded_example("preln")  # a small model, watched
         >>> gp.residual_stream(rec).get_xlabel()
         'block (input side at left)'
     """
@@ -176,13 +162,8 @@ def residual_stream(
         raise PlotError("fewer than two residual blocks recorded: no stream to follow")
     rows = need(fr.select(frame, Kind.ACTIVATION, Stat.RMS, layers=stream), "stream rms")
     picks = pick_steps(rows["step"], steps if steps is not None else first_last(rows))
-    index = {name: i for i, name in enumerate(stream)}
     ax = new_axes(ax, (8, 3.5))
-    for step, color in zip(picks, steps_palette(picks), strict=True):
-        at = rows[rows["step"] == step].assign(block=lambda r: r["layer"].map(index))
-        at = at.sort_values("block")
-        ax.plot(at["block"], at["value"].where(at["value"] > 0), marker=".", color=color,
-                label=f"step {step}")  # fmt: skip
+    lines_by_step(ax, rows, picks, stream, log=True)  # (a zero rms is left out, unmarked)
     ax.set_yscale("log")
     name_ticks(ax, stream)
     ax.set(title="Residual stream rms per block", xlabel="block (input side at left)",

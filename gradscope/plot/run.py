@@ -23,6 +23,7 @@ from gradscope.plot.common import (
     PlotError,
     as_frame,
     draw_zeros,
+    lines_by_step,
     name_ticks,
     need,
     new_axes,
@@ -54,11 +55,9 @@ def gradient_profile(
     Exact zeros are drawn at the axis's floor and counted in the legend.
 
     Example:
-        >>> import gradscope as gs, gradscope.plot as gp, torch
-        >>> model = gs.build_model("plain", depth=4, width=16)
-        >>> with gs.watch(model) as rec:
-        ...     model(torch.randn(8, 784)).sum().backward()
-        ...     rec.step()
+        >>> import gradscope.plot as gp
+        >>> from gradscope.lab.models import recorded_example
+        >>> rec = recorded_example()  # a small model, watched
         >>> gp.gradient_profile(rec).get_ylabel()
         'gradient norm (log scale)'
     """
@@ -117,12 +116,9 @@ def heatmap(
     group row is the root of the sum of squares, any other statistic's its maximum.
 
     Example:
-        >>> import gradscope as gs, gradscope.plot as gp, torch
-        >>> model = gs.build_model("plain", depth=4, width=16)
-        >>> with gs.watch(model) as rec:
-        ...     for _ in range(3):
-        ...         model(torch.randn(8, 784)).sum().backward()
-        ...         rec.step()
+        >>> import gradscope.plot as gp
+        >>> from gradscope.lab.models import recorded_example
+        >>> rec = recorded_example(steps=3)  # a small model, watched
         >>> gp.heatmap(rec).get_xlabel()
         'step'
     """
@@ -185,12 +181,9 @@ def over_steps(
     the last weight matrix, and the total norm where there is one).
 
     Example:
-        >>> import gradscope as gs, gradscope.plot as gp, torch
-        >>> model = gs.build_model("plain", depth=4, width=16)
-        >>> with gs.watch(model) as rec:
-        ...     for _ in range(3):
-        ...         model(torch.randn(8, 784)).sum().backward()
-        ...         rec.step()
+        >>> import gradscope.plot as gp
+        >>> from gradscope.lab.models import recorded_example
+        >>> rec = recorded_example(steps=3)  # a small model, watched
         >>> gp.over_steps(rec).get_xlabel()
         'step'
     """
@@ -242,17 +235,8 @@ def update_ratio(
         "update ratios (recorded only with an optimizer)",
     )
     picks = pick_steps(ratios["step"], steps)
-    index = {name: i for i, name in enumerate(layers)}
     ax = new_axes(ax, (8, 4))
-    zeros: list[tuple[float, Any]] = []
-    for step, color in zip(picks, steps_palette(picks), strict=True):
-        at = ratios[ratios["step"] == step]
-        x = at["layer"].map(index).to_numpy(dtype=float)
-        y = at["value"].to_numpy(dtype=float)
-        order = np.argsort(x)
-        ax.plot(x[order], np.where(y > 0, y, np.nan)[order], marker=".", color=color,
-                label=f"step {step}")  # fmt: skip
-        zeros += [(float(i), color) for i in x[y == 0]]
+    zeros = lines_by_step(ax, ratios, picks, layers, log=True)
     ax.axhspan(UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH, color="#1b7a1b", alpha=0.08,
                label="healthy band")  # fmt: skip
     ax.set_yscale("log")
