@@ -70,13 +70,16 @@ def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Ite
         os.environ[digest.OWNER_ENV] = before
 
 
-THREADS = torch.get_num_threads()
+# torch threads per test worker: the cores shared out among pytest-xdist's workers (more
+# would oversubscribe them: with 2 workers of 2 threads on 2 cores, training tests ran 3-10x
+# slower, OpenMP threads waiting on each other)
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @pytest.fixture(autouse=True)
 def torch_threads() -> None:
-    """Every test starts with the worker's thread count: one that changes it must not change
-    the rounding (and so the frames) of the tests a worker runs after it."""
+    """Every test starts with the same thread count: one that changes it must not change the
+    rounding (and so the frames) of the tests a worker runs after it."""
     torch.set_num_threads(THREADS)
 
 
