@@ -110,6 +110,10 @@ def test_the_example_recording_is_a_detached_recorder_of_the_asked_steps():
     import gradscope.lab.models as models
 
     assert doctest.testmod(models)[0] == 0
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     rec = models.recorded_example("plain", depth=3, steps=2)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state untouched
     frame = rec.to_frame()
     assert sorted(frame["step"].unique()) == [0, 1] and not rec.attached

@@ -253,7 +253,8 @@ def recorded_example(
 ) -> Any:
     """A small zoo model watched for `steps` steps of random 784-wide inputs (each a backward
     of the outputs' sum, no update): a recording to try gradscope.plot's figures and the
-    notebook summaries on. Returns the gradscope.Recorder, detached.
+    notebook summaries on. Returns the gradscope.Recorder, detached. The caller's random
+    state is left as it was (the model and inputs come from `seed`).
 
     Example:
         >>> rec = recorded_example("preln", steps=2)
@@ -262,10 +263,11 @@ def recorded_example(
     """
     from gradscope.recorder import watch
 
-    torch.manual_seed(seed)
-    model = build_model(variant, depth, width=width)
-    with watch(model) as rec:
-        for _ in range(steps):
-            model(torch.randn(8, 784)).sum().backward()
-            rec.step()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(variant, depth, width=width)
+        with watch(model) as rec:
+            for _ in range(steps):
+                model(torch.randn(8, 784)).sum().backward()
+                rec.step()
     return rec
