@@ -256,3 +256,12 @@ def test_recorded_steps_on_cuda_raise_no_sync_error(name):
             torch.cuda.set_sync_debug_mode("default")
     frame = rec.to_frame()
     assert set(frame.step) == {0, 1, 2, 3}
+
+
+def test_a_device_without_events_gets_a_blocking_copy():
+    """Where the device's backend records no events (the CPU stands in for one here), the
+    step's copy to the host is made blocking: its values are there when read, never stale."""
+    host = torch.zeros(3, dtype=torch.float64)
+    source = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert transfer.copy_to_host(host, source) is None
+    assert host.tolist() == [1.0, 2.0, 3.0]

@@ -21,7 +21,7 @@ class StepTransfer:
         self._host = torch.empty(0, dtype=torch.float64)
         self._array: np.ndarray = np.zeros(0)
         self._staging: dict[torch.device, torch.Tensor] = {}
-        self._events: list[torch.cuda.Event] = []
+        self._events: list[torch.cuda.Event | torch.Event] = []
         self._size = 0
         self.busy = False  # holds values not yet read
 
@@ -43,10 +43,8 @@ class StepTransfer:
             else:
                 staging = self._staging_for(device, n)
                 torch.cat(run, out=staging)
-                self._host[at : at + n].copy_(staging, non_blocking=True)
-                if device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(device))
+                event = copy_to_host(self._host[at : at + n], staging)
+                if event is not None:
                     self._events.append(event)
             at, i = at + n, j
         self._size = total
@@ -84,6 +82,26 @@ class StepTransfer:
             size = max(n, 256) if staging is None else max(n, 2 * staging.numel())
             staging = self._staging[device] = torch.empty(size, dtype=torch.float64, device=device)
         return staging[:n]
+
+
+def copy_to_host(host: torch.Tensor, source: torch.Tensor) -> torch.cuda.Event | torch.Event | None:
+    """Queues the copy of a device tensor into `host` and returns the event recorded after
+    it on the device's stream; where the device has no events (a backend without them), the
+    copy is made blocking instead, so that a value is never read before it has arrived."""
+    if source.device.type == "cuda":
+        host.copy_(source, non_blocking=True)
+        cuda_event = torch.cuda.Event()
+        cuda_event.record(torch.cuda.current_stream(source.device))
+        return cuda_event
+    try:
+        event = torch.Event(device=source.device.type)
+        stream = torch.accelerator.current_stream(source.device)
+    except (RuntimeError, ValueError):  # this backend records no events
+        host.copy_(source)
+        return None
+    host.copy_(source, non_blocking=True)
+    event.record(stream)
+    return event
 
 
 class TransferPool:
