@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradscope as gs
-from gradscope.recorder.stats import backends, native
+from gradscope.recorder.stats import backends, fused, native
 
 
 class OpCounter(TorchDispatchMode):
@@ -35,12 +35,13 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def torch_ops_counted() -> Iterator[dict[str, list[Counter[str]]]]:
-    """The torch-op path forced (as GRADSCOPE_NATIVE=0 does), each TorchBackend call's ops
-    counted: {"output": [...], "grad": [...]}, one Counter per call."""
+    """The eager torch-op path forced (as GRADSCOPE_NATIVE=0 GRADSCOPE_FUSED=0 do), each
+    TorchBackend call's ops counted: {"output": [...], "grad": [...]}, one Counter per call.
+    (The fused statistics are one compiled call, which a dispatch mode cannot see into.)"""
     calls: dict[str, list[Counter[str]]] = {"output": [], "grad": []}
     patched = {"moments": "output", "grad": "grad"}
     originals = {name: getattr(backends.TorchBackend, name) for name in patched}
-    takes = native.takes
+    takes, fused_devices = native.takes, fused.devices_from_env
 
     def counted(name: str) -> Any:
         def call(self: Any, *args: Any) -> None:
@@ -51,12 +52,14 @@ def torch_ops_counted() -> Iterator[dict[str, list[Counter[str]]]]:
         return call
 
     native.takes = lambda t: False  # type: ignore[assignment]
+    fused.devices_from_env = lambda: frozenset()
     for name in patched:
         setattr(backends.TorchBackend, name, counted(name))
     try:
         yield calls
     finally:
         native.takes = takes  # type: ignore[assignment]
+        fused.devices_from_env = fused_devices
         for name, original in originals.items():
             setattr(backends.TorchBackend, name, original)
 
@@ -81,9 +84,12 @@ def print_ops_per_call() -> str:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
     counts = ops_per_call(model, torch.randn(32, 784))
+    devices = fused.devices_from_env()
+    where = "every device" if devices is None else ", ".join(sorted(devices)) or "no device"
     line = (
-        f"torch-op path: {counts['output']} aten ops per module output, {counts['grad']} per "
-        "output gradient (views left out; counted on the CPU)"
+        f"torch-op path: {counts['output']} aten ops per module output (eager), "
+        f"{counts['grad']} per output gradient (views left out; counted on the CPU); "
+        f"fused into one compiled call per module output on {where} (GRADSCOPE_FUSED)"
     )
     print(line, flush=True)
     return line

@@ -77,6 +77,14 @@ def _torch_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     return _transferred(backend)[0][0]
 
 
+def _fused_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
+    backend = TorchBackend()
+    backend._fused.devices = None  # on every device, the CPU included (GRADSCOPE_FUSED=1)
+    backend.moments(x, unit_shape(x.shape, axis))
+    assert len(backend.device_parts()) == 1  # the fused row, not the eager ops' five parts
+    return _transferred(backend)[0][0]
+
+
 def _native_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     backend = NativeBackend()
     backend.moments(x, unit_shape(x.shape, axis))
@@ -90,6 +98,7 @@ def _graph_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
 OUTPUT_PATHS = {
     "kernels": _native_output_row,
     "torch": _torch_output_row,
+    "fused": _fused_output_row,
     "graph": _graph_output_row,
 }
 

@@ -141,10 +141,8 @@ def torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "takes", lambda t: False)
 
 
-@pytest.mark.usefixtures("torch_ops")
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
+def _count_syncs(name: str, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> gs.Recorder:
+    """Four recorded steps; the syncs inside the last three counted (asserted: none)."""
     torch.manual_seed(0)
     model = MODELS[name]()
     opt = (
@@ -173,6 +171,24 @@ def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
     frame = rec.to_frame()  # the values read after the steps
     assert set(frame.step) == {0, 1, 2, 3}
     assert {"activation", "activation_grad", "param_grad", "update"} <= set(frame.kind)
+    return rec
+
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
+    _count_syncs(name, optimizer, monkeypatch)
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_the_fused_statistics_do_not_synchronize(monkeypatch):
+    """The fused statistics (fused.py, what a GPU runs), op by op: under the counters' modes
+    torch.compile steps aside and the function runs as written, so each of its ops is seen."""
+    monkeypatch.setenv("GRADSCOPE_FUSED", "1")
+    rec = _count_syncs("cnn", "sgd", monkeypatch)
+    used = rec._capture.backends.torch._fused
+    assert used.devices is None and not used._failed  # fused, and nothing fell back
 
 
 @pytest.mark.usefixtures("torch_ops")

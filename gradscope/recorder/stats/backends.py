@@ -21,6 +21,7 @@ import torch
 from gradscope.recorder.stats import native
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
+from gradscope.recorder.stats.fused import FusedMoments
 
 # the C kernels write the rows in the schema's order
 assert OUTPUT.names == native.OUTPUT_FIELDS and GRAD.names == native.GRAD_FIELDS
@@ -143,11 +144,14 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._scratch = stats.Scratch()
+        self._fused = FusedMoments()
         self.reset()
 
     def reset(self) -> None:
-        # per output call, flat: torch_ops.MOMENTS (7 values, in 5 tensors)
+        # per output call, flat: torch_ops.MOMENTS (7 values, in 5 tensors, or in one where
+        # fused.py computed them)
         self._moments: list[torch.Tensor] = []
+        self._last_parts = 0  # tensors of the last output call
         self._units: list[int] = []
         # per gradient call: the per-sample float64 norms, and its number of samples
         self._sample_norms: list[torch.Tensor] = []
@@ -157,11 +161,14 @@ class TorchBackend:
         self._scratch.clear()
 
     def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
-        self._moments.extend(stats.activation_moments(tensor, self._scratch, shape))
+        row = self._fused(tensor, shape) if self._fused.takes(tensor) else None
+        parts = [row] if row is not None else stats.activation_moments(tensor, self._scratch, shape)
+        self._moments.extend(parts)
+        self._last_parts = len(parts)
         self._units.append(shape[1] if tensor.numel() else 0)
 
     def repeat_moments(self) -> None:
-        self._moments.extend(self._moments[-_MOMENT_PARTS:])
+        self._moments.extend(self._moments[len(self._moments) - self._last_parts :])
         self._units.append(self._units[-1])
 
     def repeat_grad(self) -> None:
@@ -188,9 +195,6 @@ class TorchBackend:
 
 def _no_calls(reader: Reader) -> tuple[np.ndarray, np.ndarray]:
     return _NO_OUTPUTS, _NO_GRADS
-
-
-_MOMENT_PARTS = 5  # tensors activation_moments returns
 
 
 def _output_table(reader: Reader, units: np.ndarray) -> np.ndarray:

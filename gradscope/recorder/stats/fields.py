@@ -1,11 +1,11 @@
 """The per-call statistics, declared once: each field of a module output's row and of an output
 gradient's row, with the reduction that merges it over calls, micro-batches and ranks.
 
-Every implementation fills these rows in this order (the C kernels, torch ops, compiled
-graphs); the reduction, the merge over ranks and the derived statistics read them by name.
-Adding a statistic: a field here, its value in each implementation (backends.py,
-torch_ops.py, graph_ops.py, native/kernels.c) and, where the frame shows something derived
-from it, derive.py and schema.Stat.
+Every implementation fills these rows in this order (the C kernels, torch ops eager or fused,
+compiled graphs); the reduction, the merge over ranks and the derived statistics read them by
+name. Adding a statistic: a field here, its value in each implementation (backends.py,
+torch_ops.py, fused.py, graph_ops.py, native/kernels.c) and, where the frame shows something
+derived from it, derive.py and schema.Stat.
 """
 
 from __future__ import annotations
