@@ -169,6 +169,14 @@ def kernels() -> None:
         _need("no C compiler: the kernels cannot be built")
 
 
+@pytest.fixture
+def inductor_cpu() -> None:
+    """A C++ compiler, which torch.compile's CPU backend needs (the fused statistics checked
+    on the CPU; required in CI)."""
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        _need("no C++ compiler: torch.compile cannot build the fused statistics on the CPU")
+
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

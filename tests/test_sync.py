@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradscope as gs
 from benchmarks.call_ops import ops_per_call
 from gradscope.lab.models import build_model
-from gradscope.recorder.stats import native, transfer
+from gradscope.recorder.stats import fused, native, transfer
 
 # Tensor methods and functions that read a device's values on the host (or whose result's size
 # depends on them), and so wait for the device to catch up
@@ -141,8 +141,9 @@ def torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "takes", lambda t: False)
 
 
-def _count_syncs(name: str, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> gs.Recorder:
-    """Four recorded steps; the syncs inside the last three counted (asserted: none)."""
+def _count_syncs(name: str, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """Four recorded steps; the syncs inside the last three counted (asserted: none). The
+    recorder, and the parameter statistics it used."""
     torch.manual_seed(0)
     model = MODELS[name]()
     opt = (
@@ -164,6 +165,7 @@ def _count_syncs(name: str, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> 
         functions, ops = SyncCounter(), SyncOpCounter()
         with functions, ops:
             _train(rec, model, opt, batches[1:])
+        param_stats = rec._params._stats
     assert dict(functions.seen) == {} and dict(ops.seen) == {}, (functions.seen, ops.seen)
     if optimizer == "adam":  # the detector sees the loop's own (Adam's step counters)
         assert ops.loop["_local_scalar_dense"] > 0
@@ -171,7 +173,7 @@ def _count_syncs(name: str, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> 
     frame = rec.to_frame()  # the values read after the steps
     assert set(frame.step) == {0, 1, 2, 3}
     assert {"activation", "activation_grad", "param_grad", "update"} <= set(frame.kind)
-    return rec
+    return rec, param_stats
 
 
 @pytest.mark.usefixtures("torch_ops")
@@ -181,14 +183,15 @@ def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
     _count_syncs(name, optimizer, monkeypatch)
 
 
-@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.usefixtures("torch_ops", "inductor_cpu")
 def test_the_fused_statistics_do_not_synchronize(monkeypatch):
     """The fused statistics (fused.py, what a GPU runs), op by op: under the counters' modes
     torch.compile steps aside and the function runs as written, so each of its ops is seen."""
     monkeypatch.setenv("GRADSCOPE_FUSED", "1")
-    rec = _count_syncs("cnn", "sgd", monkeypatch)
-    used = rec._capture.backends.torch._fused
-    assert used.devices is None and not used._failed  # fused, and nothing fell back
+    monkeypatch.setattr(fused, "_FAILED", set())
+    rec, param_stats = _count_syncs("cnn", "sgd", monkeypatch)
+    assert rec._capture.backends.torch._fused.devices is None and param_stats.fused
+    assert not fused._FAILED  # nothing fell back to the eager ops
 
 
 @pytest.mark.usefixtures("torch_ops")

@@ -13,8 +13,9 @@ them), and a warning says so. In loops without an optimizer (`rec.step()`), one 
 gradients and parameters, with no update.
 
 Values stay on the device until the step's one transfer (capture.py); the host then takes
-the float64 recounts of the torch-op sums that may have lost squares (computed on the
-device beside them: backends.exact_param_values). Which backend computes them (C
+the float64 recounts of the eager torch-op sums that may have lost squares (computed on the
+device beside them: backends.exact_param_values; the fused passes used on GPUs sum in
+float64 and need none). Which backend computes them (C
 kernels or torch ops) is chosen in stats/backends.py (choose).
 """
 

@@ -1,16 +1,23 @@
-"""A module output's statistics as one compiled function (torch.compile; Triton kernels on a
-GPU): the eager torch ops (torch_ops.activation_moments) read an output several times and
-write a work buffer three times its size, which on a GPU makes recording memory-bound; fused,
-the output is read about twice (one pass for the whole-tensor reductions, one for the
-per-unit counts) and nothing of its size is written.
+"""Statistics as compiled functions (torch.compile; Triton kernels on a GPU), where the eager
+torch ops would make recording memory-bound: each reads its input once or twice and writes
+nothing of its size.
 
-The same values as activation_moments, in its MOMENTS order, as one float64 tensor of 7, so
-that the step's transfer and its decoding do not change; the sum is accumulated in float64
-(the eager sum uses the output's dtype below 2**24 values). Compiled once per dtype and
-layout, with dynamic sizes (`fullgraph`: no graph break, so nothing in it reads a value on
-the host). Used by default for CUDA tensors; GRADSCOPE_FUSED=1 uses it on every device (the
-CPU included, for checks), GRADSCOPE_FUSED=0 never. Where compiling fails (no Triton, an old
-GPU), one warning, and the eager ops from then on.
+- A module output (`moments`): the values of torch_ops.activation_moments, in its MOMENTS
+  order, as one float64 tensor of 7, so that the step's transfer and its decoding do not
+  change. The eager ops read an output several times and fill a work buffer three times its
+  size; fused, it is read about twice (the whole-tensor reductions, then the per-unit
+  counts). Its sum is accumulated in float64 (the eager sum uses the output's dtype below
+  2**24 values).
+- The parameters (`grad_rows`, `sumsq_rows`, `update_rows`), one call per size group of
+  torch_ops.FlatStats's flat buffers: float64 sums of squares (exact: no float64 recount
+  beside them), largest |g| ignoring NaN and non-finite counts in one pass over the
+  gradients, and the update's sum of squares and dot product with the gradient in one pass.
+
+Each is compiled once per dtype and layout, with dynamic sizes; none reads a value on the
+host, and each traces as one graph (tests/test_fused.py). Used by default for
+CUDA tensors; GRADSCOPE_FUSED=1 uses them on every device (the CPU included, for checks),
+GRADSCOPE_FUSED=0 never. Where compiling fails (no Triton, an old GPU), one warning, and eager
+ops from then on for that function, device and dtype.
 """
 
 from __future__ import annotations
@@ -25,27 +32,10 @@ from typing import Any
 import torch
 
 DEFAULT_DEVICES = frozenset({"cuda"})
+_F64 = torch.float64
 
-
-def moments(x: torch.Tensor, outer: int, units: int, inner: int) -> torch.Tensor:
-    """torch_ops.MOMENTS of x (seen as outer x units x inner), as one float64 tensor."""
-    x = x.detach()
-    wide = x.to(torch.float64)
-    number = x == x  # not NaN
-    largest = torch.where(number, x, -math.inf).amax().to(torch.float64)
-    smallest = torch.where(number, x, math.inf).amin().to(torch.float64)
-    per_unit = x.reshape(outer, units, inner).ne(0).sum(dim=(0, 2))
-    return torch.stack(
-        [
-            wide.sum(),
-            (wide * wide).sum().sqrt(),
-            x.ne(0).sum().to(torch.float64),
-            (x - x).ne(0).sum().to(torch.float64),  # inf - inf and NaN - NaN are NaN
-            per_unit.ne(0).sum().to(torch.float64),
-            largest,
-            -smallest,
-        ]
-    )
+# (function, device type, dtype) whose compile failed in this process
+_FAILED: set[tuple[str, str, torch.dtype]] = set()
 
 
 def devices_from_env() -> frozenset[str] | None:
@@ -59,41 +49,111 @@ def devices_from_env() -> frozenset[str] | None:
     return DEFAULT_DEVICES
 
 
+def used_on(devices: frozenset[str] | None, tensor: torch.Tensor) -> bool:
+    return devices is None or tensor.device.type in devices
+
+
+# -- the functions compiled ---------------------------------------------------------------
+
+
+def moments(x: torch.Tensor, outer: int, units: int, inner: int) -> torch.Tensor:
+    """torch_ops.MOMENTS of x (seen as outer x units x inner), as one float64 tensor."""
+    x = x.detach()
+    wide = x.to(_F64)
+    number = x == x  # not NaN
+    largest = torch.where(number, x, -math.inf).amax().to(_F64)
+    smallest = torch.where(number, x, math.inf).amin().to(_F64)
+    per_unit = x.reshape(outer, units, inner).ne(0).sum(dim=(0, 2))
+    return torch.stack(
+        [
+            wide.sum(),
+            (wide * wide).sum().sqrt(),
+            x.ne(0).sum().to(_F64),
+            (x - x).ne(0).sum().to(_F64),  # inf - inf and NaN - NaN are NaN
+            per_unit.ne(0).sum().to(_F64),
+            largest,
+            -smallest,
+        ]
+    )
+
+
+def grad_rows(g: torch.Tensor) -> torch.Tensor:
+    """For each row of g (one gradient of a size group): its float64 sum of squares, largest
+    |value| ignoring NaN (0 where there is none, as the C kernels) and non-finite count, as a
+    (3, rows) float64 tensor."""
+    wide = g.to(_F64)
+    size = g.abs()
+    largest = torch.where(size == size, size, 0).amax(dim=1)
+    return torch.stack(
+        [(wide * wide).sum(dim=1), largest.to(_F64), (g - g).ne(0).sum(dim=1).to(_F64)]
+    )
+
+
+def sumsq_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row's float64 sum of squares."""
+    wide = x.to(_F64)
+    return (wide * wide).sum(dim=1)
+
+
+def update_rows(minus_update: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """For each row (before - after, and the gradient): the update's float64 sum of squares
+    and its dot product with the gradient, as a (2, rows) float64 tensor."""
+    wide = minus_update.to(_F64)
+    return torch.stack([(wide * wide).sum(dim=1), -(wide * g.to(_F64)).sum(dim=1)])
+
+
 @functools.cache
-def compiled() -> Callable[..., Any]:
-    """moments() compiled (once per process: every recorder shares its graphs)."""
-    return torch.compile(moments, dynamic=True)
+def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn compiled (once per process: every recorder shares its graphs)."""
+    return torch.compile(fn, dynamic=True)
+
+
+def works(fn: Callable[..., torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether fn's compiled form has not failed for x's device and dtype."""
+    return (fn.__name__, x.device.type, x.dtype) not in _FAILED
+
+
+def call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor | None:
+    """fn(x, *args) compiled; None where compiling it fails (then, one warning, and None
+    from then on for x's device and dtype without trying again)."""
+    if not works(fn, x):
+        return None
+    try:
+        return compiled(fn)(x, *args)
+    except Exception as err:  # noqa: BLE001 (any compiler failure: eager ops instead)
+        _FAILED.add((fn.__name__, x.device.type, x.dtype))
+        warnings.warn(
+            f"gradscope: compiling the fused statistics ({fn.__name__}) for {x.dtype} on "
+            f"{x.device.type} failed ({type(err).__name__}: {str(err).strip()[:200]}); "
+            "recording with eager torch ops there, which read each tensor several times. "
+            "GRADSCOPE_FUSED=0 silences this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """fn(x, *args) compiled, or as written (eager) where compiling failed."""
+    out = call(fn, x, *args)
+    return fn(x, *args) if out is None else out
 
 
 class FusedMoments:
-    """moments() compiled, for the devices it is used on; None where it is not used."""
+    """A recorder's module-output statistics through `moments`, on the devices it is used."""
 
     def __init__(self) -> None:
         self.devices = devices_from_env()
-        self._failed: set[tuple[str, torch.dtype]] = set()
 
     def takes(self, x: torch.Tensor) -> bool:
-        device = x.device.type
         return (
-            (self.devices is None or device in self.devices)
+            used_on(self.devices, x)
             and x.is_floating_point()
-            and (device, x.dtype) not in self._failed
             and x.numel() > 0
+            and works(moments, x)
         )
 
     def __call__(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor | None:
         """moments() of x, compiled; None where compiling failed (the caller computes them
-        eagerly)."""
-        try:
-            return compiled()(x, *shape)
-        except Exception as err:  # noqa: BLE001 (any compiler failure: the eager ops instead)
-            self._failed.add((x.device.type, x.dtype))
-            warnings.warn(
-                f"gradscope: compiling the fused statistics for {x.dtype} on {x.device.type} "
-                f"failed ({type(err).__name__}: {str(err).strip()[:200]}); recording with "
-                "eager torch ops there, which read each output several times. "
-                "GRADSCOPE_FUSED=0 silences this.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
+        with its eager ops)."""
+        return call(moments, x, *shape)

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from gradscope.recorder.stats import fused
 
 # what activation_moments computes on the device for one output, in this order, as one
 # float64 value each once transferred: the sum (in the output's float dtype), the float64 norm
@@ -217,6 +220,12 @@ class FlatStats:
     foreach norm, one kernel per device and dtype group where the device has one, as
     torch.nn.utils.clip_grad_norm_ does), which the host takes where needs_exact says so
     (`exact` is False).
+
+    On the devices the fused statistics are used on (fused.py: CUDA), each size group is
+    instead reduced by one compiled call per pass, in float64 (no recount needed): the
+    gradients' three values in one pass, the parameters' sums in one, and after the update
+    the copy becomes `before - after` in place, whose sums of squares and dot products with
+    the gradients (still in the work buffer) take one more pass.
     """
 
     exact = False
@@ -242,6 +251,10 @@ class FlatStats:
             for i, view in zip(seg.idx, seg.before_views, strict=True):
                 self._before[i] = view
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # present -> device index
+        devices = fused.devices_from_env()
+        self.fused = bool(self._segments) and all(
+            fused.used_on(devices, seg.work) for seg in self._segments
+        )
 
     def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
         """Whether the tensors `present` still have the size, dtype and device the buffers
@@ -260,6 +273,8 @@ class FlatStats:
         gradients' sums of squares, largest absolute values and non-finite counts, the
         parameters' sums of squares, and the float64 norms of both. The parameters are
         always kept as the pre-update copy."""
+        if self.fused:
+            return self._read_fused(present, grads, params)
         sumsq, largest, bad = self._empty(), self._empty(), self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, grads)):
@@ -283,6 +298,23 @@ class FlatStats:
             self._norms(grads, sumsq.device),
             self._norms(before, sumsq.device),
         )
+
+    def _read_fused(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> ParamValues:
+        """read() in compiled passes, float64 sums (no norms beside them)."""
+        sumsq, largest, bad = self._empty(), self._empty(), self._empty()
+        for seg in self._segments:
+            if seg.load(seg.work_views, self._spread(present, grads)):
+                values = seg.fused_rows(fused.grad_rows, seg.work)
+                for out, row in zip((sumsq, largest, bad), values, strict=True):
+                    self._put(out, seg, row)
+        param_sumsq = self._empty()
+        for seg in self._segments:
+            if seg.load(seg.before_views, self._spread(present, params)):
+                self._put(param_sumsq, seg, seg.fused_rows(fused.sumsq_rows, seg.before))
+        rows = self._rows_for(present, sumsq.device)
+        return ParamValues(sumsq[rows], largest[rows], bad[rows], param_sumsq[rows])
 
     def snapshot(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
@@ -312,6 +344,8 @@ class FlatStats:
         """Sums of squares of params - the copy kept by `read()` (the applied update) and
         their float64 norms, as a (2, k) tensor; with `grads`, each update's dot product with
         its gradient, in float64 (else None)."""
+        if self.fused:
+            return self._updates_fused(present, params, grads is not None)
         sumsq = self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, params)):
@@ -329,6 +363,25 @@ class FlatStats:
             update = p.detach().double().flatten() - b.double().flatten()
             dots.append(torch.dot(update, g.detach().double().flatten()).to(device))
         return both, torch.stack(dots)
+
+    def _updates_fused(
+        self, present: list[int], params: list[torch.Tensor], dots: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """updates() in compiled passes: the copy becomes before - after in place (it is made
+        again at the next read), and the gradients read then are still in the work buffer."""
+        sumsq, dot = self._empty(), self._empty()
+        full = self._spread(present, [p.detach() for p in params])
+        for seg in self._segments:
+            pairs = [(view, full[i]) for view, i in zip(seg.before_views, seg.idx, strict=True)]
+            pairs = [(view, p) for view, p in pairs if p is not None]
+            if pairs:
+                torch._foreach_sub_([v for v, _ in pairs], [p for _, p in pairs])  # type: ignore[misc]
+                values = seg.fused_rows(fused.update_rows, seg.before, seg.work)
+                self._put(sumsq, seg, values[0])
+                self._put(dot, seg, values[1])
+        rows = self._rows_for(present, sumsq.device)
+        sumsq = sumsq[rows]
+        return torch.stack([sumsq, sumsq.sqrt()]), dot[rows] if dots else None
 
     @staticmethod
     def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -414,6 +467,21 @@ class _Segment:
         elif present:
             torch._foreach_copy_([views[k] for k in present], [ours[k] for k in present])  # type: ignore[misc]
         return bool(present)
+
+    def fused_rows(
+        self, fn: Callable[..., torch.Tensor], flat: torch.Tensor, *more: torch.Tensor
+    ) -> torch.Tensor:
+        """fn (fused.py) of each size group's rows of `flat` (and of the same rows of `more`),
+        one compiled call per group, joined: (values, tensors) in layout order."""
+        parts = []
+        for numel, start, count in self.groups:
+            part = slice(start, start + numel * count)
+            parts.append(
+                fused.rows(
+                    fn, flat[part].view(count, numel), *(m[part].view(count, numel) for m in more)
+                )
+            )
+        return torch.cat(parts, dim=-1)
 
     def row_reduce(self, flat: torch.Tensor, how: str) -> torch.Tensor:
         """One value per tensor, in layout order: each size group reduced along its rows."""
