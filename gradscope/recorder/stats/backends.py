@@ -282,21 +282,16 @@ def exact_param_values(
 
 def second_moments(states: list[torch.Tensor | None]) -> torch.Tensor | np.ndarray:
     """Sums of squares of the optimizer's second-moment states, in float64 (NaN: none), on
-    the states' device (a host array where there are none)."""
+    the states' device (a host array where there are none): one foreach norm (a kernel per
+    device and dtype group where the device has one, not one per state)."""
     present = [s for s in states if s is not None]
     if not present:  # SGD and other optimizers without one
         return np.full(len(states), math.nan)
     device = present[0].device
     with torch.no_grad():
+        norms = iter(torch._foreach_norm(present, 2, dtype=torch.float64))
         nan = torch.full((), math.nan, dtype=torch.float64, device=device)  # no host copy
-        return torch.stack(
-            [
-                torch.linalg.vector_norm(s, dtype=torch.float64).to(device) ** 2
-                if s is not None
-                else nan
-                for s in states
-            ]
-        )
+        return torch.stack([next(norms).to(device) if s is not None else nan for s in states]) ** 2
 
 
 class _HostRows:
