@@ -71,25 +71,21 @@ def counted(on: bool) -> Iterator[ByteCounter]:
     as one read of its inputs per pass (its ops are run without being counted)."""
     counter = ByteCounter()
     passes = {"moments": 2}
-    original = fused.compiled
+    original = fused.call
 
-    def compiled(fn: Any) -> Any:
-        def call(*args: Any) -> torch.Tensor:
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            counter.bytes += passes.get(fn.__name__, 1) * sum(
-                t.numel() * t.element_size() for t in tensors
-            )
-            with torch.utils._python_dispatch._disable_current_modes():
-                return fn(*args)
+    def call(fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        tensors = [a for a in (x, *args) if isinstance(a, torch.Tensor)]
+        counter.bytes += passes.get(fn.__name__, 1) * _nbytes(tensors)
+        with torch.utils._python_dispatch._disable_current_modes():
+            return fn(x, *args)
 
-        return call
-
-    fused.compiled = compiled  # type: ignore[assignment]
+    if on:
+        fused.call = call  # type: ignore[assignment]
     try:
         with counter:
             yield counter
     finally:
-        fused.compiled = original  # type: ignore[assignment]
+        fused.call = original  # type: ignore[assignment]
 
 
 def per_output_value(on: bool) -> float:

@@ -114,3 +114,17 @@ def test_the_fused_statistics_move_a_fraction_of_the_eager_bytes(monkeypatch):
     assert per_output_value(False) > 10 * 4.0
     fused_bytes, eager_bytes = per_parameter(True, monkeypatch), per_parameter(False, monkeypatch)
     assert fused_bytes <= 44.5 and eager_bytes > 4 * fused_bytes
+
+
+def test_a_call_under_a_dispatch_mode_does_not_keep_the_function_from_compiling(monkeypatch):
+    """Dynamo skips a function for good once it was called under a torch dispatch mode (a
+    FlopCounterMode around a recorded step, say): such calls run it as written instead."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(fused, "_FAILED", set())
+    x = torch.randn(4, 9)
+    with FlopCounterMode(display=False):
+        assert torch.equal(fused.rows(fused.sumsq_rows, x), fused.sumsq_rows(x))
+    # (fullgraph raises "found no compiled frames" for a function dynamo skips)
+    compiled = torch.compile(fused.sumsq_rows, fullgraph=True, dynamic=True, backend="eager")
+    assert torch.allclose(compiled(x), fused.sumsq_rows(x), rtol=1e-15)

@@ -185,8 +185,9 @@ def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
 
 @pytest.mark.usefixtures("torch_ops", "inductor_cpu")
 def test_the_fused_statistics_do_not_synchronize(monkeypatch):
-    """The fused statistics (fused.py, what a GPU runs), op by op: under the counters' modes
-    torch.compile steps aside and the function runs as written, so each of its ops is seen."""
+    """The fused statistics (fused.py, what a GPU runs), op by op: under the counters'
+    dispatch mode each fused function runs as written (not compiled), so each of its ops is
+    seen."""
     monkeypatch.setenv("GRADSCOPE_FUSED", "1")
     monkeypatch.setattr(fused, "_FAILED", set())
     rec, param_stats = _count_syncs("cnn", "sgd", monkeypatch)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 DEFAULT_DEVICES = frozenset({"cuda"})
 _F64 = torch.float64
@@ -115,9 +116,13 @@ def works(fn: Callable[..., torch.Tensor], x: torch.Tensor) -> bool:
 
 def call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor | None:
     """fn(x, *args) compiled; None where compiling it fails (then, one warning, and None
-    from then on for x's device and dtype without trying again)."""
+    from then on for x's device and dtype without trying again). Under a torch dispatch mode
+    (a FlopCounterMode, a debugging mode) fn runs as written: dynamo cannot compile there, and
+    would never try that function again."""
     if not works(fn, x):
         return None
+    if is_in_torch_dispatch_mode():
+        return fn(x, *args)
     try:
         return compiled(fn)(x, *args)
     except Exception as err:  # noqa: BLE001 (any compiler failure: eager ops instead)
