@@ -1,14 +1,18 @@
-"""Reference frames of representative recordings on both statistics paths, and the check that
+"""Reference frames of representative recordings on every statistics path, and the check that
 a later tree records exactly the same frames ("behaviour unchanged" for refactors).
 
     python tools/stats_reference.py write /tmp/stats-ref      # on the tree before a change
     python tools/stats_reference.py check /tmp/stats-ref      # on the tree after it
+    python tools/stats_reference.py paths /tmp/stats-ref      # each path against the kernels
 
-Each run is recorded twice, in child processes: with the C kernels and with torch ops
-(GRADSCOPE_NATIVE=0). `check` compares every frame with the stored one: the same rows in the
-same order and exactly equal values (NaN equal to NaN). Rows of statistics a tree adds
-(stats not in the reference) are reported and left out of the comparison, so that a new
-statistic does not hide a change in the old ones.
+Each run is recorded in child processes: with the C kernels, with eager torch ops
+(GRADSCOPE_NATIVE=0 GRADSCOPE_FUSED=0) and with the compiled torch ops GPUs use
+(GRADSCOPE_NATIVE=0 GRADSCOPE_FUSED=1). `check` compares every frame with the stored one: the
+same rows in the same order and exactly equal values (NaN equal to NaN); a path the reference
+lacks is reported and skipped. Rows of statistics a tree adds (stats not in the reference)
+are reported and left out of the comparison, so that a new statistic does not hide a change
+in the old ones. `paths` prints how far each path's values lie from the kernels' (exact in
+float64).
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-PATHS = {"kernels": "1", "torch": "0"}
+PATHS = {
+    "kernels": {"GRADSCOPE_NATIVE": "1"},
+    "torch": {"GRADSCOPE_NATIVE": "0", "GRADSCOPE_FUSED": "0"},
+    "fused": {"GRADSCOPE_NATIVE": "0", "GRADSCOPE_FUSED": "1"},
+}
 
 
 def _mlp() -> tuple[nn.Module, torch.optim.Optimizer, int]:
@@ -119,8 +127,8 @@ def _child(out: Path) -> None:
 
 
 def _run_children(out: Path) -> None:
-    for path, flag in PATHS.items():
-        env = {**os.environ, "GRADSCOPE_NATIVE": flag}
+    for path, flags in PATHS.items():
+        env = {**os.environ, **flags}
         subprocess.run([sys.executable, __file__, "child", str(out / path)], env=env, check=True)
 
 
@@ -145,13 +153,39 @@ def _compare(ref: pd.DataFrame, new: pd.DataFrame) -> str | None:
     return None
 
 
+def _paths(folder: Path) -> None:
+    """Each path's values against the kernels': how many differ, by how much (relative)."""
+    print(f"{'run':11} {'path':6} {'rows':>6} {'differ':>7} {'median':>8} {'max':>8}")
+    for name in RUNS:
+        kernels = pd.read_parquet(folder / "kernels" / f"{name}.parquet")["value"].to_numpy()
+        for path in PATHS:
+            if path == "kernels" or not (folder / path).exists():
+                continue
+            values = pd.read_parquet(folder / path / f"{name}.parquet")["value"].to_numpy()
+            if len(values) != len(kernels):
+                print(f"{name:11} {path:6} {len(values)} rows, the kernels {len(kernels)}")
+                continue
+            both = ~(np.isnan(kernels) & np.isnan(values))
+            a, b = kernels[both], values[both]
+            rel = np.abs(a - b) / np.maximum(np.abs(a), 1e-300)
+            differ = rel[rel > 0]
+            median = float(np.median(differ)) if len(differ) else 0.0
+            print(
+                f"{name:11} {path:6} {len(kernels):6} {len(differ):7} {median:8.1e} "
+                f"{float(rel.max()) if len(rel) else 0.0:8.1e}"
+            )
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("write", "check", "child"):
+    if len(argv) != 2 or argv[0] not in ("write", "check", "child", "paths"):
         print(__doc__)
         return 2
     what, folder = argv[0], Path(argv[1])
     if what == "child":
         _child(folder)
+        return 0
+    if what == "paths":
+        _paths(folder)
         return 0
     if what == "write":
         _run_children(folder)
@@ -161,6 +195,9 @@ def main(argv: list[str]) -> int:
     _run_children(fresh)
     failures = 0
     for path in PATHS:
+        if not (folder / path).exists():
+            print(f"{path:8} no reference (written by an older tree): skipped")
+            continue
         for name in RUNS:
             ref = pd.read_parquet(folder / path / f"{name}.parquet")
             new = pd.read_parquet(fresh / path / f"{name}.parquet")
