@@ -22,6 +22,7 @@ from gradscope.recorder.stats.backends import TorchBackend
     ("fn", "args"),
     [
         (fused.moments, (torch.relu(torch.randn(16, 8)), 16, 8, 1)),
+        (fused.sample_norms, (torch.randn(4, 3, 5),)),
         (fused.grad_rows, (torch.randn(3, 40),)),
         (fused.sumsq_rows, (torch.randn(3, 40),)),
         (fused.update_rows, (torch.randn(3, 40), torch.randn(3, 40))),
@@ -42,7 +43,7 @@ def test_no_fused_function_reads_a_value_on_the_host(fn, args):
 )
 def test_the_setting_picks_the_devices(setting, devices, monkeypatch):
     monkeypatch.setenv("GRADSCOPE_FUSED", setting)
-    assert fused.FusedMoments().devices == devices
+    assert fused.FusedCalls().devices == devices
     assert frozenset({"cuda"}) == fused.DEFAULT_DEVICES  # the CPU keeps the C kernels and eager ops
 
 

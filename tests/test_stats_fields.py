@@ -5,12 +5,13 @@ directly in torch, field by field."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from gradscope.recorder.stats import graph_ops, native
+from gradscope.recorder.stats import graph_ops, native, torch_ops
 from gradscope.recorder.stats.backends import NativeBackend, Reader, TorchBackend
 from gradscope.recorder.stats.fields import GRAD, GRAPH_GRAD, GRAPH_OUTPUT, OUTPUT, Reduction
 from gradscope.recorder.stats.units import unit_axis, unit_shape
@@ -151,6 +152,14 @@ def _torch_grad_row(g: torch.Tensor) -> np.ndarray:
     return _transferred(backend)[1][0]
 
 
+def _fused_grad_row(g: torch.Tensor) -> np.ndarray:
+    backend = TorchBackend()
+    backend._fused.devices = None  # as GRADSCOPE_FUSED=1
+    with mock.patch.object(torch_ops, "sample_norms", side_effect=AssertionError("eager")):
+        backend.grad(g, g.shape[0])
+    return _transferred(backend)[1][0]
+
+
 def _native_grad_row(g: torch.Tensor) -> np.ndarray:
     backend = NativeBackend()
     backend.grad(g, g.shape[0])
@@ -161,12 +170,19 @@ def _graph_grad_row(g: torch.Tensor) -> np.ndarray:
     return graph_ops.grad_row(g).numpy()[: len(GRAD)]
 
 
-GRAD_PATHS = {"kernels": _native_grad_row, "torch": _torch_grad_row, "graph": _graph_grad_row}
+GRAD_PATHS = {
+    "kernels": _native_grad_row,
+    "torch": _torch_grad_row,
+    "fused": _fused_grad_row,
+    "graph": _graph_grad_row,
+}
 
 
 @pytest.mark.parametrize("path", list(GRAD_PATHS))
 @pytest.mark.parametrize("name", list(_tensors()))
-def test_grad_fields_agree_with_float64_references(path, name, kernels):
+def test_grad_fields_agree_with_float64_references(path, name, kernels, request):
+    if path == "fused":
+        request.getfixturevalue("inductor_cpu")
     g = _tensors()[name]
     ref = _grad_reference(g)
     got = GRAD_PATHS[path](g)

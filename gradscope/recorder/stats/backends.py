@@ -21,7 +21,7 @@ import torch
 from gradscope.recorder.stats import native
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
-from gradscope.recorder.stats.fused import FusedMoments
+from gradscope.recorder.stats.fused import FusedCalls, sample_norms
 
 # the C kernels write the rows in the schema's order
 assert OUTPUT.names == native.OUTPUT_FIELDS and GRAD.names == native.GRAD_FIELDS
@@ -144,7 +144,7 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._scratch = stats.Scratch()
-        self._fused = FusedMoments()
+        self._fused = FusedCalls()
         self.reset()
 
     def reset(self) -> None:
@@ -161,7 +161,7 @@ class TorchBackend:
         self._scratch.clear()
 
     def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
-        row = self._fused(tensor, shape) if self._fused.takes(tensor) else None
+        row = self._fused.moments(tensor, shape) if self._fused.takes(tensor) else None
         parts = [row] if row is not None else stats.activation_moments(tensor, self._scratch, shape)
         self._moments.extend(parts)
         self._last_parts = len(parts)
@@ -179,7 +179,9 @@ class TorchBackend:
         return stats.saturated_count(tensor, band)
 
     def grad(self, grad: torch.Tensor, samples: int) -> None:
-        self._sample_norms.append(stats.sample_norms(grad))
+        fused = self._fused
+        norms = fused.sample_norms(grad) if fused.takes(grad, sample_norms) else None
+        self._sample_norms.append(stats.sample_norms(grad) if norms is None else norms)
         self._samples.append(samples)
 
     def device_parts(self) -> list[torch.Tensor]:

@@ -8,6 +8,8 @@ nothing of its size.
   size; fused, it is read about twice (the whole-tensor reductions, then the per-unit
   counts). Its sum is accumulated in float64 (the eager sum uses the output's dtype below
   2**24 values).
+- An output gradient (`sample_norms`): its per-sample float64 norms, as the eager op gives
+  them, without the float64 copy of the gradient that op makes first.
 - The parameters (`grad_rows`, `sumsq_rows`, `update_rows`), one call per size group of
   torch_ops.FlatStats's flat buffers: float64 sums of squares (exact: no float64 recount
   beside them), largest |g| ignoring NaN and non-finite counts in one pass over the
@@ -78,6 +80,14 @@ def moments(x: torch.Tensor, outer: int, units: int, inner: int) -> torch.Tensor
     )
 
 
+def sample_norms(g: torch.Tensor) -> torch.Tensor:
+    """torch_ops.sample_norms (samples along the first dimension), without the float64 copy
+    of the gradient that torch.linalg.vector_norm(dtype=float64) makes."""
+    rows = g.detach().reshape(1, -1) if g.dim() == 0 else g.detach().reshape(g.shape[0], -1)
+    wide = rows.to(_F64)
+    return (wide * wide).sum(dim=1).sqrt()
+
+
 def grad_rows(g: torch.Tensor) -> torch.Tensor:
     """For each row of g (one gradient of a size group): its float64 sum of squares, largest
     |value| ignoring NaN (0 where there is none, as the C kernels) and non-finite count, as a
@@ -144,21 +154,21 @@ def rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.
     return fn(x, *args) if out is None else out
 
 
-class FusedMoments:
-    """A recorder's module-output statistics through `moments`, on the devices it is used."""
+class FusedCalls:
+    """A recorder's per-call statistics (module outputs, output gradients) through the
+    compiled functions, on the devices they are used."""
 
     def __init__(self) -> None:
         self.devices = devices_from_env()
 
-    def takes(self, x: torch.Tensor) -> bool:
-        return (
-            used_on(self.devices, x)
-            and x.is_floating_point()
-            and x.numel() > 0
-            and works(moments, x)
-        )
+    def takes(self, x: torch.Tensor, fn: Callable[..., torch.Tensor] = moments) -> bool:
+        return used_on(self.devices, x) and x.is_floating_point() and x.numel() > 0 and works(fn, x)
 
-    def __call__(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor | None:
+    def moments(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor | None:
         """moments() of x, compiled; None where compiling failed (the caller computes them
         with its eager ops)."""
         return call(moments, x, *shape)
+
+    def sample_norms(self, g: torch.Tensor) -> torch.Tensor | None:
+        """sample_norms() of g, compiled; None where compiling failed."""
+        return call(sample_norms, g)
