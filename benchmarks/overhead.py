@@ -33,7 +33,7 @@ it. Targets on the transformer: every step <= 1.05x, every 10th <= 1.01x. Withou
 exits with code 2. `--device cpu --tiny` runs the same suite, shrunk, on the CPU (a check
 that it runs, not a measurement).
 
-    python benchmarks/overhead.py --device cuda [--repeats 20] [--no-compile]
+    python benchmarks/overhead.py --device cuda [--repeats 20] [--no-compile | --compile-only]
 
 Beside each median ratio, the range of the middle half of the blocks' ratios: this machine
 drifts, and that range says how far one run's median can be trusted.
@@ -244,6 +244,7 @@ def main() -> None:
         "--tiny", action="store_true", help="the GPU suite shrunk (to check it runs)"
     )
     parser.add_argument("--no-compile", action="store_true", help="GPU suite: eager only")
+    parser.add_argument("--compile-only", action="store_true", help="GPU suite: torch.compile only")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--compiled", action="store_true", help="eager against torch.compile")
@@ -264,7 +265,8 @@ def main() -> None:
         from benchmarks.overhead_gpu import measure_gpu  # the GPU suite
 
         torch._dynamo.config.cache_size_limit = 64
-        measure_gpu(device, args.repeats, args.tiny, not args.no_compile)
+        modes = (True,) if args.compile_only else (False,) if args.no_compile else (False, True)
+        measure_gpu(device, args.repeats, args.tiny, modes)
         return
     if args.compiled:
         torch._dynamo.config.cache_size_limit = 64  # one model per loop, compiled apart

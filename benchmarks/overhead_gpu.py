@@ -147,15 +147,18 @@ def gpu_loop(
     return run
 
 
-def measure_gpu(device: torch.device, repeats: int, tiny: bool, compile_too: bool) -> list[str]:
-    """The GPU suite; returns the printed lines."""
+def measure_gpu(
+    device: torch.device, repeats: int, tiny: bool, modes: tuple[bool, ...] = (False, True)
+) -> list[str]:
+    """The GPU suite, eager (False) and compiled (True) as `modes` says; returns the printed
+    lines."""
     lines = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines.append(f"device: {name}; torch {torch.__version__}; {STEPS} steps a block")
     print(lines[0], flush=True)
     lines.append(print_ops_per_call())
     for model_name, (make, data) in gpu_suite_models(tiny).items():
-        for compiled in (False, True) if compile_too else (False,):
+        for compiled in modes:
             loops = {
                 loop: gpu_loop(make, data, setup, device, compiled)
                 for loop, setup in GPU_LOOPS.items()

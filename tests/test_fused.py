@@ -129,3 +129,35 @@ def test_a_call_under_a_dispatch_mode_does_not_keep_the_function_from_compiling(
     # (fullgraph raises "found no compiled frames" for a function dynamo skips)
     compiled = torch.compile(fused.sumsq_rows, fullgraph=True, dynamic=True, backend="eager")
     assert torch.allclose(compiled(x), fused.sumsq_rows(x), rtol=1e-15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_parameter_statistics_agree_with_the_kernels(kernels):
+    """The parameter passes as a recorder on a GPU runs them (fused by default there),
+    against the C kernels on the same values."""
+    from gradscope.recorder.stats.torch_ops import FlatStats
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in [(64, 32), (64, 32), (32,), (7, 3, 3)]]
+    grads = [torch.randn(p.shape, generator=gen) * 1e-20 for p in params]  # tiny squares
+    grads[3][0, 0, 0] = float("nan")
+    after = [p - 0.01 * torch.randn(p.shape, generator=gen) for p in params]
+    present = list(range(len(params)))
+    results = []
+    for device in ("cpu", "cuda"):
+        ps, gs_, later = ([t.to(device) for t in ts] for ts in (params, grads, after))
+        stats = native.ParamStats(ps) if device == "cpu" else FlatStats(ps)
+        assert device == "cpu" or stats.fused
+        stats.snapshot(present, gs_, ps)
+        for p, q in zip(ps, later, strict=True):
+            p.copy_(q)
+        values, update, dots = stats.after(ps, True)
+        as_host = [np.asarray(torch.as_tensor(v).cpu()) for v in (*values[:4], update, dots)]
+        results.append(as_host)
+    (k_gss, k_max, k_bad, k_pss, k_upd, k_dot), (g_gss, g_max, g_bad, g_pss, g_upd, g_dot) = results
+    np.testing.assert_allclose(g_gss, k_gss, rtol=1e-12)
+    np.testing.assert_array_equal(g_max, k_max)  # NaN ignored by both
+    np.testing.assert_array_equal(g_bad, k_bad)
+    np.testing.assert_allclose(g_pss, k_pss, rtol=1e-12)
+    np.testing.assert_allclose(g_upd.reshape(2, -1)[0], k_upd, rtol=1e-6)
+    np.testing.assert_allclose(g_dot, k_dot, rtol=1e-6)

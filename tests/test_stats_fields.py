@@ -68,7 +68,9 @@ def _tensors() -> dict[str, torch.Tensor]:
 def _transferred(backend: NativeBackend | TorchBackend) -> tuple[np.ndarray, np.ndarray]:
     """The backend's tables read back as after the step's transfer."""
     parts = backend.device_parts()
-    flat = torch.cat([p.reshape(-1).double() for p in parts]).numpy() if parts else np.zeros(0)
+    flat = (
+        torch.cat([p.reshape(-1).double().cpu() for p in parts]).numpy() if parts else np.zeros(0)
+    )
     return backend.decoder()(Reader(flat))
 
 
@@ -86,6 +88,16 @@ def _fused_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     return _transferred(backend)[0][0]
 
 
+def _cuda_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
+    """On a CUDA device, as a recorder there computes them (the fused statistics)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    backend = TorchBackend()
+    backend.moments(x.cuda(), unit_shape(x.shape, axis))
+    assert len(backend.device_parts()) == 1  # fused
+    return _transferred(backend)[0][0]
+
+
 def _native_output_row(x: torch.Tensor, axis: int | None) -> np.ndarray:
     backend = NativeBackend()
     backend.moments(x, unit_shape(x.shape, axis))
@@ -100,6 +112,7 @@ OUTPUT_PATHS = {
     "kernels": _native_output_row,
     "torch": _torch_output_row,
     "fused": _fused_output_row,
+    "cuda": _cuda_output_row,
     "graph": _graph_output_row,
 }
 
@@ -160,6 +173,15 @@ def _fused_grad_row(g: torch.Tensor) -> np.ndarray:
     return _transferred(backend)[1][0]
 
 
+def _cuda_grad_row(g: torch.Tensor) -> np.ndarray:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    backend = TorchBackend()
+    with mock.patch.object(torch_ops, "sample_norms", side_effect=AssertionError("eager")):
+        backend.grad(g.cuda(), g.shape[0])
+    return _transferred(backend)[1][0]
+
+
 def _native_grad_row(g: torch.Tensor) -> np.ndarray:
     backend = NativeBackend()
     backend.grad(g, g.shape[0])
@@ -174,6 +196,7 @@ GRAD_PATHS = {
     "kernels": _native_grad_row,
     "torch": _torch_grad_row,
     "fused": _fused_grad_row,
+    "cuda": _cuda_grad_row,
     "graph": _graph_grad_row,
 }
 
