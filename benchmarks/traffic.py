@@ -31,7 +31,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks.* as a s
 
 import gradscope as gs  # noqa: E402
 from benchmarks.overhead_gpu import gpu_suite_models  # noqa: E402
-from gradscope.recorder.stats import fused, torch_ops  # noqa: E402
+from gradscope.recorder.stats import flat, fused  # noqa: E402
 from gradscope.recorder.stats.backends import TorchBackend  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def per_parameter(on: bool, monkey: Any) -> float:
     params = [torch.randn(512, 512) for _ in range(4)] + [torch.randn(512) for _ in range(8)]
     grads = [torch.randn_like(p) for p in params]
     monkey.setattr(fused, "devices_from_env", lambda: None if on else frozenset())
-    stats = torch_ops.FlatStats(params)
+    stats = flat.FlatStats(params)
     assert stats.fused == on
     present = list(range(len(params)))
     stats.snapshot(present, grads, params)

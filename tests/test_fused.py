@@ -135,7 +135,7 @@ def test_a_call_under_a_dispatch_mode_does_not_keep_the_function_from_compiling(
 def test_on_cuda_the_parameter_statistics_agree_with_the_kernels(kernels):
     """The parameter passes as a recorder on a GPU runs them (fused by default there),
     against the C kernels on the same values."""
-    from gradscope.recorder.stats.torch_ops import FlatStats
+    from gradscope.recorder.stats.flat import FlatStats
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen) for s in [(64, 32), (64, 32), (32,), (7, 3, 3)]]

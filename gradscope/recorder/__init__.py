@@ -10,7 +10,8 @@ update statistics into a long-form frame (see gradscope.schema). One job per fil
 - capture.py   one step's calls as typed records, and its one host transfer
 - stats/       the statistics: fields.py (the per-call fields, declared once with their
                reduction), backends.py (the one path choice: C kernels in native/, torch ops
-               in torch_ops.py), graph_ops.py (inside compiled graphs), derive.py (mean, std,
+               in torch_ops.py and flat.py (parameters), compiled by fused.py on GPUs),
+               graph_ops.py (inside compiled graphs), derive.py (mean, std,
                rms, fractions, norms), units.py (dead units), transfer.py (the step's one
                non-blocking copy to the host)
 - compiled.py  the same statistics computed inside torch.compile graphs (traced hooks)

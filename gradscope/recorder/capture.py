@@ -15,7 +15,7 @@ from gradscope.recorder.compiled import GraphTaps
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.backends import Backend, Backends, Reader, exact_param_values
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
-from gradscope.recorder.stats.torch_ops import ParamValues
+from gradscope.recorder.stats.flat import ParamValues
 from gradscope.recorder.stats.transfer import StepTransfer, TransferPool
 from gradscope.recorder.stats.units import unit_axis, unit_shape
 

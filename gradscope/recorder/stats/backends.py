@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from gradscope.recorder.stats import native
+from gradscope.recorder.stats import flat, native
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
 from gradscope.recorder.stats.fused import FusedCalls, sample_norms
@@ -252,17 +252,17 @@ class Backends:
             backend.reset()
 
 
-def param_stats(tensors: list[torch.Tensor]) -> stats.FlatStats | native.ParamStats:
+def param_stats(tensors: list[torch.Tensor]) -> flat.FlatStats | native.ParamStats:
     """Parameter statistics (with their buffers): the C kernels where they take every
     parameter (CPU, one float dtype), else torch ops over flat size-grouped buffers."""
     if choose(tensors) is Path.KERNELS:
         return native.ParamStats(tensors)
-    return stats.FlatStats(tensors)
+    return flat.FlatStats(tensors)
 
 
 def exact_param_values(
-    values: stats.ParamValues, update: np.ndarray | None, numel: np.ndarray | None
-) -> tuple[stats.ParamValues, np.ndarray | None]:
+    values: flat.ParamValues, update: np.ndarray | None, numel: np.ndarray | None
+) -> tuple[flat.ParamValues, np.ndarray | None]:
     """On the host, after the transfer: the torch ops' float32 sums of squares where they are
     exact, else their float64 recounts (`numel`: each parameter's size; None: the kernels'
     values, exact already); `update`: the update's sums of squares, for the torch ops the
@@ -270,7 +270,7 @@ def exact_param_values(
     if numel is None:  # exact already
         return values, update
     if values.grad_norm is not None:
-        values = stats.ParamValues(
+        values = flat.ParamValues(
             stats.exact_sumsq(values.grad_sumsq, values.grad_norm, numel),
             values.grad_max,
             values.nonfinite,

@@ -11,7 +11,7 @@ nothing of its size.
 - An output gradient (`sample_norms`): its per-sample float64 norms, as the eager op gives
   them, without the float64 copy of the gradient that op makes first.
 - The parameters (`grad_rows`, `sumsq_rows`, `update_rows`), one call per size group of
-  torch_ops.FlatStats's flat buffers: float64 sums of squares (exact: no float64 recount
+  flat.FlatStats's flat buffers: float64 sums of squares (exact: no float64 recount
   beside them), largest |g| ignoring NaN and non-finite counts in one pass over the
   gradients, and the update's sum of squares and dot product with the gradient in one pass.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradscope.recorder.stats.torch_ops import ParamValues
+from gradscope.recorder.stats.flat import ParamValues
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # Tried in order. -fopenmp links libgomp.so.1, which in a process with torch loaded is torch's
@@ -185,7 +185,7 @@ def grad_rows(x: torch.Tensor, rows: int, out: int) -> None:
 
 
 class ParamStats:
-    """Exact per-parameter statistics through the kernels; the API of stats.FlatStats.
+    """Exact per-parameter statistics through the kernels; the API of flat.FlatStats.
 
     Takes CPU float32/float64 tensors, all of one dtype; keeps a copy of each (the parameters
     before the update). In a step with an update, `snapshot()` copies the parameters, summing

@@ -1,0 +1,320 @@
+"""The parameters' statistics with torch ops (any device, any float dtype): a model's
+parameters, or their gradients, copied into flat buffers where tensors of equal size sit
+next to each other, each size group reduced as one matrix (FlatStats; the C kernels'
+native.ParamStats has the same API). Eager, the sums of squares are torch's float32 cascade
+sums, with the float64 norms beside them that the host takes where a square may have
+under- or overflowed (torch_ops.needs_exact); on the devices fused.py is used on, one
+compiled call per size group and pass, in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from gradscope.recorder.stats import fused
+
+
+class ParamValues(NamedTuple):
+    """A step's per-parameter statistics (device tensors until the step's transfer, then
+    host arrays), one value per present parameter. `grad_norm` and `param_norm`: the float64
+    norms that replace the float32 sums of squares where those may have lost squares (the
+    torch ops; exact_sumsq chooses on the host), None where the sums are exact already."""
+
+    grad_sumsq: Any
+    grad_max: Any
+    nonfinite: Any
+    param_sumsq: Any
+    grad_norm: Any = None
+    param_norm: Any = None
+
+
+class FlatStats:
+    """Per-tensor sums of squares and maxima of many tensors, read through flat buffers.
+
+    The tensors (a model's parameters, or their gradients) are copied, in one fused call, into
+    a flat buffer where tensors of equal size sit next to each other; each size group is then
+    one 2-D matrix, reduced along its rows in a handful of calls (cascade sums: ~1e-7
+    relative, see needs_exact). A second buffer keeps the parameters before the update, so
+    the applied update is their difference. Buffers are float32 (float64 for float64
+    tensors) and twice the size of the tensors; they live as long as the object.
+
+    Methods take the indices of the tensors present this step (e.g. parameters with a
+    gradient) and return one float64 value for each, on the device: nothing waits for it.
+    Beside each float32 sum of squares they give the float64 norm of the same tensor (the
+    foreach norm, one kernel per device and dtype group where the device has one, as
+    torch.nn.utils.clip_grad_norm_ does), which the host takes where needs_exact says so
+    (`exact` is False).
+
+    On the devices the fused statistics are used on (fused.py: CUDA), each size group is
+    instead reduced by one compiled call per pass, in float64 (no recount needed): the
+    gradients' three values in one pass, the parameters' sums in one, and after the update
+    the copy becomes `before - after` in place, whose sums of squares and dot products with
+    the gradients (still in the work buffer) take one more pass.
+    """
+
+    exact = False
+    grads_after = False  # snapshot() reads the gradients (before the update)
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.n = len(tensors)
+        self._made_for = [(t.numel(), t.dtype, t.device) for t in tensors]
+        self.numel = np.array([t.numel() for t in tensors], dtype=np.float64)
+        # between snapshot() and after(): the present indices, gradients and read() values
+        self._held: tuple[list[int], list[torch.Tensor], ParamValues] | None = None
+        self._segments: list[_Segment] = []
+        by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.numel():
+                dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+                by_key.setdefault((dtype, t.device), []).append(i)
+        for (dtype, device), idx in by_key.items():
+            self._segments.append(_Segment(tensors, idx, dtype, device))
+        # each tensor's pre-update copy (a zero tensor of its shape where it is empty)
+        self._before: list[torch.Tensor] = [torch.zeros_like(t) for t in tensors]
+        for seg in self._segments:
+            for i, view in zip(seg.idx, seg.before_views, strict=True):
+                self._before[i] = view
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # present -> device index
+        devices = fused.devices_from_env()
+        self.fused = bool(self._segments) and all(
+            fused.used_on(devices, seg.work) for seg in self._segments
+        )
+
+    def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
+        """Whether the tensors `present` still have the size, dtype and device the buffers
+        were made for (``p.data = ...`` or ``model.to(...)`` can change them)."""
+        made_for = self._made_for
+        return all(
+            (p.numel(), p.dtype, p.device) == made_for[i]
+            for i, p in zip(present, params, strict=True)
+        )
+
+    @torch.no_grad()
+    def read(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> ParamValues:
+        """For tensors `present` (their gradients and parameters given in that order): the
+        gradients' sums of squares, largest absolute values and non-finite counts, the
+        parameters' sums of squares, and the float64 norms of both. The parameters are
+        always kept as the pre-update copy."""
+        if self.fused:
+            return self._read_fused(present, grads, params)
+        sumsq, largest, bad = self._empty(), self._empty(), self._empty()
+        for seg in self._segments:
+            if seg.load(seg.work_views, self._spread(present, grads)):
+                self._put(bad, seg, seg.row_reduce(torch.isfinite(seg.work).logical_not_(), "sum"))
+                seg.work.abs_()
+                self._put(largest, seg, seg.row_reduce(seg.work, "amax"))
+                seg.work.mul_(seg.work)
+                self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        param_sumsq = self._empty()
+        for seg in self._segments:
+            if seg.load(seg.before_views, self._spread(present, params)):
+                torch.mul(seg.before, seg.before, out=seg.work)
+                self._put(param_sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        rows = self._rows_for(present, sumsq.device)
+        before = [self._before[i] for i in present]
+        return ParamValues(
+            sumsq[rows],
+            largest[rows],
+            bad[rows],
+            param_sumsq[rows],
+            self._norms(grads, sumsq.device),
+            self._norms(before, sumsq.device),
+        )
+
+    def _read_fused(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> ParamValues:
+        """read() in compiled passes, float64 sums (no norms beside them)."""
+        sumsq, largest, bad = self._empty(), self._empty(), self._empty()
+        for seg in self._segments:
+            if seg.load(seg.work_views, self._spread(present, grads)):
+                values = seg.fused_rows(fused.grad_rows, seg.work)
+                for out, row in zip((sumsq, largest, bad), values, strict=True):
+                    self._put(out, seg, row)
+        param_sumsq = self._empty()
+        for seg in self._segments:
+            if seg.load(seg.before_views, self._spread(present, params)):
+                self._put(param_sumsq, seg, seg.fused_rows(fused.sumsq_rows, seg.before))
+        rows = self._rows_for(present, sumsq.device)
+        return ParamValues(sumsq[rows], largest[rows], bad[rows], param_sumsq[rows])
+
+    def snapshot(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> None:
+        """Before the update: read() (which keeps the copy), held for after()."""
+        self._held = (present, grads, self.read(present, grads, params))
+
+    def after(
+        self, params: list[torch.Tensor], geometry: bool
+    ) -> tuple[ParamValues, torch.Tensor, torch.Tensor | None]:
+        """After the update: the snapshot's read() values, the update's sums of squares and
+        float64 norms (a (2, k) tensor) and, with `geometry`, its dot products with the
+        gradients."""
+        if self._held is None:
+            raise RuntimeError("FlatStats.after() without a snapshot() before it")
+        present, grads, values = self._held
+        self._held = None
+        return (values, *self.updates(present, params, grads if geometry else None))
+
+    @torch.no_grad()
+    def updates(
+        self,
+        present: list[int],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sums of squares of params - the copy kept by `read()` (the applied update) and
+        their float64 norms, as a (2, k) tensor; with `grads`, each update's dot product with
+        its gradient, in float64 (else None)."""
+        if self.fused:
+            return self._updates_fused(present, params, grads is not None)
+        sumsq = self._empty()
+        for seg in self._segments:
+            if seg.load(seg.work_views, self._spread(present, params)):
+                seg.work.sub_(seg.before).square_()
+                self._put(sumsq, seg, seg.row_reduce(seg.work, "sum"))
+        device = sumsq.device
+        sumsq = sumsq[self._rows_for(present, device)]
+        before = [self._before[i] for i in present]
+        diffs = torch._foreach_sub([p.detach() for p in params], before)
+        both = torch.stack([sumsq, self._norms(list(diffs), device)])
+        if grads is None:
+            return both, None
+        dots = []
+        for p, b, g in zip(params, before, grads, strict=True):
+            update = p.detach().double().flatten() - b.double().flatten()
+            dots.append(torch.dot(update, g.detach().double().flatten()).to(device))
+        return both, torch.stack(dots)
+
+    def _updates_fused(
+        self, present: list[int], params: list[torch.Tensor], dots: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """updates() in compiled passes: the copy becomes before - after in place (it is made
+        again at the next read), and the gradients read then are still in the work buffer."""
+        sumsq, dot = self._empty(), self._empty()
+        full = self._spread(present, [p.detach() for p in params])
+        for seg in self._segments:
+            pairs = [(view, full[i]) for view, i in zip(seg.before_views, seg.idx, strict=True)]
+            pairs = [(view, p) for view, p in pairs if p is not None]
+            if pairs:
+                torch._foreach_sub_([v for v, _ in pairs], [p for _, p in pairs])  # type: ignore[misc]
+                values = seg.fused_rows(fused.update_rows, seg.before, seg.work)
+                self._put(sumsq, seg, values[0])
+                self._put(dot, seg, values[1])
+        rows = self._rows_for(present, sumsq.device)
+        sumsq = sumsq[rows]
+        return torch.stack([sumsq, sumsq.sqrt()]), dot[rows] if dots else None
+
+    @staticmethod
+    def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """float64 L2 norms, one foreach call (grouped by device and dtype inside)."""
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+        return torch.stack([n.to(device) for n in norms])
+
+    def _rows_for(self, present: list[int], device: torch.device) -> torch.Tensor:
+        """The present indices as a device tensor, made once per set (a host-to-device copy
+        the first time, without blocking)."""
+        key = tuple(present)
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = _to_device(torch.tensor(present, dtype=torch.long), device)
+        return rows
+
+    def _spread(self, present: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        full: list[torch.Tensor | None] = [None] * self.n
+        for i, t in zip(present, tensors, strict=True):
+            full[i] = t
+        return full
+
+    def before(self, i: int) -> torch.Tensor | None:
+        """The pre-update copy of tensor i (None for empty tensors)."""
+        for seg in self._segments:
+            if i in seg.position:
+                return seg.before_views[seg.position[i]]
+        return None
+
+    def _empty(self) -> torch.Tensor:
+        device = self._segments[0].device if self._segments else torch.device("cpu")
+        return torch.zeros(self.n, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _put(out: torch.Tensor, seg: _Segment, values: torch.Tensor) -> None:
+        out[seg.index] = values.to(out.device, torch.float64)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied without blocking (from page-locked memory)."""
+    if device.type == "cpu":
+        return t
+    if torch.cuda.is_available():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class _Segment:
+    """The tensors of one (buffer dtype, device), laid out in size groups."""
+
+    def __init__(
+        self, tensors: list[torch.Tensor], idx: list[int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.idx = sorted(idx, key=lambda i: tensors[i].numel())
+        self.position = {i: k for k, i in enumerate(self.idx)}
+        sizes = [tensors[i].numel() for i in self.idx]
+        shapes = [tensors[i].shape for i in self.idx]
+        self.device = device
+        self.work = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.before = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.work_views = [v.view(s) for v, s in zip(self.work.split(sizes), shapes, strict=True)]
+        self.before_views = [
+            v.view(s) for v, s in zip(self.before.split(sizes), shapes, strict=True)
+        ]
+        self.index = _to_device(torch.tensor(self.idx, dtype=torch.long), device)
+        self.groups: list[tuple[int, int, int]] = []  # (numel, start, count)
+        start = 0
+        for numel in sizes:
+            if self.groups and self.groups[-1][0] == numel:
+                self.groups[-1] = (numel, self.groups[-1][1], self.groups[-1][2] + 1)
+            else:
+                self.groups.append((numel, start, 1))
+            start += numel
+
+    def load(self, views: list[torch.Tensor], tensors: list[torch.Tensor | None]) -> bool:
+        """Copies the given tensors into their places (`views` of a flat buffer), in one call."""
+        ours = [tensors[i] for i in self.idx]
+        present = [k for k, t in enumerate(ours) if t is not None]
+        if len(present) == len(ours):
+            torch._foreach_copy_(views, ours)  # type: ignore[arg-type]
+        elif present:
+            torch._foreach_copy_([views[k] for k in present], [ours[k] for k in present])  # type: ignore[misc]
+        return bool(present)
+
+    def fused_rows(
+        self, fn: Callable[..., torch.Tensor], flat: torch.Tensor, *more: torch.Tensor
+    ) -> torch.Tensor:
+        """fn (fused.py) of each size group's rows of `flat` (and of the same rows of `more`),
+        one compiled call per group, joined: (values, tensors) in layout order."""
+        parts = []
+        for numel, start, count in self.groups:
+            part = slice(start, start + numel * count)
+            parts.append(
+                fused.rows(
+                    fn, flat[part].view(count, numel), *(m[part].view(count, numel) for m in more)
+                )
+            )
+        return torch.cat(parts, dim=-1)
+
+    def row_reduce(self, flat: torch.Tensor, how: str) -> torch.Tensor:
+        """One value per tensor, in layout order: each size group reduced along its rows."""
+        parts = []
+        for numel, start, count in self.groups:
+            matrix = flat[start : start + numel * count].view(count, numel)
+            parts.append(matrix.amax(dim=1) if how == "amax" else matrix.sum(dim=1))
+        return torch.cat(parts)
