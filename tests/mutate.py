@@ -35,6 +35,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "fused statistics: non-zeros counted as x > 0",
+        "gradscope/recorder/stats/fused.py",
+        "            x.ne(0).sum().to(_F64),",
+        "            x.gt(0).sum().to(_F64),",
+        ("tests/test_stats_fields.py::test_output_fields_agree_with_float64_references",),
+    ),
+    Mutation(
+        "fused parameter passes: the update's dot with the gradient of the wrong sign",
+        "gradscope/recorder/stats/fused.py",
+        "    return torch.stack([(wide * wide).sum(dim=1), -(wide * g.to(_F64)).sum(dim=1)])",
+        "    return torch.stack([(wide * wide).sum(dim=1), (wide * g.to(_F64)).sum(dim=1)])",
+        ("tests/test_fused.py",),
+    ),
+    Mutation(
         "activation extremes: the last call wins instead of min/max over calls",
         "gradscope/recorder/reduce.py",
         "reduction.ufunc.at(out, (slice(None), label_id), values)",
@@ -45,8 +59,9 @@ MUTATIONS = [
     Mutation(
         "zero_frac counts x > 0 instead of x != 0 (torch-op path)",
         "gradscope/recorder/stats/torch_ops.py",
-        "    per_unit = torch.count_nonzero(x, dim=tuple(d for d in range(x.dim()) if d != axis))",
-        "    per_unit = torch.count_nonzero(x.gt(0), dim=tuple(d for d in range(x.dim()) if d != axis))",
+        "    per_unit = torch.count_nonzero(rows[:2].view(2, *shape), dim=(1, 3))  # (2, units)",
+        "    per_unit = torch.count_nonzero(torch.stack([rows[0].clamp(min=0), rows[1]])"
+        ".view(2, *shape), dim=(1, 3))",
         ("tests/test_recorder_merge.py",),
     ),
     Mutation(
@@ -153,8 +168,8 @@ MUTATIONS = [
     Mutation(
         "an output changed in place since the last call taken as unchanged",
         "gradscope/recorder/capture.py",
-        "        if last[0] is tensor and last[1] == version(tensor) is not None and last[3] == axis:",
-        "        if last[0] is tensor and last[3] == axis:",
+        "        if last[0] is tensor and last[1] == version(tensor) is not None and last[3] == shape:",
+        "        if last[0] is tensor and last[3] == shape:",
         ("tests/test_recorder.py::test_an_output_seen_by_two_modules",),
     ),
     Mutation(
