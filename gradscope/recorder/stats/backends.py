@@ -21,7 +21,7 @@ import torch
 from gradscope.recorder.stats import flat, native
 from gradscope.recorder.stats import torch_ops as stats
 from gradscope.recorder.stats.fields import GRAD, OUTPUT
-from gradscope.recorder.stats.fused import FusedCalls, sample_norms
+from gradscope.recorder.stats.fused import FusedCalls
 
 # the C kernels write the rows in the schema's order
 assert OUTPUT.names == native.OUTPUT_FIELDS and GRAD.names == native.GRAD_FIELDS
@@ -161,7 +161,7 @@ class TorchBackend:
         self._scratch.clear()
 
     def moments(self, tensor: torch.Tensor, shape: tuple[int, int, int]) -> None:
-        row = self._fused.moments(tensor, shape) if self._fused.takes(tensor) else None
+        row = self._fused.moments(tensor, shape)
         parts = [row] if row is not None else stats.activation_moments(tensor, self._scratch, shape)
         self._moments.extend(parts)
         self._last_parts = len(parts)
@@ -179,8 +179,7 @@ class TorchBackend:
         return stats.saturated_count(tensor, band)
 
     def grad(self, grad: torch.Tensor, samples: int) -> None:
-        fused = self._fused
-        norms = fused.sample_norms(grad) if fused.takes(grad, sample_norms) else None
+        norms = self._fused.sample_norms(grad)
         self._sample_norms.append(stats.sample_norms(grad) if norms is None else norms)
         self._samples.append(samples)
 

@@ -234,13 +234,6 @@ class FlatStats:
             full[i] = t
         return full
 
-    def before(self, i: int) -> torch.Tensor | None:
-        """The pre-update copy of tensor i (None for empty tensors)."""
-        for seg in self._segments:
-            if i in seg.position:
-                return seg.before_views[seg.position[i]]
-        return None
-
     def _empty(self) -> torch.Tensor:
         device = self._segments[0].device if self._segments else torch.device("cpu")
         return torch.zeros(self.n, dtype=torch.float64, device=device)
@@ -266,7 +259,6 @@ class _Segment:
         self, tensors: list[torch.Tensor], idx: list[int], dtype: torch.dtype, device: torch.device
     ) -> None:
         self.idx = sorted(idx, key=lambda i: tensors[i].numel())
-        self.position = {i: k for k, i in enumerate(self.idx)}
         sizes = [tensors[i].numel() for i in self.idx]
         shapes = [tensors[i].shape for i in self.idx]
         self.device = device

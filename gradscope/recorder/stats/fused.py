@@ -156,19 +156,20 @@ def rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.
 
 class FusedCalls:
     """A recorder's per-call statistics (module outputs, output gradients) through the
-    compiled functions, on the devices they are used."""
+    compiled functions, on the devices they are used: None where they are not used (another
+    device, an integer or empty tensor, a failed compile), and the caller's eager ops
+    compute them."""
 
     def __init__(self) -> None:
         self.devices = devices_from_env()
 
-    def takes(self, x: torch.Tensor, fn: Callable[..., torch.Tensor] = moments) -> bool:
-        return used_on(self.devices, x) and x.is_floating_point() and x.numel() > 0 and works(fn, x)
+    def _takes(self, x: torch.Tensor) -> bool:
+        return used_on(self.devices, x) and x.is_floating_point() and x.numel() > 0
 
     def moments(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor | None:
-        """moments() of x, compiled; None where compiling failed (the caller computes them
-        with its eager ops)."""
-        return call(moments, x, *shape)
+        """moments() of x, compiled."""
+        return call(moments, x, *shape) if self._takes(x) else None
 
     def sample_norms(self, g: torch.Tensor) -> torch.Tensor | None:
-        """sample_norms() of g, compiled; None where compiling failed."""
-        return call(sample_norms, g)
+        """sample_norms() of g, compiled."""
+        return call(sample_norms, g) if self._takes(g) else None

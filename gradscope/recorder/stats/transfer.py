@@ -21,7 +21,7 @@ class StepTransfer:
         self._host = torch.empty(0, dtype=torch.float64)
         self._array: np.ndarray = np.zeros(0)
         self._staging: dict[torch.device, torch.Tensor] = {}
-        self._events: list[torch.cuda.Event | torch.Event] = []
+        self._events: list[torch.Event] = []
         self._size = 0
         self.busy = False  # holds values not yet read
 
@@ -84,15 +84,11 @@ class StepTransfer:
         return staging[:n]
 
 
-def copy_to_host(host: torch.Tensor, source: torch.Tensor) -> torch.cuda.Event | torch.Event | None:
+def copy_to_host(host: torch.Tensor, source: torch.Tensor) -> torch.Event | None:
     """Queues the copy of a device tensor into `host` and returns the event recorded after
-    it on the device's stream; where the device has no events (a backend without them), the
-    copy is made blocking instead, so that a value is never read before it has arrived."""
-    if source.device.type == "cuda":
-        host.copy_(source, non_blocking=True)
-        cuda_event = torch.cuda.Event()
-        cuda_event.record(torch.cuda.current_stream(source.device))
-        return cuda_event
+    it on the device's current stream (torch.Event: CUDA and the other accelerators); where
+    the device's backend records no events, the copy is made blocking instead, so that a
+    value is never read before it has arrived."""
     try:
         event = torch.Event(device=source.device.type)
         stream = torch.accelerator.current_stream(source.device)
