@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -116,14 +117,33 @@ def per_grad_value(on: bool) -> float:
     return c.bytes / g.numel()
 
 
-def per_parameter(on: bool) -> float:
+@contextlib.contextmanager
+def _made_as(on: bool, alone: bool) -> Iterator[None]:
+    """FlatStats made under it: fused or not (as GRADSCOPE_FUSED=1 or 0 would have it), with
+    every tensor read alone or as flat.ALONE has it."""
+    setting, threshold = os.environ.get("GRADSCOPE_FUSED"), flat.ALONE
+    os.environ["GRADSCOPE_FUSED"] = "1" if on else "0"
+    flat.ALONE = 0 if alone else threshold
+    try:
+        yield
+    finally:
+        flat.ALONE = threshold
+        if setting is None:
+            del os.environ["GRADSCOPE_FUSED"]
+        else:
+            os.environ["GRADSCOPE_FUSED"] = setting
+
+
+def per_parameter(on: bool, alone: bool = False) -> float:
     """A recorded step's parameter statistics (with the update and its dot with the
-    gradient) over float32 parameters of a few sizes."""
+    gradient) over float32 parameters of a few sizes; with `alone`, the fused path's
+    reading of large tensors where they are (flat.ALONE), used here for every size (its
+    bytes per value do not depend on the size)."""
     torch.manual_seed(0)
     params = [torch.randn(512, 512) for _ in range(4)] + [torch.randn(512) for _ in range(8)]
     grads = [torch.randn_like(p) for p in params]
-    stats = flat.FlatStats(params)
-    stats.fused = on  # (as GRADSCOPE_FUSED=1 or 0 would have it)
+    with _made_as(on, alone):
+        stats = flat.FlatStats(params)
     present = list(range(len(params)))
     stats.snapshot(present, grads, params)
     stats.after(params, True)
@@ -133,9 +153,10 @@ def per_parameter(on: bool) -> float:
     return c.bytes / sum(p.numel() for p in params)
 
 
-def transformer_sizes() -> tuple[float, float, float]:
+def transformer_sizes() -> tuple[float, float, float, float]:
     """The GPU benchmark's transformer: output values and output-gradient values recorded
-    in a step, parameters; the recorded modules found by recording its small version."""
+    in a step, parameters, and those of them in tensors the fused path reads alone
+    (flat.ALONE); the recorded modules found by recording its small version."""
     (tiny_make, tiny_data), (make, _) = (
         next(iter(gpu_suite_models(t).values())) for t in (True, False)
     )
@@ -167,7 +188,9 @@ def transformer_sizes() -> tuple[float, float, float]:
     big(torch.zeros(8, 512, dtype=torch.long, device="meta"))
     out = sum(v for n, v in sizes.items() if pattern(n) in outputs)
     grad = sum(v for n, v in sizes.items() if pattern(n) in grads)
-    return out, grad, sum(p.numel() for p in big.parameters())
+    sizes_of_params = [p.numel() for p in big.parameters()]
+    alone = sum(n for n in sizes_of_params if n >= flat.ALONE)
+    return out, grad, sum(sizes_of_params), alone
 
 
 def main() -> None:
@@ -175,14 +198,22 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    outputs, grads, params, alone = transformer_sizes()
+    through_flat, read_alone = per_parameter(True), per_parameter(True, alone=True)
+    fused_param = (alone * read_alone + (params - alone) * through_flat) / params
     rows = {
-        on: (per_output_value(on), per_grad_value(on), per_parameter(on)) for on in (False, True)
+        False: (per_output_value(False), per_grad_value(False), per_parameter(False)),
+        True: (per_output_value(True), per_grad_value(True), fused_param),
     }
-    outputs, grads, params = transformer_sizes()
     print(
         f"GPU benchmark transformer: {outputs / 1e9:.2f}G output values and "
         f"{grads / 1e9:.2f}G output-gradient values recorded a step, {params / 1e6:.0f}M "
-        "parameters"
+        f"parameters ({alone / params:.0%} of them in tensors of {flat.ALONE:,} values or "
+        "more, which the fused path reads alone)"
+    )
+    print(
+        f"fused, bytes per parameter: {through_flat:.1f} through the flat buffers, "
+        f"{read_alone:.1f} read alone"
     )
     print("(bytes per value of a bf16 output and output gradient, per float32 parameter)")
     print(f"{'path':<7} {'B/output value':>15} {'B/grad value':>13} {'B/parameter':>12} "

@@ -49,6 +49,20 @@ MUTATIONS = [
         ("tests/test_fused.py",),
     ),
     Mutation(
+        "fused parameters read alone: the pre-update copy not made",
+        "gradscope/recorder/stats/fused.py",
+        "    copy.copy_(x)",
+        "    copy.zero_()",
+        ("tests/test_fused.py",),
+    ),
+    Mutation(
+        "fused parameters read alone: gradients read after the update without watching them",
+        "gradscope/recorder/stats/flat.py",
+        "        self.grads_after = bool(self._alone)",
+        "        self.grads_after = False",
+        ("tests/test_recorder.py::test_gradients_changed_in_place_by_the_optimizer",),
+    ),
+    Mutation(
         "activation extremes: the last call wins instead of min/max over calls",
         "gradscope/recorder/reduce.py",
         "reduction.ufunc.at(out, (slice(None), label_id), values)",

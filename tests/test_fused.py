@@ -14,7 +14,7 @@ from torch import nn
 
 import gradscope as gs
 from gradscope.lab.models import build_model
-from gradscope.recorder.stats import fused, native
+from gradscope.recorder.stats import flat, fused, native
 from gradscope.recorder.stats.backends import TorchBackend
 
 
@@ -26,6 +26,8 @@ from gradscope.recorder.stats.backends import TorchBackend
         (fused.grad_rows, (torch.randn(3, 40),)),
         (fused.sumsq_rows, (torch.randn(3, 40),)),
         (fused.update_rows, (torch.randn(3, 40), torch.randn(3, 40))),
+        (fused.keep_rows, (torch.randn(1, 40), torch.empty(1, 40))),
+        (fused.after_rows, (torch.randn(1, 40), torch.randn(1, 40), torch.randn(1, 40))),
     ],
 )
 def test_no_fused_function_reads_a_value_on_the_host(fn, args):
@@ -47,7 +49,9 @@ def test_the_setting_picks_the_devices(setting, devices, monkeypatch):
     assert frozenset({"cuda"}) == fused.DEFAULT_DEVICES  # the CPU keeps the C kernels and eager ops
 
 
-def _record(fused_on_cpu: bool, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def _record(  # type: ignore[no-untyped-def]
+    fused_on_cpu: bool, monkeypatch: pytest.MonkeyPatch, alone: int = flat.ALONE
+):
     torch.manual_seed(0)
     model = build_model("plain", 4, width=32)
     x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
@@ -56,24 +60,30 @@ def _record(fused_on_cpu: bool, monkeypatch: pytest.MonkeyPatch):  # type: ignor
         if fused_on_cpu:
             patch.setattr(native, "takes", lambda t: False)
             patch.setenv("GRADSCOPE_FUSED", "1")
+            patch.setattr(flat, "ALONE", alone)
         with gs.watch(model, optimizer=opt, every=1) as rec:
             for _ in range(3):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
-            flat = rec._params._stats
+            params = rec._params._stats
             outputs = rec._capture.backends.torch._fused
     if fused_on_cpu:  # the fused path taken, and nothing fell back to eager ops
-        assert outputs.devices is None and flat.fused and not fused._FAILED
+        assert outputs.devices is None and params.fused and not fused._FAILED
+        sizes = [p.numel() for p in model.parameters()]
+        assert params._alone == {i for i, n in enumerate(sizes) if n >= alone}
     return rec.to_frame().set_index(["step", "layer", "kind", "stat"]).value
 
 
 @pytest.mark.usefixtures("inductor_cpu")
-def test_a_recorded_run_through_the_fused_statistics_agrees_with_the_kernels(monkeypatch):
+@pytest.mark.parametrize("alone", [flat.ALONE, 1000, 0], ids=["flat", "mixed", "alone"])
+def test_a_recorded_run_through_the_fused_statistics_agrees_with_the_kernels(alone, monkeypatch):
+    """Through the flat buffers, with the large tensors read alone (the weight matrices of
+    this model: 1000 values or more) and with every tensor read alone."""
     if native.library() is None:
         pytest.skip("no C compiler: the kernels cannot be built")
     monkeypatch.setattr(fused, "_FAILED", set())
-    got, kernels = _record(True, monkeypatch), _record(False, monkeypatch)
+    got, kernels = _record(True, monkeypatch, alone), _record(False, monkeypatch)
     assert got.index.equals(kernels.index)
     kinds = got.index.get_level_values("kind")
     assert {"activation", "param", "param_grad", "update"} <= set(kinds)
@@ -106,15 +116,18 @@ def test_a_failed_compile_falls_back_to_the_eager_ops_with_one_warning(monkeypat
 
 def test_the_fused_statistics_move_a_fraction_of_the_eager_bytes():
     """benchmarks/traffic.py's counts: a module output is read twice and nothing else runs
-    beside its compiled call; the parameters' passes stay at 44 bytes a parameter (two
-    float32 copies, their two reads, the copy turned into before - after, its read with
-    the gradients'), the eager ops' over four times that."""
+    beside its compiled call; the parameters' passes stay at 44 bytes a parameter through
+    the flat buffers (two float32 copies, their two reads, the copy turned into before -
+    after, its read with the gradients'), and at 20 for a tensor read alone (its copy
+    written as it is summed, then gradient, copy and parameter read once), the eager ops'
+    over four times 44."""
     from benchmarks.traffic import per_output_value, per_parameter
 
     assert per_output_value(True) == 4.0  # two passes over a bf16 output
     assert per_output_value(False) > 10 * 4.0
     fused_bytes, eager_bytes = per_parameter(True), per_parameter(False)
     assert fused_bytes <= 44.5 and eager_bytes > 4 * fused_bytes
+    assert per_parameter(True, alone=True) <= 20.5
 
 
 def test_a_call_under_a_dispatch_mode_does_not_keep_the_function_from_compiling(monkeypatch):
@@ -132,11 +145,13 @@ def test_a_call_under_a_dispatch_mode_does_not_keep_the_function_from_compiling(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_parameter_statistics_agree_with_the_kernels(kernels):
+@pytest.mark.parametrize("alone", [flat.ALONE, 0], ids=["flat", "alone"])
+def test_on_cuda_the_parameter_statistics_agree_with_the_kernels(alone, kernels, monkeypatch):
     """The parameter passes as a recorder on a GPU runs them (fused by default there),
-    against the C kernels on the same values."""
+    against the C kernels on the same values: through the flat buffers, and read alone."""
     from gradscope.recorder.stats.flat import FlatStats
 
+    monkeypatch.setattr(flat, "ALONE", alone)
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen) for s in [(64, 32), (64, 32), (32,), (7, 3, 3)]]
     grads = [torch.randn(p.shape, generator=gen) * 1e-20 for p in params]  # tiny squares

@@ -8,6 +8,7 @@ from torch import nn
 
 import gradscope as gs
 from gradscope.lab.models import build_model
+from gradscope.recorder.stats import flat, native
 
 # every test runs twice: statistics from the C kernels, and from torch ops
 pytestmark = pytest.mark.usefixtures("stats_path")
@@ -298,12 +299,20 @@ class _HalvingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+@pytest.mark.parametrize("path", ["default", "fused-alone"])
 @pytest.mark.parametrize("start", [0, 2])
-def test_gradients_changed_in_place_by_the_optimizer(start):
+def test_gradients_changed_in_place_by_the_optimizer(start, path, monkeypatch, request):
     """Gradient statistics are of the gradients the update was given, also where the optimizer
     changes them in place: seen at the first recorded step, they are read before the update
     from then on; seen later (start=2), that step's are of the changed gradients, with a
-    warning, and later steps' are exact again."""
+    warning, and later steps' are exact again. On the paths that read gradients after the
+    update (the C kernels; the fused torch ops, used on GPUs, for the tensors read alone),
+    and on the eager torch ops, which read them before."""
+    if path == "fused-alone":
+        request.getfixturevalue("inductor_cpu")
+        monkeypatch.setattr(native, "takes", lambda t: False)
+        monkeypatch.setenv("GRADSCOPE_FUSED", "1")
+        monkeypatch.setattr(flat, "ALONE", 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     # a plain SGD made first: torch then runs step hooks around SGD.step too, so that
@@ -319,7 +328,8 @@ def test_gradients_changed_in_place_by_the_optimizer(start):
             model(torch.randn(5, 6)).pow(2).sum().backward()
             norms.append(float(model[0].weight.grad.double().norm()))
             opt.step()
-    after = rec._params._stats.grads_after  # the C kernels: gradients read after the update
+    after = rec._params._stats.grads_after  # gradients read after the update
+    assert after or path == "default"
     rec.detach()
     changed = [w for w in caught if "changed gradients in place" in str(w.message)]
     assert len(changed) == (1 if start == 2 and after else 0)

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradscope as gs
 from benchmarks.call_ops import ops_per_call
 from gradscope.lab.models import build_model
-from gradscope.recorder.stats import fused, native, transfer
+from gradscope.recorder.stats import flat, fused, native, transfer
 
 # Tensor methods and functions that read a device's values on the host (or whose result's size
 # depends on them), and so wait for the device to catch up
@@ -184,14 +184,19 @@ def test_recorded_steps_do_not_synchronize(name, optimizer, monkeypatch):
 
 
 @pytest.mark.usefixtures("torch_ops", "inductor_cpu")
-def test_the_fused_statistics_do_not_synchronize(monkeypatch):
+@pytest.mark.parametrize("alone", [flat.ALONE, 100], ids=["flat", "mixed"])
+def test_the_fused_statistics_do_not_synchronize(alone, monkeypatch):
     """The fused statistics (fused.py, what a GPU runs), op by op: under the counters'
     dispatch mode each fused function runs as written (not compiled), so each of its ops is
-    seen."""
+    seen. With the parameters through the flat buffers, and with the larger ones read alone
+    (their gradients' versions watched around the update)."""
     monkeypatch.setenv("GRADSCOPE_FUSED", "1")
     monkeypatch.setattr(fused, "_FAILED", set())
+    reads_alone = alone < flat.ALONE
+    monkeypatch.setattr(flat, "ALONE", alone)
     rec, param_stats = _count_syncs("cnn", "sgd", monkeypatch)
     assert rec._capture.backends.torch._fused.devices is None and param_stats.fused
+    assert bool(param_stats._alone) == reads_alone
     assert not fused._FAILED  # nothing fell back to the eager ops
 
 

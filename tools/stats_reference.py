@@ -7,7 +7,8 @@ a later tree records exactly the same frames ("behaviour unchanged" for refactor
 
 Each run is recorded in child processes: with the C kernels, with eager torch ops
 (GRADSCOPE_NATIVE=0 GRADSCOPE_FUSED=0) and with the compiled torch ops GPUs use
-(GRADSCOPE_NATIVE=0 GRADSCOPE_FUSED=1). `check` compares every frame with the stored one: the
+(GRADSCOPE_NATIVE=0 GRADSCOPE_FUSED=1), through the flat buffers and with every parameter read
+alone (as GPUs read large ones). `check` compares every frame with the stored one: the
 same rows in the same order and exactly equal values (NaN equal to NaN); a path the reference
 lacks is reported and skipped. Rows of statistics a tree adds (stats not in the reference)
 are reported and left out of the comparison, so that a new statistic does not hide a change
@@ -27,10 +28,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+ALONE_SETTING = "STATS_REFERENCE_ALONE"  # this tool's: flat.ALONE in the child
 PATHS = {
     "kernels": {"GRADSCOPE_NATIVE": "1"},
     "torch": {"GRADSCOPE_NATIVE": "0", "GRADSCOPE_FUSED": "0"},
     "fused": {"GRADSCOPE_NATIVE": "0", "GRADSCOPE_FUSED": "1"},
+    # every parameter read alone, as the fused path reads large ones (flat.ALONE)
+    "fused-alone": {"GRADSCOPE_NATIVE": "0", "GRADSCOPE_FUSED": "1", ALONE_SETTING: "0"},
 }
 
 
@@ -121,6 +125,10 @@ def record(name: str) -> pd.DataFrame:
 
 
 def _child(out: Path) -> None:
+    if ALONE_SETTING in os.environ:
+        from gradscope.recorder.stats import flat
+
+        flat.ALONE = int(os.environ[ALONE_SETTING])
     out.mkdir(parents=True, exist_ok=True)
     for name in RUNS:
         record(name).to_parquet(out / f"{name}.parquet")
@@ -155,7 +163,7 @@ def _compare(ref: pd.DataFrame, new: pd.DataFrame) -> str | None:
 
 def _paths(folder: Path) -> None:
     """Each path's values against the kernels': how many differ, by how much (relative)."""
-    print(f"{'run':11} {'path':6} {'rows':>6} {'differ':>7} {'median':>8} {'max':>8}")
+    print(f"{'run':11} {'path':11} {'rows':>6} {'differ':>7} {'median':>8} {'max':>8}")
     for name in RUNS:
         kernels = pd.read_parquet(folder / "kernels" / f"{name}.parquet")["value"].to_numpy()
         for path in PATHS:
@@ -163,7 +171,7 @@ def _paths(folder: Path) -> None:
                 continue
             values = pd.read_parquet(folder / path / f"{name}.parquet")["value"].to_numpy()
             if len(values) != len(kernels):
-                print(f"{name:11} {path:6} {len(values)} rows, the kernels {len(kernels)}")
+                print(f"{name:11} {path:11} {len(values)} rows, the kernels {len(kernels)}")
                 continue
             both = ~(np.isnan(kernels) & np.isnan(values))
             a, b = kernels[both], values[both]
@@ -171,7 +179,7 @@ def _paths(folder: Path) -> None:
             differ = rel[rel > 0]
             median = float(np.median(differ)) if len(differ) else 0.0
             print(
-                f"{name:11} {path:6} {len(kernels):6} {len(differ):7} {median:8.1e} "
+                f"{name:11} {path:11} {len(kernels):6} {len(differ):7} {median:8.1e} "
                 f"{float(rel.max()) if len(rel) else 0.0:8.1e}"
             )
 

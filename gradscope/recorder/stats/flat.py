@@ -4,7 +4,8 @@ next to each other, each size group reduced as one matrix (FlatStats; the C kern
 native.ParamStats has the same API). Eager, the sums of squares are torch's float32 cascade
 sums, with the float64 norms beside them that the host takes where a square may have
 under- or overflowed (torch_ops.needs_exact); on the devices fused.py is used on, one
-compiled call per size group and pass, in float64.
+compiled call per size group and pass, in float64, and large tensors read where they are
+(ALONE).
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ import numpy as np
 import torch
 
 from gradscope.recorder.stats import fused
+
+ALONE = 2**21
+"""On the devices the fused statistics are used on, tensors of at least this many values are
+read where they are, one compiled call each, the way the C kernels read every tensor
+(native.ParamStats): the pre-update copy summed as it is made, then one pass over gradient,
+copy and parameter after the update, 20 bytes a float32 value a recorded step against the
+flat buffers' 44 (the gradients' copy, and the update written before it is summed). Smaller
+tensors still go through the flat buffers, where a whole size group takes one call: a tensor
+read alone adds two kernel launches (about 5 us of a GPU each, what 24 bytes x 1.4M values
+take at 3.35 TB/s) and two Python calls a recorded step."""
 
 
 class ParamValues(NamedTuple):
@@ -53,36 +64,49 @@ class FlatStats:
     instead reduced by one compiled call per pass, in float64 (no recount needed): the
     gradients' three values in one pass, the parameters' sums in one, and after the update
     the copy becomes `before - after` in place, whose sums of squares and dot products with
-    the gradients (still in the work buffer) take one more pass.
+    the gradients (still in the work buffer) take one more pass. Tensors of ALONE values or
+    more are not copied into the flat buffers: snapshot() copies each to its own buffer,
+    summing its squares, and after() reads gradient, copy and parameter in one pass. Their
+    gradients are then read after the update (`grads_after`), so the caller watches them for
+    changes made in place by the optimizer, as with the C kernels (recorder/params.py).
     """
 
     exact = False
-    grads_after = False  # snapshot() reads the gradients (before the update)
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.n = len(tensors)
         self._made_for = [(t.numel(), t.dtype, t.device) for t in tensors]
         self.numel = np.array([t.numel() for t in tensors], dtype=np.float64)
         # between snapshot() and after(): the present indices, gradients and read() values
-        self._held: tuple[list[int], list[torch.Tensor], ParamValues] | None = None
+        # (fused: _read_fused()'s tables)
+        self._held: tuple[list[int], list[torch.Tensor], ParamValues | list[torch.Tensor]] | None
+        self._held = None
         self._segments: list[_Segment] = []
+        devices = fused.devices_from_env()
+        present = [t for t in tensors if t.numel()]
+        self.fused = bool(present) and all(fused.used_on(devices, t) for t in present)
+        # (fused) the tensors read where they are, with their own pre-update copies
+        self._alone = {i for i, t in enumerate(tensors) if self.fused and t.numel() >= ALONE}
+        self.grads_after = bool(self._alone)  # after() reads their gradients (after the update)
         by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(tensors):
-            if t.numel():
+            if t.numel() and i not in self._alone:
                 dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
                 by_key.setdefault((dtype, t.device), []).append(i)
         for (dtype, device), idx in by_key.items():
             self._segments.append(_Segment(tensors, idx, dtype, device))
         # each tensor's pre-update copy (a zero tensor of its shape where it is empty)
-        self._before: list[torch.Tensor] = [torch.zeros_like(t) for t in tensors]
+        self._before: list[torch.Tensor] = [
+            torch.empty_like(t, memory_format=torch.contiguous_format)
+            if i in self._alone
+            else torch.zeros_like(t)
+            for i, t in enumerate(tensors)
+        ]
         for seg in self._segments:
             for i, view in zip(seg.idx, seg.before_views, strict=True):
                 self._before[i] = view
-        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # present -> device index
-        devices = fused.devices_from_env()
-        self.fused = bool(self._segments) and all(
-            fused.used_on(devices, seg.work) for seg in self._segments
-        )
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # indices -> device tensor
+        self._device = next((t.device for t in present), torch.device("cpu"))
 
     def fits(self, present: list[int], params: list[torch.Tensor]) -> bool:
         """Whether the tensors `present` still have the size, dtype and device the buffers
@@ -102,7 +126,9 @@ class FlatStats:
         parameters' sums of squares, and the float64 norms of both. The parameters are
         always kept as the pre-update copy."""
         if self.fused:
-            return self._read_fused(present, grads, params)
+            tables = self._read_fused(present, grads, params, alone_grads=True)
+            rows = self._rows_for(present, self._device)
+            return ParamValues(*(t[rows] for t in tables))
         sumsq, largest, bad = self._empty(), self._empty(), self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, grads)):
@@ -127,28 +153,50 @@ class FlatStats:
             self._norms(before, sumsq.device),
         )
 
+    @torch.no_grad()
     def _read_fused(
-        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
-    ) -> ParamValues:
-        """read() in compiled passes, float64 sums (no norms beside them)."""
-        sumsq, largest, bad = self._empty(), self._empty(), self._empty()
+        self,
+        present: list[int],
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        alone_grads: bool,
+    ) -> list[torch.Tensor]:
+        """read() in compiled passes, float64 sums (no norms beside them), as four tables of
+        one value per tensor (not only the present ones): the gradients' sums of squares,
+        maxima and non-finite counts, the parameters' sums of squares. Without `alone_grads`,
+        the gradients of the tensors read alone are left to after()."""
+        tables = [self._empty() for _ in range(4)]
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, grads)):
                 values = seg.fused_rows(fused.grad_rows, seg.work)
-                for out, row in zip((sumsq, largest, bad), values, strict=True):
+                for out, row in zip(tables[:3], values, strict=True):
                     self._put(out, seg, row)
-        param_sumsq = self._empty()
         for seg in self._segments:
             if seg.load(seg.before_views, self._spread(present, params)):
-                self._put(param_sumsq, seg, seg.fused_rows(fused.sumsq_rows, seg.before))
-        rows = self._rows_for(present, sumsq.device)
-        return ParamValues(sumsq[rows], largest[rows], bad[rows], param_sumsq[rows])
+                self._put(tables[3], seg, seg.fused_rows(fused.sumsq_rows, seg.before))
+        alone = self._alone_present(present, grads, params)
+        if alone:
+            rows = self._rows_for([i for i, _, _ in alone], self._device)
+            kept = [
+                fused.rows(fused.keep_rows, _row(p), _row(self._before[i])) for i, _, p in alone
+            ]
+            tables[3][rows] = self._joined(kept)
+            if alone_grads:
+                values = self._joined([fused.rows(fused.grad_rows, _row(g)) for _, g, _ in alone])
+                for out, row in zip(tables[:3], values, strict=True):
+                    out[rows] = row
+        return tables
 
     def snapshot(
         self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
     ) -> None:
-        """Before the update: read() (which keeps the copy), held for after()."""
-        self._held = (present, grads, self.read(present, grads, params))
+        """Before the update: read() (which keeps the copy), held for after(); fused, the
+        tensors read alone are copied and summed here, their gradients read in after()."""
+        if self.fused:
+            tables = self._read_fused(present, grads, params, alone_grads=False)
+            self._held = (present, grads, tables)
+        else:
+            self._held = (present, grads, self.read(present, grads, params))
 
     def after(
         self, params: list[torch.Tensor], geometry: bool
@@ -158,12 +206,14 @@ class FlatStats:
         gradients."""
         if self._held is None:
             raise RuntimeError("FlatStats.after() without a snapshot() before it")
-        present, grads, values = self._held
+        present, grads, held = self._held
         self._held = None
-        return (values, *self.updates(present, params, grads if geometry else None))
+        if isinstance(held, list):  # fused
+            return self._after_fused(present, params, grads, held, geometry)
+        return (held, *self._updates(present, params, grads if geometry else None))
 
     @torch.no_grad()
-    def updates(
+    def _updates(
         self,
         present: list[int],
         params: list[torch.Tensor],
@@ -172,8 +222,6 @@ class FlatStats:
         """Sums of squares of params - the copy kept by `read()` (the applied update) and
         their float64 norms, as a (2, k) tensor; with `grads`, each update's dot product with
         its gradient, in float64 (else None)."""
-        if self.fused:
-            return self._updates_fused(present, params, grads is not None)
         sumsq = self._empty()
         for seg in self._segments:
             if seg.load(seg.work_views, self._spread(present, params)):
@@ -192,11 +240,19 @@ class FlatStats:
             dots.append(torch.dot(update, g.detach().double().flatten()).to(device))
         return both, torch.stack(dots)
 
-    def _updates_fused(
-        self, present: list[int], params: list[torch.Tensor], dots: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """updates() in compiled passes: the copy becomes before - after in place (it is made
-        again at the next read), and the gradients read then are still in the work buffer."""
+    @torch.no_grad()
+    def _after_fused(
+        self,
+        present: list[int],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        tables: list[torch.Tensor],
+        dots: bool,
+    ) -> tuple[ParamValues, torch.Tensor, torch.Tensor | None]:
+        """after() in compiled passes: in the flat buffers, the copy becomes before - after in
+        place (it is made again at the next read), and the gradients read then are still in
+        the work buffer; each tensor read alone takes one pass over gradient, copy and
+        parameter, which fills its gradient's values in the snapshot's `tables` too."""
         sumsq, dot = self._empty(), self._empty()
         full = self._spread(present, [p.detach() for p in params])
         for seg in self._segments:
@@ -207,9 +263,34 @@ class FlatStats:
                 values = seg.fused_rows(fused.update_rows, seg.before, seg.work)
                 self._put(sumsq, seg, values[0])
                 self._put(dot, seg, values[1])
-        rows = self._rows_for(present, sumsq.device)
+        alone = self._alone_present(present, grads, params)
+        if alone:
+            rows = self._rows_for([i for i, _, _ in alone], self._device)
+            values = self._joined(
+                [
+                    fused.rows(fused.after_rows, _row(g), _row(self._before[i]), _row(p))
+                    for i, g, p in alone
+                ]
+            )
+            for out, row in zip((*tables[:3], sumsq, dot), values, strict=True):
+                out[rows] = row
+        rows = self._rows_for(present, self._device)
         sumsq = sumsq[rows]
-        return torch.stack([sumsq, sumsq.sqrt()]), dot[rows] if dots else None
+        read = ParamValues(*(t[rows] for t in tables))
+        return read, torch.stack([sumsq, sumsq.sqrt()]), dot[rows] if dots else None
+
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor values (each (..., 1)) side by side, on the tables' device."""
+        return torch.cat([part.to(self._device) for part in parts], dim=-1)
+
+    def _alone_present(
+        self, present: list[int], grads: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(index, gradient, parameter) of the present tensors read alone."""
+        if not self._alone:
+            return []
+        alone = self._alone
+        return [(i, g, p) for i, g, p in zip(present, grads, params, strict=True) if i in alone]
 
     @staticmethod
     def _norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -235,12 +316,16 @@ class FlatStats:
         return full
 
     def _empty(self) -> torch.Tensor:
-        device = self._segments[0].device if self._segments else torch.device("cpu")
-        return torch.zeros(self.n, dtype=torch.float64, device=device)
+        return torch.zeros(self.n, dtype=torch.float64, device=self._device)
 
     @staticmethod
     def _put(out: torch.Tensor, seg: _Segment, values: torch.Tensor) -> None:
         out[seg.index] = values.to(out.device, torch.float64)
+
+
+def _row(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as one row (a view where it is contiguous), without autograd."""
+    return t.detach().reshape(1, -1)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
