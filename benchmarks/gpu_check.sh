@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the torch-op path, as one command for a lent GPU machine (the device
 # tool runs it in the repository root; its python3 holds torch with CUDA, Triton, pandas and
-# pytest): the sync and fused-statistics tests on CUDA, then the GPU benchmark, eager before
+# pytest): the sync and fused-statistics tests on CUDA, the parameter passes (flat buffers
+# against large tensors read alone), then the GPU benchmark, eager before
 # compiled (each model's ratios print as they are measured, so a run stopped at its limit
 # keeps what it finished). Logs go to $OUT (the device tool brings them back), else /tmp.
 #
@@ -19,9 +20,11 @@ size=(); [ "$DEVICE" = cpu ] && size=(--tiny --repeats 3)
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_sync.py tests/test_fused.py tests/test_stats_fields.py 2>&1 \
     | tee "$OUT_DIR/gpu_tests.log" | tail -n 15
+timeout 30 "$PY" benchmarks/param_passes.py --device "$DEVICE" 2>&1 \
+    | tee "$OUT_DIR/gpu_param_passes.log"
 timeout 170 "$PY" benchmarks/overhead.py --device "$DEVICE" --no-compile "${size[@]}" 2>&1 \
     | tee "$OUT_DIR/gpu_eager.log"
-GRADSCOPE_FUSED=0 timeout 90 "$PY" benchmarks/overhead.py --device "$DEVICE" --no-compile \
+GRADSCOPE_FUSED=0 timeout 80 "$PY" benchmarks/overhead.py --device "$DEVICE" --no-compile \
     --repeats 3 "${size[@]}" 2>&1 | tee "$OUT_DIR/gpu_eager_unfused.log"
 timeout 150 "$PY" benchmarks/overhead.py --device "$DEVICE" --compile-only "${size[@]}" 2>&1 \
     | tee "$OUT_DIR/gpu_compiled.log"
