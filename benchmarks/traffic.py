@@ -5,8 +5,9 @@ bounds it, measured without a GPU.
 Bytes are counted op by op with a dispatch mode on the CPU (each op's tensor inputs read and
 outputs written, and the float64 copy torch.linalg.vector_norm(dtype=float64) makes of its
 input; other temporaries an op makes inside itself are not seen, so this is a floor). A
-compiled call counts as one read of its inputs per pass over them (two for a module output:
-the whole-tensor reductions, then the per-unit counts). Then the totals for the GPU
+compiled call counts as one pass over the tensors it is given (read, or written where it
+copies into one): each function in fused.py is one reduction over its inputs (on the CPU,
+TORCH_LOGS=output_code shows one generated kernel per call). Then the totals for the GPU
 benchmark's transformer (benchmarks/overhead_gpu.py), whose recorded tensors are sized on the
 meta device, and the time they take at a bandwidth (an H100's 3.35 TB/s by default).
 
@@ -76,14 +77,13 @@ class ByteCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def counted(on: bool) -> Iterator[ByteCounter]:
     """Counts the bytes under it; with the fused statistics `on`, each compiled call counts
-    as one read of its inputs per pass (its ops are run without being counted)."""
+    as one pass over the tensors it is given (its ops are run without being counted)."""
     counter = ByteCounter()
-    passes = {"moments": 2}
     original = fused.call
 
     def call(fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
         tensors = [a for a in (x, *args) if isinstance(a, torch.Tensor)]
-        counter.bytes += passes.get(fn.__name__, 1) * _nbytes(tensors)
+        counter.bytes += _nbytes(tensors)
         with torch.utils._python_dispatch._disable_current_modes():
             return fn(x, *args)
 

@@ -37,8 +37,8 @@ MUTATIONS = [
     Mutation(
         "fused statistics: non-zeros counted as x > 0",
         "gradscope/recorder/stats/fused.py",
-        "            x.ne(0).sum().to(_F64),",
-        "            x.gt(0).sum().to(_F64),",
+        "    nonzero = x.ne(0).sum(dim=per_unit)",
+        "    nonzero = x.gt(0).sum(dim=per_unit)",
         ("tests/test_stats_fields.py::test_output_fields_agree_with_float64_references",),
     ),
     Mutation(

@@ -1,13 +1,14 @@
 """Statistics as compiled functions (torch.compile; Triton kernels on a GPU), where the eager
-torch ops would make recording memory-bound: each reads its input once or twice and writes
-nothing of its size.
+torch ops would make recording memory-bound: each reads its input once and writes nothing
+of its size.
 
 - A module output (`moments`): the values of torch_ops.activation_moments, in its MOMENTS
   order, as one float64 tensor of 7, so that the step's transfer and its decoding do not
   change. The eager ops read an output several times and fill a work buffer three times its
-  size; fused, it is read about twice (the whole-tensor reductions, then the per-unit
-  counts). Its sum is accumulated in float64 (the eager sum uses the output's dtype below
-  2**24 values).
+  size; fused, it is read once: every value is first reduced per unit (its sums, counts and
+  extremes; one reduction kernel), then those few per-unit values to the whole output's.
+  Its sums are accumulated in float64 (the eager sum uses the output's dtype below 2**24
+  values).
 - An output gradient (`sample_norms`): its per-sample float64 norms, as the eager op gives
   them, without the float64 copy of the gradient that op makes first.
 - The parameters (`grad_rows`, `sumsq_rows`, `update_rows`), one call per size group of
@@ -63,22 +64,23 @@ def used_on(devices: frozenset[str] | None, tensor: torch.Tensor) -> bool:
 
 
 def moments(x: torch.Tensor, outer: int, units: int, inner: int) -> torch.Tensor:
-    """torch_ops.MOMENTS of x (seen as outer x units x inner), as one float64 tensor."""
-    x = x.detach()
+    """torch_ops.MOMENTS of x (seen as outer x units x inner), as one float64 tensor: each
+    statistic reduced per unit first (the same reduction for all, so one pass over x), then
+    over the units."""
+    x = x.detach().reshape(outer, units, inner)
     wide = x.to(_F64)
     number = x == x  # not NaN
-    largest = torch.where(number, x, -math.inf).amax().to(_F64)
-    smallest = torch.where(number, x, math.inf).amin().to(_F64)
-    per_unit = x.reshape(outer, units, inner).ne(0).sum(dim=(0, 2))
+    per_unit = (0, 2)
+    nonzero = x.ne(0).sum(dim=per_unit)
     return torch.stack(
         [
-            wide.sum(),
-            (wide * wide).sum().sqrt(),
-            x.ne(0).sum().to(_F64),
-            (x - x).ne(0).sum().to(_F64),  # inf - inf and NaN - NaN are NaN
-            per_unit.ne(0).sum().to(_F64),
-            largest,
-            -smallest,
+            wide.sum(dim=per_unit).sum(),
+            (wide * wide).sum(dim=per_unit).sum().sqrt(),
+            nonzero.sum().to(_F64),
+            (x - x).ne(0).sum(dim=per_unit).sum().to(_F64),  # inf - inf, NaN - NaN: NaN
+            nonzero.ne(0).sum().to(_F64),
+            torch.where(number, x, -math.inf).amax(dim=per_unit).amax().to(_F64),
+            -torch.where(number, x, math.inf).amin(dim=per_unit).amin().to(_F64),
         ]
     )
 
