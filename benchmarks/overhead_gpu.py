@@ -121,7 +121,10 @@ def gpu_loop(
     device: torch.device,
     compiled: bool,
 ):  # type: ignore[no-untyped-def]
-    """Timed blocks of STEPS steps under bf16 autocast, synchronized at the block's end only."""
+    """Timed blocks of STEPS steps under bf16 autocast, synchronized at the block's end only.
+    `run.host` keeps each block's time to the sync a step (the host's time to queue the
+    step; near the whole time where the host, not the device, bounds it, or where the
+    device's queue is full)."""
     torch.manual_seed(0)
     model = make().to(device)
     call = torch.compile(model) if compiled else model
@@ -139,11 +142,13 @@ def gpu_loop(
                 loss = nn.functional.cross_entropy(out.flatten(0, -2).float(), y.flatten())
             loss.backward()
             opt.step()
+        run.host.append((time.perf_counter() - start) / STEPS)  # type: ignore[attr-defined]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / STEPS
 
     run.keep = keep  # type: ignore[attr-defined]
+    run.host = []  # type: ignore[attr-defined]
     return run
 
 
@@ -163,9 +168,10 @@ def measure_gpu(
                 loop: gpu_loop(make, data, setup, device, compiled)
                 for loop, setup in GPU_LOOPS.items()
             }
+            first = {loop: run() * STEPS for loop, run in loops.items()}  # compiles
             for run in loops.values():
-                run()  # warm-up (and compiling)
-                run()
+                run()  # warm-up
+                run.host.clear()  # type: ignore[attr-defined]
             ratios: dict[str, list[float]] = {loop: [] for loop in loops if loop != "bare"}
             bare_times: list[float] = []
             bare = loops["bare"]
@@ -178,8 +184,11 @@ def measure_gpu(
                     bare_times.append(after)
                     before = after
             mode = "torch.compile" if compiled else "eager"
+            host = {loop: statistics.median(run.host) for loop, run in loops.items()}  # type: ignore[attr-defined]
             lines.append(
-                f"\n{model_name}, {mode}: bare {statistics.median(bare_times) * 1e3:.2f} ms/step"
+                f"\n{model_name}, {mode}: bare {statistics.median(bare_times) * 1e3:.2f} ms/step "
+                f"(host {host['bare'] * 1e3:.2f} ms/step to the block's sync); first block "
+                + ", ".join(f"{loop} {took:.1f} s" for loop, took in first.items())
             )
             targets = {"everything, every 1": 1.05, "everything, every 10": 1.01}
             for loop, values in ratios.items():
@@ -194,7 +203,8 @@ def measure_gpu(
                     else f"  target <= {target}: {'ok' if ratio <= target else 'MISSED'}"
                 )
                 lines.append(
-                    f"  {loop:<22} median ratio {ratio:.3f} (middle half {q1:.3f}-{q3:.3f}){verdict}"
+                    f"  {loop:<22} median ratio {ratio:.3f} (middle half {q1:.3f}-{q3:.3f}); "
+                    f"host {host[loop] * 1e3:.2f} ms/step{verdict}"
                 )
             for loop, run in loops.items():
                 keep = run.keep  # type: ignore[attr-defined]
