@@ -50,9 +50,9 @@ MUTATIONS = [
     ),
     Mutation(
         "fused parameters read alone: the pre-update copy not made",
-        "gradscope/recorder/stats/fused.py",
-        "    copy.copy_(x)",
-        "    copy.zero_()",
+        "gradscope/recorder/stats/flat.py",
+        "            torch._foreach_copy_(copies, [p.detach() for _, _, p in by_itself])",
+        "            torch._foreach_zero_(copies)",
         ("tests/test_fused.py",),
     ),
     Mutation(

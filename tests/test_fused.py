@@ -26,7 +26,7 @@ from gradscope.recorder.stats.backends import TorchBackend
         (fused.grad_rows, (torch.randn(3, 40),)),
         (fused.sumsq_rows, (torch.randn(3, 40),)),
         (fused.update_rows, (torch.randn(3, 40), torch.randn(3, 40))),
-        (fused.keep_rows, (torch.randn(1, 40), torch.empty(1, 40))),
+        (fused.read_rows, (torch.randn(1, 40), torch.randn(1, 40))),
         (fused.after_rows, (torch.randn(1, 40), torch.randn(1, 40), torch.randn(1, 40))),
     ],
 )
@@ -118,9 +118,8 @@ def test_the_fused_statistics_move_a_fraction_of_the_eager_bytes():
     """benchmarks/traffic.py's counts: a module output is read once and nothing else runs
     beside its compiled call; the parameters' passes stay at 44 bytes a parameter through
     the flat buffers (two float32 copies, their two reads, the copy turned into before -
-    after, its read with the gradients'), and at 20 for a tensor read alone (its copy
-    written as it is summed, then gradient, copy and parameter read once), the eager ops'
-    over four times 44."""
+    after, its read with the gradients'), and at 20 for a tensor read alone (its copy,
+    then gradient, copy and parameter read once), the eager ops' over four times 44."""
     from benchmarks.traffic import per_output_value, per_parameter
 
     assert per_output_value(True) == 2.0  # one pass over a bf16 output

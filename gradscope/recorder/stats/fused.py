@@ -15,9 +15,9 @@ of its size.
   flat.FlatStats's flat buffers: float64 sums of squares (exact: no float64 recount
   beside them), largest |g| ignoring NaN and non-finite counts in one pass over the
   gradients, and the update's sum of squares and dot product with the gradient in one pass.
-  Large parameters are read where they are, one call each, as the C kernels read them
-  (`keep_rows`: the pre-update copy summed as it is made; `after_rows`: one pass over
-  gradient, copy and parameter after the update).
+  Large parameters are read where they are, one call each, as the C kernels read them:
+  after the update, `after_rows` reads gradient, pre-update copy and parameter in one pass
+  for all six values (`read_rows` where there is no update).
 
 Each is compiled once per dtype and layout, with dynamic sizes; none reads a value on the
 host, and each traces as one graph (tests/test_fused.py). Used by default for
@@ -111,22 +111,21 @@ def sumsq_rows(x: torch.Tensor) -> torch.Tensor:
     return (wide * wide).sum(dim=1)
 
 
-def keep_rows(x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
-    """Copies x into `copy` (same shape and dtype) and returns each row's float64 sum of
-    squares: the copy summed as it is made, one pass."""
-    copy.copy_(x)
-    return sumsq_rows(x)
+def read_rows(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """For each row (gradient, parameter): grad_rows(g)'s three values, then the parameter's
+    float64 sum of squares, as a (4, rows) float64 tensor."""
+    return torch.cat([grad_rows(g), sumsq_rows(p)[None]])
 
 
 def after_rows(g: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """For each row (gradient, parameter before and after the update): grad_rows(g)'s three
-    values, then the update's float64 sum of squares and dot product with the gradient (the
-    difference taken in float32, or float64 for float64 tensors, as the flat buffers take it),
-    as a (5, rows) float64 tensor: one pass over the three."""
+    """For each row (gradient, parameter before and after the update): read_rows(g, before)'s
+    four values, then the update's float64 sum of squares and dot product with the gradient
+    (the difference taken in float32, or float64 for float64 tensors, as the flat buffers take
+    it), as a (6, rows) float64 tensor: one pass over the three."""
     exact = _F64 if after.dtype == _F64 else torch.float32
     update = (after.to(exact) - before.to(exact)).to(_F64)
     step = torch.stack([(update * update).sum(dim=1), (update * g.to(_F64)).sum(dim=1)])
-    return torch.cat([grad_rows(g), step])
+    return torch.cat([read_rows(g, before), step])
 
 
 def update_rows(minus_update: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
