@@ -99,7 +99,7 @@ def test_a_failed_compile_falls_back_to_the_eager_ops_with_one_warning(monkeypat
     def broken(*args):  # type: ignore[no-untyped-def]
         raise RuntimeError("no triton")
 
-    monkeypatch.setattr(fused, "compiled", lambda fn: broken)
+    monkeypatch.setattr(fused, "compiled", lambda fn, dtype, dim: broken)
     monkeypatch.setattr(fused, "_FAILED", set())
     backend = TorchBackend()
     backend._fused.devices = None
@@ -175,3 +175,42 @@ def test_on_cuda_the_parameter_statistics_agree_with_the_kernels(alone, kernels,
     np.testing.assert_allclose(g_pss, k_pss, rtol=1e-12)
     np.testing.assert_allclose(g_upd.reshape(2, -1)[0], k_upd, rtol=1e-6)
     np.testing.assert_allclose(g_dot, k_dot, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("inductor_cpu")
+def test_each_kind_of_input_stays_compiled(monkeypatch):
+    """dynamo compiles one function at most recompile_limit times (8), then runs it
+    uncompiled: each dtype and number of dimensions has its own copy, so that a process
+    recording many kinds of output keeps them all compiled (here with a limit of 1)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fused, "_FAILED", set())
+    fused.compiled.cache_clear()
+    graphs = counters["stats"]["unique_graphs"]
+    kinds = [
+        (dtype, shape) for dtype in (torch.float32, torch.float64) for shape in ((6, 4), (2, 4, 3))
+    ]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for dtype, shape in kinds:
+            x = torch.randn(shape, dtype=dtype)
+            layout = (shape[0], 4, x.numel() // (4 * shape[0]))
+            np.testing.assert_allclose(
+                fused.call(fused.moments, x, *layout), fused.moments(x, *layout), rtol=1e-12
+            )
+    assert counters["stats"]["unique_graphs"] - graphs == len(kinds)  # each compiled
+
+
+@pytest.mark.usefixtures("inductor_cpu")
+def test_views_of_any_base_share_one_graph(monkeypatch):
+    """Module outputs are often views (a reshape, a split): dynamo would guard on each view's
+    base and compile again for every kind of base; the inputs are detached first."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fused, "_FAILED", set())
+    fused.compiled.cache_clear()
+    graphs = counters["stats"]["unique_graphs"]
+    for x in (torch.randn(4, 6, 2).view(8, 6), torch.randn(3, 16).view(8, 6), torch.randn(8, 6)):
+        np.testing.assert_allclose(
+            fused.call(fused.moments, x, 8, 6, 1), fused.moments(x, 8, 6, 1), rtol=1e-12
+        )
+    assert counters["stats"]["unique_graphs"] - graphs == 1

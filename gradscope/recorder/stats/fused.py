@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -136,9 +137,17 @@ def update_rows(minus_update: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """fn compiled (once per process: every recorder shares its graphs)."""
-    return torch.compile(fn, dynamic=True)
+def compiled(
+    fn: Callable[..., torch.Tensor], dtype: torch.dtype, dim: int
+) -> Callable[..., torch.Tensor]:
+    """fn compiled for inputs of one dtype and number of dimensions (once per process: every
+    recorder shares its graphs). Each pair gets its own copy of fn: dynamo keeps its graphs
+    by code object and compiles one object at most torch._dynamo.config.recompile_limit (8)
+    times, then runs it uncompiled. A copy holds only its own kind's few graphs (contiguous or
+    not, sizes 0 or 1), so that a process with many kinds of output never reaches it."""
+    code = fn.__code__.replace()  # a new code object: its own graphs
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(copy, dynamic=True)
 
 
 def works(fn: Callable[..., torch.Tensor], x: torch.Tensor) -> bool:
@@ -155,8 +164,11 @@ def call(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.
         return None
     if is_in_torch_dispatch_mode():
         return fn(x, *args)
+    # detached: dynamo guards a view's base too, which would compile fn again for each kind
+    # of base a view comes from (and run it uncompiled past torch's recompile limit)
+    given = [a.detach() if isinstance(a, torch.Tensor) else a for a in (x, *args)]
     try:
-        return compiled(fn)(x, *args)
+        return compiled(fn, x.dtype, x.dim())(*given)
     except Exception as err:  # noqa: BLE001 (any compiler failure: eager ops instead)
         _FAILED.add((fn.__name__, x.device.type, x.dtype))
         warnings.warn(
