@@ -48,6 +48,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="recorded steps a timed block")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            "benchmarks/param_passes.py --device cuda: no CUDA device on this machine "
+            "(torch.cuda.is_available() is False); nothing measured."
+        )
+        sys.exit(2)
     if device.type == "cpu":
         torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ that reads gradient, copy and parameter once. That is 20 bytes a float32 value a
 step against the flat buffers' 44 (which copy the gradients, and write the update before
 summing it): 48 MB less at 2M values, 14 us at 3.35 TB/s. Smaller tensors still go through
 the flat buffers, where a whole size group takes one call: read alone, each would add one
-call a recorded step (a kernel launch and some 15-30 us of the host's time) for less than
+call a recorded step (a kernel launch and 25-45 us of this machine's CPU time) for less than
 it saves."""
 
 
@@ -52,7 +52,7 @@ class FlatStats:
     one 2-D matrix, reduced along its rows in a handful of calls (cascade sums: ~1e-7
     relative, see needs_exact). A second buffer keeps the parameters before the update, so
     the applied update is their difference. Buffers are float32 (float64 for float64
-    tensors) and twice the size of the tensors; they live as long as the object.
+    tensors), two of the size of the tensors in them; they live as long as the object.
 
     Methods take the indices of the tensors present this step (e.g. parameters with a
     gradient) and return one float64 value for each, on the device: nothing waits for it.
@@ -127,7 +127,7 @@ class FlatStats:
         parameters' sums of squares, and the float64 norms of both. The parameters in the
         flat buffers are kept as the pre-update copy (the eager snapshot() is this read)."""
         if self.fused:
-            tables = self._read_fused(present, grads, params, alone=True)
+            tables = self._read_fused(present, grads, params, defer_alone=False)
             rows = self._rows_for(present, self._device)
             return ParamValues(*(t[rows] for t in tables))
         sumsq, largest, bad = self._empty(), self._empty(), self._empty()
@@ -160,11 +160,11 @@ class FlatStats:
         present: list[int],
         grads: list[torch.Tensor],
         params: list[torch.Tensor],
-        alone: bool,
+        defer_alone: bool,
     ) -> list[torch.Tensor]:
         """read() in compiled passes, float64 sums (no norms beside them), as four tables of
         one value per tensor (not only the present ones): the gradients' sums of squares,
-        maxima and non-finite counts, the parameters' sums of squares. Without `alone`, the
+        maxima and non-finite counts, the parameters' sums of squares. With `defer_alone`, the
         tensors read alone are only copied, their values left to after()."""
         tables = [self._empty() for _ in range(4)]
         for seg in self._segments:
@@ -176,7 +176,7 @@ class FlatStats:
             if seg.load(seg.before_views, self._spread(present, params)):
                 self._put(tables[3], seg, seg.fused_rows(fused.sumsq_rows, seg.before))
         by_itself = self._alone_present(present, grads, params)
-        if by_itself and not alone:
+        if by_itself and defer_alone:
             copies = [self._before[i] for i, _, _ in by_itself]
             torch._foreach_copy_(copies, [p.detach() for _, _, p in by_itself])
         elif by_itself:
@@ -192,7 +192,7 @@ class FlatStats:
         """Before the update: read() (which keeps the copy), held for after(); fused, the
         tensors read alone are only copied here, and read in after()."""
         if self.fused:
-            tables = self._read_fused(present, grads, params, alone=False)
+            tables = self._read_fused(present, grads, params, defer_alone=True)
             self._held = (present, grads, tables)
         else:
             self._held = (present, grads, self.read(present, grads, params))
